@@ -1,0 +1,320 @@
+"""The L4Q checkpoint directory: the `model_dir` every exporter reads.
+
+    l4q_config.json          format version, method, QuantSpec, LoRA settings, quantized modules,
+                             base model path and the sha256 of each base shard
+    l4q_adapter.safetensors  per module: lora_A, lora_B, scale, offset (whatever the method trains)
+    config.json, tokenizer*  copied from the base so the directory describes the model by itself
+    base/                    only with --copy-base: the base shards, making the directory self-contained
+
+Base weights are read lazily with `safetensors.safe_open`, one tensor at a time; pickled `.bin`
+checkpoints are refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import L4QInputError
+from .quant import QuantSpec
+
+FORMAT_NAME = "l4q-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "l4q_config.json"
+ADAPTER_FILE = "l4q_adapter.safetensors"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise L4QInputError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise L4QInputError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def check_architecture(base_dir: Path) -> dict[str, Any]:
+    """Read the base config.json and refuse architectures we cannot quantize exactly."""
+    cfg = read_json(Path(base_dir) / "config.json", "base model config.json")
+    archs = cfg.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise L4QInputError(
+            f"unsupported architecture {archs or cfg.get('model_type')!r} in {base_dir}/config.json; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return cfg
+
+
+class BaseWeights:
+    """Lazy, read-only access to a base model's safetensors shards (one tensor in memory at a time)."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.dir = Path(base_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index, "safetensors index")["weight_map"]
+            self.shards = sorted(set(weight_map.values()))
+            self.location = dict(weight_map)
+        elif (self.dir / "model.safetensors").is_file():
+            self.shards = ["model.safetensors"]
+            self.location = {}
+        else:
+            pickles = list(self.dir.glob("*.bin")) + list(self.dir.glob("*.pt"))
+            hint = " (found pickled weights, which are never unpickled: convert them to safetensors first)" if pickles else ""
+            raise L4QInputError(f"no safetensors weights in {self.dir}{hint}")
+        self._handles: dict[str, Any] = {}
+        if not self.location:
+            self.location = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            path = self.dir / shard
+            if not path.is_file():
+                raise L4QInputError(f"base shard missing: {path}")
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises several types for corrupt headers
+                raise L4QInputError(f"corrupt safetensors file {path}: {e}") from None
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.location:
+            raise L4QInputError(f"tensor {name} not found in base model {self.dir}")
+        try:
+            return self._open(self.location[name]).get_tensor(name)
+        except L4QInputError:
+            raise
+        except Exception as e:
+            raise L4QInputError(f"cannot read tensor {name} from {self.dir / self.location[name]}: {e}") from None
+
+    def shard_hashes(self) -> dict[str, str]:
+        return {s: sha256_file(self.dir / s) for s in self.shards}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded l4q_config.json plus lazy access to its adapter and base."""
+
+    dir: Path
+    config: dict[str, Any]
+    base_dir: Path
+    _adapter: Any = field(default=None, repr=False)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.from_dict(self.config["quant"])
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.config["modules"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora"]["scaling"])
+
+    @property
+    def fp16_grid(self) -> bool:
+        return self.config.get("scale_grid", "fp32") == "fp16"
+
+    @property
+    def architecture(self) -> str:
+        return self.config["base_model"]["architecture"]
+
+    def model_config(self) -> dict[str, Any]:
+        return read_json(self.dir / "config.json", "model config.json")
+
+    def adapter(self, module: str) -> dict[str, torch.Tensor]:
+        """The trained tensors of one module, read lazily from l4q_adapter.safetensors."""
+        if self._adapter is None:
+            path = self.dir / ADAPTER_FILE
+            if not path.is_file():
+                raise L4QInputError(f"adapter file missing: {path}")
+            try:
+                self._adapter = safe_open(str(path), framework="pt")
+                self._adapter_keys = set(self._adapter.keys())
+            except Exception as e:
+                raise L4QInputError(f"corrupt adapter file {path}: {e}") from None
+        prefix = module + "."
+        out = {k[len(prefix):]: self._adapter.get_tensor(k) for k in self._adapter_keys if k.startswith(prefix)}
+        if "scale" not in out:
+            raise L4QInputError(f"adapter has no tensors for module {module} ({self.dir / ADAPTER_FILE})")
+        for k, t in out.items():
+            if not torch.isfinite(t).all():
+                raise L4QInputError(f"adapter tensor {module}.{k} contains NaN/Inf")
+        if (out["scale"] <= 0).any():
+            raise L4QInputError(f"adapter tensor {module}.scale has zero or negative scales")
+        return out
+
+    def base(self) -> BaseWeights:
+        return BaseWeights(self.base_dir)
+
+
+def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> Checkpoint:
+    """Open an L4Q checkpoint, resolve its base model and (by default) verify the base shard hashes."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise L4QInputError(f"model directory not found: {d}")
+    cfg = read_json(d / CONFIG_FILE, "L4Q checkpoint config")
+    if cfg.get("format") != FORMAT_NAME:
+        raise L4QInputError(f"{d / CONFIG_FILE} is not an L4Q checkpoint config")
+    if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
+        raise L4QInputError(f"checkpoint format version {cfg['format_version']} is newer than this l4q-export supports ({FORMAT_VERSION})")
+    base_path = Path(cfg["base_model"]["path"])
+    base_dir = base_path if base_path.is_absolute() else (d / base_path)
+    if not base_dir.is_dir():
+        raise L4QInputError(f"base model directory {base_dir} (recorded in {d / CONFIG_FILE}) does not exist; "
+                            "re-train with --copy-base for a self-contained checkpoint")
+    ck = Checkpoint(dir=d, config=cfg, base_dir=base_dir)
+    if check_hashes:
+        expected = cfg["base_model"].get("shards", {})
+        for shard, digest in expected.items():
+            path = base_dir / shard
+            if not path.is_file():
+                raise L4QInputError(f"base shard {path} is missing")
+            if sha256_file(path) != digest:
+                raise L4QInputError(f"base shard {path} changed since training (sha256 mismatch); "
+                                    "the trained codes would not match -- restore the original base model")
+    return ck
+
+
+class AtomicDir:
+    """Build a directory under a temporary name beside `final` and rename it into place on success.
+
+    On any exception the temporary directory is removed and `final` is left as it was.
+    """
+
+    def __init__(self, final: Path, overwrite: bool = True) -> None:
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.tmp: Optional[Path] = None
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.final.exists():
+            if not self.overwrite:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise L4QInputError(f"{self.final} exists")
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+
+
+class AtomicFile:
+    """Write a file under a temporary name in the same directory; rename over `final` only on success."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.tmp: Optional[Path] = None
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.final)
+
+
+def write_checkpoint(
+    out_dir: Path,
+    *,
+    method: str,
+    spec: QuantSpec,
+    rank: int,
+    lora_alpha: float,
+    fp16_grid: bool,
+    lsq_grad_scale: bool,
+    adapter: dict[str, torch.Tensor],
+    modules: list[str],
+    base_dir: Path,
+    base_hashes: dict[str, str],
+    architecture: str,
+    copy_base: bool,
+    extra: Optional[dict[str, Any]] = None,
+) -> None:
+    """Write the checkpoint files into `out_dir` (each file atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_dir = Path(base_dir).resolve()
+    if copy_base:
+        dst = out_dir / "base"
+        dst.mkdir(exist_ok=True)
+        for shard in base_hashes:
+            with AtomicFile(dst / shard) as tmp:
+                shutil.copyfile(base_dir / shard, tmp)
+        idx = base_dir / "model.safetensors.index.json"
+        if idx.is_file():
+            shutil.copyfile(idx, dst / idx.name)
+        shutil.copyfile(base_dir / "config.json", dst / "config.json")
+        base_ref = "base"
+    else:
+        base_ref = str(base_dir)
+    shutil.copyfile(base_dir / "config.json", out_dir / "config.json")
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out_dir / name)
+    with AtomicFile(out_dir / ADAPTER_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp), metadata={"format": FORMAT_NAME})
+    cfg = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "quant": spec.to_dict(),
+        "scale_grid": "fp16" if fp16_grid else "fp32",
+        "lsq_grad_scale": lsq_grad_scale,
+        "lora": {"rank": rank, "alpha": lora_alpha, "scaling": (lora_alpha / rank) if rank > 0 else 0.0},
+        "modules": modules,
+        "base_model": {"path": base_ref, "architecture": architecture, "shards": base_hashes},
+        **(extra or {}),
+    }
+    with AtomicFile(out_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,221 @@
+"""The quantizer math, shared verbatim by the training forward, the fold, every exporter and verify.
+
+Canonical form (what exporters consume): unsigned codes ``u in [0, 2^bits - 1]`` with per-group scale
+``d`` and either a float minimum ``m`` (``W = d*u + m``) or an integer zero point ``z`` (``W = (u - z)*d``,
+and ``m = -d*z``).  Both dequantization orders are kept because they round differently in fp32 and we
+want each one to be bit-identical to the runtimes that use it: llama.cpp's Q4_1 computes ``d*q + m``,
+integer-zero formats (GPTQ, compressed-tensors, ONNX DequantizeLinear) compute ``(q - z)*s``.
+
+Mapping from L4Q (paper notation): signed codes ``q = u - 2^(bits-1)``, offset ``b``: ``d = s`` and
+``m = b - s*2^(bits-1)``.  In real arithmetic ``d*u + m = s*q + b`` exactly.
+
+Every function here is deterministic across devices: the LoRA product is formed as a fixed-order sum of
+rank-1 outer products (element-wise multiplies and adds, which CPU and CUDA round identically) instead of
+a GEMM whose accumulation order depends on the BLAS kernel.  That is what lets a CPU fold reproduce the
+codes a GPU run trained with, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .spec import QuantSpec
+
+# Scales are clamped to this floor in the forward so an all-zero group can never divide by zero.
+# 2^-14 is the smallest normal fp16 value, so the floor itself survives an fp16 export.
+SCALE_FLOOR = 2.0**-14
+
+
+def expand_groups(p: torch.Tensor, group_len: int, in_features: int) -> torch.Tensor:
+    """[out, G] -> [out, in]: repeat each group's value over its columns (last group may be partial)."""
+    return p.repeat_interleave(group_len, dim=1)[:, :in_features]
+
+
+def group_sum(x: torch.Tensor, group_len: int) -> torch.Tensor:
+    """[out, in] -> [out, G]: sum each contiguous group of columns (zero-padding a partial last group)."""
+    out, n = x.shape
+    pad = (-n) % group_len
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(out, -1, group_len).sum(-1)
+
+
+def group_reduce(x: torch.Tensor, group_len: int, op: str) -> torch.Tensor:
+    """[out, in] -> [out, G] with op in {"amin", "amax"}; padding never wins the reduction."""
+    out, n = x.shape
+    pad = (-n) % group_len
+    if pad:
+        fill = float("inf") if op == "amin" else float("-inf")
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    x = x.view(out, -1, group_len)
+    return x.amin(-1) if op == "amin" else x.amax(-1)
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * B @ A in fp32, as a fixed-order sum of rank-1 outer products (device-independent rounding).
+
+    A: [r, in], B: [out, r].  r is small (4-64), so r element-wise passes cost about what the GEMM does.
+    """
+    A = A.float()
+    B = B.float()
+    acc = B[:, 0:1] * A[0:1, :]
+    for k in range(1, A.shape[0]):
+        acc = acc + B[:, k : k + 1] * A[k : k + 1, :]
+    return acc * alpha
+
+
+def combined_weight(W0: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+    """W0 + alpha*B@A in fp32: LoRA is merged *before* quantization (L4Q Eq. 7)."""
+    w = W0.float()
+    if A is None or B is None:
+        return w.clone()
+    return w + lora_delta(A, B, alpha)
+
+
+def to_grid(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
+    """Snap a scale/offset to the fp16 grid (exact fp16 exports) or leave it in fp32."""
+    return t.half().float() if fp16_grid else t.float()
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """Effective per-group parameters of one layer, [out, G] fp32 each.
+
+    `zero` is set (integer-valued floats) for the integer and symmetric modes, `minimum` for float mode.
+    """
+
+    scale: torch.Tensor
+    minimum: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+
+
+def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: Optional[torch.Tensor], fp16_grid: bool = False) -> GroupParams:
+    """Turn trained parameters into the canonical (d, m) or (d, z).
+
+    float:     offset is L4Q's b; d = s, m = b - s*2^(bits-1)  (both snapped to fp16 when fp16_grid).
+    integer:   offset is a float zero point; z = clamp(round(offset), 0, 2^bits-1).
+    symmetric: offset unused; z = 2^(bits-1).
+    """
+    d = to_grid(scale, fp16_grid).clamp_min(SCALE_FLOOR)
+    if spec.zero_point == "float":
+        assert offset is not None, "float zero-point mode needs an offset"
+        m = to_grid(offset.float() - d * spec.half, fp16_grid)
+        return GroupParams(scale=d, minimum=m)
+    if spec.zero_point == "integer":
+        assert offset is not None, "integer zero-point mode needs a zero point"
+        z = offset.float().round().clamp(0, spec.umax)
+        return GroupParams(scale=d, zero=z)
+    return GroupParams(scale=d, zero=torch.full_like(d, float(spec.half)))
+
+
+def shifted_input(w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
+    """The unrounded code v: (w - m)/d (float mode) or w/d + z (integer modes), in fp32.
+
+    The STE mask is 0 <= v <= 2^bits-1 (clamp before round, as L4Q's code does).
+    """
+    n = w.shape[1]
+    g = spec.group_len(n)
+    d = expand_groups(p.scale, g, n)
+    if p.minimum is not None:
+        return (w - expand_groups(p.minimum, g, n)) / d
+    return w / d + expand_groups(p.zero, g, n)
+
+
+def round_codes(v: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Unsigned integer codes (as fp32 values) = round(clamp(v, 0, umax)), round-half-to-even."""
+    return v.clamp(0, spec.umax).round()
+
+
+def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
+    """W = d*u + m (float mode) or (u - z)*d (integer modes), fp32, two separately rounded ops."""
+    n = u.shape[1]
+    g = spec.group_len(n)
+    uf = u.float()
+    d = expand_groups(p.scale, g, n)
+    if p.minimum is not None:
+        return uf * d + expand_groups(p.minimum, g, n)
+    return (uf - expand_groups(p.zero, g, n)) * d
+
+
+def fake_quantize(w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
+    """W_q of the training forward for an fp32 combined weight."""
+    return dequantize_codes(round_codes(shifted_input(w, p, spec), spec), p, spec)
+
+
+@dataclass
+class QuantizedTensor:
+    """The canonical quantized tensor every exporter consumes.
+
+    codes:   uint8 [out, in], values in [0, 2^bits - 1]
+    scale:   fp32 [out, G]   (d)
+    minimum: fp32 [out, G]   (m; always set, = -d*z for integer modes)
+    zero:    fp32 [out, G] integer-valued, or None for float offsets (no exact integer zero point)
+    """
+
+    name: str
+    spec: QuantSpec
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    zero: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def params(self) -> GroupParams:
+        if self.zero is not None:
+            return GroupParams(scale=self.scale, zero=self.zero)
+        return GroupParams(scale=self.scale, minimum=self.minimum)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 weights, bit-identical to the training forward's W_q."""
+        return dequantize_codes(self.codes, self.params, self.spec)
+
+
+def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> QuantizedTensor:
+    """Codes for an fp32 combined weight under fixed group parameters, packaged canonically."""
+    u = round_codes(shifted_input(w.float(), p, spec), spec)
+    minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
+    return QuantizedTensor(name=name, spec=spec, codes=u.to(torch.uint8), scale=p.scale, minimum=minimum, zero=p.zero)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisation of (scale, offset) from a weight -- used by L4Q's init and by the RTN baseline.
+# ----------------------------------------------------------------------------------------------------
+
+INIT_METHODS = ("l4q", "minmax", "absmax")
+
+
+def init_params(w: torch.Tensor, spec: QuantSpec, method: str = "l4q") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Initial trainable (scale, offset) per group, [out, G] fp32.
+
+    l4q:    s = max(|min/Q_N|, |max/Q_P|), b = 0 -- symmetric and clip-free (L4Q's best init, §1.3).
+    minmax: asymmetric, s = (max-min)/(2^bits-1), grid starting at the group minimum.
+    absmax: s = max|w| / Q_P, b = 0.
+    The offset returned is b (float mode), a float zero point (integer mode) or None (symmetric).
+    """
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown init {method!r}; choose one of {INIT_METHODS}")
+    w = w.float()
+    g = spec.group_len(w.shape[1])
+    lo = group_reduce(w, g, "amin")
+    hi = group_reduce(w, g, "amax")
+    if method == "minmax" and spec.zero_point != "symmetric":
+        s = (hi - lo) / spec.umax
+    elif method == "absmax":
+        s = torch.maximum(lo.abs(), hi.abs()) / max(spec.qp, 1)
+    else:  # l4q (also the symmetric fallback of minmax)
+        s = torch.maximum((lo / spec.qn).abs(), (hi / max(spec.qp, 1)).abs())
+    s = torch.where(s > 0, s, torch.full_like(s, SCALE_FLOOR))
+    if spec.zero_point == "symmetric":
+        return s, None
+    if spec.zero_point == "float":
+        b = lo + s * spec.half if method == "minmax" else torch.zeros_like(s)
+        return s, b
+    z = (-lo / s).round().clamp(0, spec.umax) if method == "minmax" else torch.full_like(s, float(spec.half))
+    return s, z

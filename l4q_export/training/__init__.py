@@ -1,0 +1,1 @@
+"""Quantization-aware PEFT training: the L4Q layer, model surgery, data and the training loop."""

@@ -1,0 +1,108 @@
+"""Training data: Alpaca-style instructions (loss on the response only) or plain text (causal LM).
+
+Everything is tokenized up front into lists of (input_ids, labels); examples are small and this keeps
+the loop trivially deterministic, which `--resume` relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import L4QInputError
+
+IGNORE = -100
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def load_tokenizer(path: Path):
+    """Load a local tokenizer and make sure it is real (transformers can build an empty one silently)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except Exception as e:
+        raise L4QInputError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    probe = tok("hello world", add_special_tokens=False).input_ids
+    if len(tok) < 3 or not probe:
+        raise L4QInputError(f"tokenizer in {path} is empty (is `sentencepiece` installed?)")
+    return tok
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            recs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise L4QInputError(f"{path} is not valid JSON/JSONL: {e}") from None
+    if not isinstance(recs, list) or not recs or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in recs):
+        raise L4QInputError(f"{path}: expected a non-empty list of records with 'instruction' and 'output'")
+    return recs
+
+
+def instruction_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Alpaca prompt template; labels are IGNORE on the prompt so only the response is learned."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    out = []
+    for r in read_records(path):
+        tmpl = PROMPT_INPUT if r.get("input") else PROMPT_NO_INPUT
+        prompt = bos + tok(tmpl.format(**{"input": "", **r}), add_special_tokens=False).input_ids
+        resp = tok(str(r["output"]), add_special_tokens=False).input_ids + eos
+        ids = (prompt + resp)[:seq_len]
+        labels = ([IGNORE] * len(prompt) + resp)[:seq_len]
+        if any(lab != IGNORE for lab in labels[1:]):
+            out.append((ids, labels))
+    if not out:
+        raise L4QInputError(f"{path}: every example's response was truncated away; raise --seq-len")
+    return out
+
+
+def text_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate the document (BOS + text) and cut it into seq_len blocks."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids: list[int] = list(bos)
+    for para in text.split("\n\n"):
+        if para.strip():
+            ids += tok(para + "\n\n", add_special_tokens=False).input_ids
+    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    blocks = [b for b in blocks if len(b) > 1]
+    if not blocks:
+        raise L4QInputError(f"{path} holds no text")
+    return [(b, list(b)) for b in blocks]
+
+
+def load_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise L4QInputError(f"data file not found: {path}")
+    if path.suffix in (".json", ".jsonl"):
+        return instruction_examples(path, tok, seq_len)
+    return text_examples(path, tok, seq_len)
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,264 @@
+"""`L4QLinear`: LoRA merged *inside* the LSQ+ quantizer, with a memory-optimised backward.
+
+Forward:  W_q = dequant(round(clamp(v))) with v computed from W_comb = W0 + alpha*B@A  (quant/core.py),
+          y = x @ W_q^T.
+Backward: nothing [out, in]-sized is saved.  We keep only x and *references* to W0, A, B, s, b, and
+          recompute W_comb, v, the codes and W_q in backward.  The weight-shaped gradient G_W = dy^T x is
+          formed transiently and reduced immediately into the small A/B/s/b gradients (L4Q App. A), never
+          materialised as a `.grad`.  All of this is done in row chunks of the output dimension, so the
+          transient buffers are bounded by `chunk x in`, not `out x in` -- peak memory stays close to plain
+          LoRA's instead of several weight copies (see tools/bench_train_memory.py).
+
+Gradients (STE, mask = 0 <= v <= 2^bits-1, computed on the unrounded v as L4Q's code clamps first):
+  dW_comb = mask * G_W;  dA = alpha B^T dW_comb;  dB = alpha dW_comb A^T
+  dd      = sum_group( (u - v) inside | (u - z) outside ) * G_W )       [z = 0 in float mode]
+  dm      = sum_group( outside * G_W )                         (float mode; m = b - 2^(bits-1) d)
+  dz      = sum_group( -d * outside * G_W )                    (integer mode, STE through round(z))
+  then chain to (s, b): ds = dd - 2^(bits-1) dm, db = dm, each times the LSQ gradient scale.
+These reduce to exactly the paper's formulas; tests/test_layer_grad.py checks them against plain autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..quant import (
+    GroupParams,
+    QuantizedTensor,
+    QuantSpec,
+    combined_weight,
+    dequantize_codes,
+    effective_params,
+    expand_groups,
+    group_sum,
+    init_params,
+    lora_delta,
+    quantize,
+    round_codes,
+    shifted_input,
+)
+
+# Transient buffers in forward/backward are limited to about this many fp32 elements per buffer.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Static settings of one quantized layer (hashable, passed through autograd untouched)."""
+
+    spec: QuantSpec
+    alpha: float  # LoRA scaling alpha_L = lora_alpha / r
+    fp16_grid: bool = False
+    lsq_grad_scale: bool = True
+
+
+def _row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    rows = max(1, CHUNK_ELEMENTS // max(in_features, 1))
+    return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+def _slice(p: GroupParams, r0: int, r1: int) -> GroupParams:
+    return GroupParams(
+        scale=p.scale[r0:r1],
+        minimum=None if p.minimum is None else p.minimum[r0:r1],
+        zero=None if p.zero is None else p.zero[r0:r1],
+    )
+
+
+def _combined_rows(W0: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], alpha: float, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of W0 + alpha*B@A in fp32 -- element for element the same numbers as the full fold."""
+    w = W0[r0:r1].float()
+    if A is None or B is None:
+        return w
+    return w + lora_delta(A, B[r0:r1], alpha)
+
+
+class L4QFunction(torch.autograd.Function):
+    """y = x @ W_q^T with W_q recomputed (not saved) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, W0, A, B, scale, offset, cfg: LayerConfig):  # type: ignore[override]
+        out_f, in_f = W0.shape
+        x2 = x.reshape(-1, in_f)
+        y2 = x2.new_empty(x2.shape[0], out_f)
+        with torch.no_grad():
+            p = effective_params(cfg.spec, scale, offset, cfg.fp16_grid)
+            for r0, r1 in _row_chunks(out_f, in_f):
+                pr = _slice(p, r0, r1)
+                w = _combined_rows(W0, A, B, cfg.alpha, r0, r1)
+                wq = dequantize_codes(round_codes(shifted_input(w, pr, cfg.spec), cfg.spec), pr, cfg.spec)
+                y2[:, r0:r1] = x2 @ wq.to(x2.dtype).T
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, W0, A, B, scale, offset)
+        return y2.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, W0, A, B, scale, offset = ctx.saved_tensors
+        cfg: LayerConfig = ctx.cfg
+        spec = cfg.spec
+        out_f, in_f = W0.shape
+        x2 = x.reshape(-1, in_f)
+        gy2 = grad_y.reshape(-1, out_f)
+        need_x = ctx.needs_input_grad[0]
+        need_lora = A is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        need_q = ctx.needs_input_grad[4] or (offset is not None and ctx.needs_input_grad[5])
+        need_w = need_lora or need_q
+        g = spec.group_len(in_f)
+
+        grad_x = torch.zeros(x2.shape, dtype=torch.float32, device=x.device) if need_x else None
+        gA = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_lora else None
+        gB = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_lora else None
+        gd = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
+        gm = torch.zeros_like(gd)  # d/dm (float mode) or d/dz (integer mode)
+        with torch.no_grad():
+            p = effective_params(spec, scale, offset, cfg.fp16_grid)
+            for r0, r1 in _row_chunks(out_f, in_f):
+                pr = _slice(p, r0, r1)
+                w = _combined_rows(W0, A, B, cfg.alpha, r0, r1)
+                v = shifted_input(w, pr, spec)
+                del w
+                u = round_codes(v, spec)
+                if need_x:
+                    wq = dequantize_codes(u, pr, spec)
+                    grad_x += (gy2[:, r0:r1] @ wq.to(gy2.dtype)).float()
+                    del wq
+                if not need_w:
+                    continue
+                G = (gy2[:, r0:r1].T @ x2.to(gy2.dtype)).float()  # transient [rows, in]; never a .grad
+                inside = (v >= 0) & (v <= spec.umax)
+                if need_lora:
+                    gw = G * inside
+                    gB[r0:r1] = cfg.alpha * (gw @ A.float().T)
+                    gA += cfg.alpha * (B[r0:r1].float().T @ gw)
+                    del gw
+                if pr.minimum is not None:
+                    dd = torch.where(inside, u - v, u)
+                else:
+                    dd = torch.where(inside, u - v, u - expand_groups(pr.zero, g, in_f))
+                gd[r0:r1] = group_sum(dd * G, g)
+                del dd
+                outside_g = torch.where(inside, torch.zeros_like(G), G)
+                if pr.minimum is not None:
+                    gm[r0:r1] = group_sum(outside_g, g)
+                else:
+                    gm[r0:r1] = group_sum(outside_g * -expand_groups(pr.scale, g, in_f), g)
+                del G, inside, outside_g, v, u
+
+        gs = spec.lsq_grad_scale(in_f) if cfg.lsq_grad_scale else 1.0
+        if spec.zero_point == "float":
+            grad_s = (gd - spec.half * gm) * gs
+            grad_off = gm * gs
+        else:
+            grad_s = gd * gs
+            grad_off = gm * gs if offset is not None else None
+        return (
+            grad_x.to(x.dtype).view(x.shape) if need_x else None,
+            None,
+            gA.to(A.dtype) if need_lora else None,
+            gB.to(B.dtype) if need_lora else None,
+            grad_s.to(scale.dtype) if ctx.needs_input_grad[4] else None,
+            grad_off.to(offset.dtype) if grad_off is not None and ctx.needs_input_grad[5] else None,
+            None,
+        )
+
+
+class L4QLinear(nn.Module):
+    """A frozen base linear whose effective weight is the L4Q-quantized W0 + alpha*B@A.
+
+    Trainable: lora_A [r, in], lora_B [out, r], scale [out, G] and offset [out, G] (L4Q's float offset b,
+    or a float zero point rounded with an STE in integer mode; absent in symmetric mode).
+    The base weight keeps its stored dtype on purpose: the fold reads the same shard and must see the
+    same numbers, so W0 is never silently down-cast.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        spec: QuantSpec,
+        rank: int,
+        lora_alpha: float,
+        init: str = "l4q",
+        fp16_grid: bool = False,
+        lsq_grad_scale: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.spec = spec
+        self.rank = rank
+        self.lora_alpha = lora_alpha
+        dev = self.weight.device
+        if rank > 0:
+            a = torch.empty(rank, self.in_features, dtype=torch.float32)
+            # PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+            bound = 1.0 / math.sqrt(self.in_features)
+            a.uniform_(-bound, bound, generator=generator)
+            self.lora_A = nn.Parameter(a.to(dev))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        with torch.no_grad():
+            s, off = init_params(self.weight.detach(), spec, init)
+        self.scale = nn.Parameter(s.to(dev))
+        if off is None:
+            self.register_parameter("offset", None)
+        else:
+            self.offset = nn.Parameter(off.to(dev))
+        self.cfg = LayerConfig(spec=spec, alpha=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quantized_matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_q^T through the custom autograd Function (no bias)."""
+        return L4QFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.scale, self.offset, self.cfg)
+
+    @torch.no_grad()
+    def quantized(self, name: str = "") -> QuantizedTensor:
+        """The canonical quantized tensor of the current parameters (what the fold produces)."""
+        p = effective_params(self.spec, self.scale, self.offset, self.cfg.fp16_grid)
+        w = combined_weight(self.weight, self.lora_A, self.lora_B, self.cfg.alpha)
+        return quantize(name, w, p, self.spec)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors written to l4q_adapter.safetensors (suffix -> tensor)."""
+        out = {"scale": self.scale}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        if self.lora_A is not None:
+            out["lora_A"] = self.lora_A
+            out["lora_B"] = self.lora_B
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"in={self.in_features}, out={self.out_features}, bits={s.bits}, group={s.group_size}, zp={s.zero_point}, r={self.rank}"
+
+
+def layer_from_tensors(
+    W0: torch.Tensor, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool, tensors: dict[str, torch.Tensor]
+) -> L4QLinear:
+    """Rebuild the training layer of one module from its base weight and saved adapter tensors."""
+    lin = nn.Linear(W0.shape[1], W0.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(W0, requires_grad=False)
+    layer = L4QLinear(lin, spec, rank if "lora_A" in tensors else 0, lora_alpha, fp16_grid=fp16_grid)
+    with torch.no_grad():
+        for k in ("scale", "offset", "lora_A", "lora_B"):
+            p = getattr(layer, k)
+            if p is not None:
+                p.copy_(tensors[k])
+    return layer

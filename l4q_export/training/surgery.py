@@ -1,0 +1,107 @@
+"""Model surgery: swap the decoder blocks' linears for `L4QLinear` in supported HF causal LMs.
+
+Only LLaMA, Mistral and Qwen2 are accepted: their block layout (q/k/v/o + gate/up/down, q/k/v bias on
+Qwen2) is what every exporter knows how to write.  Embeddings and lm_head stay float.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import SUPPORTED_ARCHITECTURES, check_architecture
+from ..errors import L4QInputError
+from ..quant import QuantSpec
+from .layer import L4QLinear
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """(qualified name, nn.Linear) for every quantizable linear of the decoder blocks, in model order."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in TARGET_MODULES:
+            yield name, mod
+
+
+def check_model(model: nn.Module) -> None:
+    arch = type(model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise L4QInputError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    rank: int,
+    lora_alpha: float,
+    init: str = "l4q",
+    fp16_grid: bool = False,
+    lsq_grad_scale: bool = True,
+    seed: int = 0,
+) -> list[str]:
+    """Replace the target linears in place; freeze everything else. Returns the replaced module names."""
+    check_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for name, lin in list(target_linears(model)):
+        if not torch.isfinite(lin.weight).all():
+            raise L4QInputError(f"weight {name}.weight contains NaN/Inf; refusing to quantize")
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, L4QLinear(lin, spec, rank, lora_alpha, init, fp16_grid, lsq_grad_scale, generator=gen))
+        names.append(name)
+    if not names:
+        raise L4QInputError("no decoder linear layers found to quantize")
+    return names
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, L4QLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, L4QLinear):
+            yield name, mod
+
+
+def load_base_model(base_dir: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+    """Load a local HF causal LM without ever running repository code or touching the network.
+
+    The weights keep their stored dtype (dtype="auto") unless asked otherwise, because the fold
+    re-reads the same shards and must see identical numbers.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(base_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), dtype=dtype or "auto", trust_remote_code=False, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise L4QInputError(f"cannot load base model from {base_dir}: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Flattened `module.tensor` -> tensor for l4q_adapter.safetensors."""
+    out = {}
+    for name, layer in quantized_layers(model):
+        for k, v in layer.adapter_tensors().items():
+            out[f"{name}.{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `adapter_state` (exact copies, used by --resume and verify)."""
+    for name, layer in quantized_layers(model):
+        for k, p in (("scale", layer.scale), ("offset", layer.offset), ("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            if p is None:
+                continue
+            key = f"{name}.{k}"
+            if key not in tensors:
+                raise L4QInputError(f"adapter tensor {key} missing")
+            p.copy_(tensors[key].to(p.dtype))
