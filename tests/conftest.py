@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny real HF models built on the fly, checkpoints, and the ../shared data.
+
+Checkpoints made by `make_checkpoint` are not trained: the L4Q layers get random LoRA updates and
+perturbed scales/offsets so every code path (non-zero B@A, float offsets, clipping) is exercised in
+seconds. Tests that need a *trained* model use the real stories260K run in `stories_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("L4Q_SHARED", REPO.parent / "shared")) / "data"
+STORIES = SHARED / "models" / "stories260K"
+
+
+def require_shared(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with a clear message when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared test data not found: {p} (clone with ../shared beside the repo to run this test)")
+    return p
+
+
+def make_checkpoint(base_dir: Path, out_dir: Path, bits: int = 4, group_size: int = 32, zero_point: str = "float",
+                    rank: int = 4, alpha: float = 8.0, fp16_grid: bool = False, seed: int = 0, lora_std: float = 0.05) -> Path:
+    """An L4Q checkpoint with random (non-trivial) adapter values on top of a real base directory."""
+    from l4q_export.checkpoint import BaseWeights, write_checkpoint
+    from l4q_export.quant import QuantSpec
+    from l4q_export.training.surgery import adapter_state, load_base_model, quantize_model, quantized_layers
+
+    spec = QuantSpec(bits, group_size, zero_point)
+    model = load_base_model(base_dir)
+    modules = quantize_model(model, spec, rank, alpha, init="minmax" if zero_point != "symmetric" else "l4q", fp16_grid=fp16_grid, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * lora_std)
+            layer.scale.mul_(1 + 0.05 * torch.rand(layer.scale.shape, generator=g))
+            if layer.offset is not None and zero_point == "float":
+                layer.offset.add_(0.1 * layer.scale * torch.randn(layer.offset.shape, generator=g))
+    cfg = model.config.to_dict()
+    write_checkpoint(out_dir, method="l4q", spec=spec, rank=rank, lora_alpha=alpha, fp16_grid=fp16_grid, lsq_grad_scale=True,
+                     adapter=adapter_state(model), modules=modules, base_dir=base_dir,
+                     base_hashes=BaseWeights(base_dir).shard_hashes(), architecture=cfg["architectures"][0], copy_base=False)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random LLaMA (GQA 4/2 heads, hidden 64, MLP 192) with a SentencePiece tokenizer."""
+    from l4q_export.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 (q/k/v bias) with a SentencePiece tokenizer."""
+    from l4q_export.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
+
+
+@pytest.fixture
+def checkpoint_factory(tmp_path):
+    """make_checkpoint bound to a fresh temp dir: factory(base_dir, **kw) -> model_dir."""
+    counter = iter(range(1000))
+
+    def factory(base_dir: Path, **kw) -> Path:
+        return make_checkpoint(base_dir, tmp_path / f"ck{next(counter)}", **kw)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return require_shared("models", "stories260K")
+
+
+@pytest.fixture(scope="session")
+def stories_checkpoint(tmp_path_factory, stories_dir) -> Path:
+    """stories260K really trained with L4Q (4-bit, group 32, float offsets, fp16 grid) for a few steps."""
+    from l4q_export.training.trainer import TrainArgs, train
+
+    data = require_shared("instruct", "alpaca_en_demo.json")
+    out = tmp_path_factory.mktemp("stories_l4q")
+    train(TrainArgs(model=stories_dir, data=data, out=out, bits=4, group_size=32, steps=8, batch_size=4, grad_accum=1,
+                    seq_len=128, lr=2e-3, scale_grid="fp16", save_every=0, eval_examples=8))
+    return out
