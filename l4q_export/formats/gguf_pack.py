@@ -1,0 +1,335 @@
+"""Pack the fold's integer codes into GGUF block layouts -- never re-deriving a code.
+
+Every packer takes the trained codes and per-group (d, m) or (d, z) of one `QuantizedTensor` and writes the
+bytes of one ggml block type.  Codes are only *relabelled* (``q' = u - z + offset``, or mirrored with a
+negated scale), never re-rounded, so the integers training used are exactly the integers in the file:
+
+  Q4_1 / Q5_1          y = d*u + m           codes as trained; d, m stored as fp16
+  Q4_0 / Q5_0 / Q8_0   y = d*(q' - off)      integer/symmetric zero points only: q' = +-(u - z) + off per block
+  Q2_K / Q4_K          y = D*sc*u - Dmin*mn  codes kept; the learned group scales are re-encoded as 4/6-bit
+                                             multiples of one fp16 super-scale -> lossy (needs --allow-lossy)
+  Q3_K / Q6_K          y = D*sc*(u - z)      integer/symmetric zero points only; scales re-encoded -> lossy
+
+Where the fold's scales are already on the fp16 grid (``--scale-grid fp16``) the legacy types decode to the
+training W_q bit for bit: ggml (and gguf-py) compute ``d*q + m`` in fp32 with ``d*q`` exact (an 11-bit times
+<= 8-bit product), the same two roundings as the fold's ``u*d + m``.  Otherwise the only error is the fp16
+rounding of d and m, which the exporter measures and declares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from ..quant import QuantizedTensor
+
+QK = 32     # legacy block
+QK_K = 256  # K-quant super-block
+
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+KQUANTS = ("q2_k", "q3_k", "q4_k", "q6_k")
+QTYPES: dict[str, T] = {name: T[name.upper()] for name in LEGACY + KQUANTS}
+
+
+class NotRepresentable(Exception):
+    """This block type cannot hold these codes (the caller falls back or refuses)."""
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """What one block type stores: code range, whether it has a per-block minimum, sub-block size."""
+
+    qtype: T
+    block: int           # elements per block (32 or 256)
+    sub: int             # elements sharing one (sub-)scale
+    code_bits: int       # width of a stored code
+    has_min: bool        # y = d*q + m (codes stored as trained) vs y = d*(q - off)
+    offset: int          # off for the no-min types
+    lossy_scales: bool   # K-quants: learned scales re-encoded on a 6/4/8-bit grid
+
+
+INFO: dict[str, TypeInfo] = {
+    "q4_0": TypeInfo(T.Q4_0, QK, QK, 4, False, 8, False),
+    "q4_1": TypeInfo(T.Q4_1, QK, QK, 4, True, 0, False),
+    "q5_0": TypeInfo(T.Q5_0, QK, QK, 5, False, 16, False),
+    "q5_1": TypeInfo(T.Q5_1, QK, QK, 5, True, 0, False),
+    "q8_0": TypeInfo(T.Q8_0, QK, QK, 8, False, 0, False),
+    "q2_k": TypeInfo(T.Q2_K, QK_K, 16, 2, True, 0, True),
+    "q3_k": TypeInfo(T.Q3_K, QK_K, 16, 3, False, 4, True),
+    "q4_k": TypeInfo(T.Q4_K, QK_K, 32, 4, True, 0, True),
+    "q6_k": TypeInfo(T.Q6_K, QK_K, 16, 6, False, 32, True),
+}
+
+
+def bytes_per_weight(name: str) -> float:
+    block, size = GGML_QUANT_SIZES[QTYPES[name]]
+    return 8.0 * size / block
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-sub-block view of a QuantizedTensor
+# --------------------------------------------------------------------------------------------------------
+
+def _sub_params(qt: QuantizedTensor, sub: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """codes [out, n_sub, sub] and d, m, z [out, n_sub] for sub-blocks of `sub` elements.
+
+    Each sub-block must lie inside one quantization group; otherwise it would need two scales.
+    """
+    out, n = qt.shape
+    g = qt.spec.group_len(n)
+    if n % block:
+        raise NotRepresentable(f"input size {n} is not a multiple of the {block}-element block")
+    if g % sub and g != n:
+        raise NotRepresentable(f"group length {g} is not a multiple of the {sub}-element sub-block")
+    if g % sub:
+        raise NotRepresentable(f"per-channel group {g} is not a multiple of {sub}")
+    gidx = (np.arange(n // sub) * sub) // g
+    u = qt.codes.numpy().reshape(out, n // sub, sub)
+    d = qt.scale.numpy()[:, gidx]
+    m = qt.minimum.numpy()[:, gidx]
+    z = None if qt.zero is None else qt.zero.numpy()[:, gidx]
+    return u, d.astype(np.float32), m.astype(np.float32), z
+
+
+def _fp16(x: np.ndarray, what: str) -> np.ndarray:
+    h = x.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise NotRepresentable(f"{what} overflows fp16")
+    return h
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., 32] values < 16 -> [..., 16] bytes: element j in the low nibble, j+16 in the high nibble."""
+    return (q[..., :16] & 0x0F) | (q[..., 16:] << 4)
+
+
+def _u8(h: np.ndarray) -> np.ndarray:
+    """fp16 [..., k] -> bytes [..., 2k] (little-endian)."""
+    return np.ascontiguousarray(h.astype("<f2")).view(np.uint8)
+
+
+def _signed_codes(u: np.ndarray, z: Optional[np.ndarray], lo: int, hi: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """v = u - z per element, mirrored (v -> -v, with d -> -d) in blocks whose range only fits that way.
+
+    Returns v (int16) and the per-block sign.  Raises if some block fits neither way.
+    """
+    if z is None:
+        raise NotRepresentable(f"{what} has no per-block minimum, so it cannot hold float offsets (use q4_1/q5_1)")
+    v = u.astype(np.int16) - z[..., None].astype(np.int16)
+    vmin, vmax = v.min(-1), v.max(-1)
+    plus = (vmin >= lo) & (vmax <= hi)
+    minus = (-vmax >= lo) & (-vmin <= hi)
+    if not (plus | minus).all():
+        bad = int((~(plus | minus)).sum())
+        raise NotRepresentable(f"{bad} block(s) have u - z outside [{lo}, {hi}] for {what}")
+    sign = np.where(plus, 1, -1).astype(np.int16)
+    return v * sign[..., None], sign
+
+
+# --------------------------------------------------------------------------------------------------------
+# Legacy 32-element types
+# --------------------------------------------------------------------------------------------------------
+
+def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
+    info = INFO[name]
+    u, d, m, z = _sub_params(qt, QK, QK)
+    out, nb, _ = u.shape
+    if info.has_min:
+        if qt.spec.umax >= (1 << info.code_bits):
+            raise NotRepresentable(f"{qt.spec.bits}-bit codes do not fit {name}'s {info.code_bits}-bit field")
+        q = u.astype(np.uint8)
+        head = [_u8(_fp16(d, "scale")[..., None]), _u8(_fp16(m, "minimum")[..., None])]
+    else:
+        lo, hi = (-128, 127) if name == "q8_0" else (-info.offset, (1 << info.code_bits) - 1 - info.offset)
+        v, sign = _signed_codes(u, z, lo, hi, name)
+        dd = _fp16(d * sign, "scale")
+        if name == "q8_0":
+            return np.concatenate([_u8(dd[..., None]), v.astype(np.int8).view(np.uint8)], -1).reshape(out, -1)
+        q = (v + info.offset).astype(np.uint8)
+        head = [_u8(dd[..., None])]
+    if info.code_bits == 5:
+        qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of the u32 = high bit of element j
+        head.append(qh)
+    return np.concatenate([*head, _nibbles(q & 0x0F)], -1).reshape(out, -1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# K-quants: codes kept, scales re-encoded as integer multiples of one fp16 super-scale (lossy)
+# --------------------------------------------------------------------------------------------------------
+
+def _fit_superscale(s: np.ndarray, lo: int, hi: int, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best fp16 D [n] and integer sc [n, k] in [lo, hi] with D*sc ~ s, minimising sum(weight*(D*sc - s)^2).
+
+    A small search over D = max|s|/(hi - j) (the research note's "grid search" re-encoding).
+    """
+    amax = np.abs(s).max(-1)
+    best_err = np.full(s.shape[0], np.inf)
+    best_d = np.zeros(s.shape[0], np.float16)
+    best_sc = np.zeros(s.shape, np.int16)
+    top = max(hi, -lo)
+    for j in range(0, min(12, top)):
+        dcand = (amax / (top - j)).astype(np.float16)
+        df = dcand.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(df[:, None] > 0, np.rint(s / df[:, None]), 0)
+        sc = np.clip(sc, lo, hi).astype(np.int16)
+        err = (weight * (df[:, None] * sc - s) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_d = np.where(better, dcand, best_d)
+        best_sc = np.where(better[:, None], sc, best_sc)
+    return best_d, best_sc
+
+
+def _kquant_fields(qt: QuantizedTensor, name: str):
+    """Codes per super-block plus fitted (D, sc) and, for min types, (Dmin, mn)."""
+    info = INFO[name]
+    u, d, m, z = _sub_params(qt, info.sub, QK_K)
+    out, ns, sub = u.shape
+    per = QK_K // sub
+    u = u.reshape(out * ns // per, per, sub)
+    d = d.reshape(-1, per)
+    m = m.reshape(-1, per)
+    sc_hi = 15 if name == "q2_k" else 63
+    if info.has_min:
+        if qt.spec.umax >= (1 << info.code_bits):
+            raise NotRepresentable(f"{qt.spec.bits}-bit codes do not fit {name}'s {info.code_bits}-bit field")
+        wq = (u.astype(np.float32) ** 2).mean(-1) + 1e-12
+        D, sc = _fit_superscale(d, 1, sc_hi, wq)
+        # y = D*sc*u - Dmin*mn: fit Dmin*mn to -m (sign of Dmin follows the offsets' dominant sign)
+        neg = -m
+        flip = np.where(neg.sum(-1) < 0, -1.0, 1.0).astype(np.float32)
+        Dm, mn = _fit_superscale(neg * flip[:, None], 0, sc_hi, np.ones_like(neg))
+        Dm = (Dm.astype(np.float32) * flip).astype(np.float16)
+        return u.astype(np.uint8), D, sc, Dm, mn
+    off = info.offset
+    lo, hi = -off, (1 << info.code_bits) - 1 - off
+    zz = z.reshape(-1, per) if z is not None else None
+    v, sign = _signed_codes(u, zz, lo, hi, name)
+    sc_lo, sc_hi = (-32, 31) if name == "q3_k" else (-128, 127)
+    wq = (v.astype(np.float32) ** 2).mean(-1) + 1e-12
+    D, sc = _fit_superscale(d * sign, sc_lo, sc_hi, wq)
+    return v, D, sc, None, None
+
+
+def _pack_q2_k(qt: QuantizedTensor) -> np.ndarray:
+    u, D, sc, Dm, mn = _kquant_fields(qt, "q2_k")
+    n = u.shape[0]
+    q = u.reshape(n, 2, 4, 32)  # element 128c + 32j + l -> byte 32c + l, bits 2j
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
+    scales = (sc.astype(np.uint8) & 0x0F) | (mn.astype(np.uint8) << 4)
+    return np.concatenate([scales, qs, _u8(D[:, None]), _u8(Dm[:, None])], -1)
+
+
+def _pack_q3_k(qt: QuantizedTensor) -> np.ndarray:
+    v, D, sc, _, _ = _kquant_fields(qt, "q3_k")
+    n = v.shape[0]
+    q = (v.reshape(n, QK_K) + 4).astype(np.uint8)  # 0..7: low 2 bits + "high" bit (set = no -4)
+    low = (q & 3).reshape(n, 2, 4, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)).reshape(n, 64)
+    hb = (q >> 2).reshape(n, 8, 32)  # element 32i + l -> bit i of hmask[l]
+    hmask = np.zeros((n, 32), np.uint8)
+    for i in range(8):
+        hmask |= hb[:, i] << i
+    s6 = (sc + 32).astype(np.uint8)  # 16 x 6-bit: low nibble in byte k%8 (nibble k//8), high 2 bits in byte 8+k%4
+    scales = np.zeros((n, 12), np.uint8)
+    for k in range(16):
+        scales[:, k % 8] |= (s6[:, k] & 0x0F) << (4 * (k // 8))
+        scales[:, 8 + k % 4] |= (s6[:, k] >> 4) << (2 * (k // 4))
+    return np.concatenate([hmask, qs, scales, _u8(D[:, None])], -1)
+
+
+def _pack_q4_k(qt: QuantizedTensor) -> np.ndarray:
+    u, D, sc, Dm, mn = _kquant_fields(qt, "q4_k")
+    n = u.shape[0]
+    q = u.reshape(n, 4, 2, 32)  # sub-block 2c + h, element l -> byte 32c + l, nibble h
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    scales = np.concatenate([
+        sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+        mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+        (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+    ], -1)
+    return np.concatenate([_u8(D[:, None]), _u8(Dm[:, None]), scales, qs], -1)
+
+
+def _pack_q6_k(qt: QuantizedTensor) -> np.ndarray:
+    v, D, sc, _, _ = _kquant_fields(qt, "q6_k")
+    n = v.shape[0]
+    q = (v.reshape(n, QK_K) + 32).astype(np.uint8)
+    lo = (q & 0x0F).reshape(n, 2, 2, 64)  # element 128c + 64h + k -> ql[64c + k], nibble h
+    ql = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(n, 128)
+    hi = (q >> 4).reshape(n, 2, 4, 32)    # element 128c + 32j + l -> qh[32c + l], bits 2j
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _u8(D[:, None])], -1)
+
+
+_KPACK: dict[str, Callable[[QuantizedTensor], np.ndarray]] = {
+    "q2_k": _pack_q2_k, "q3_k": _pack_q3_k, "q4_k": _pack_q4_k, "q6_k": _pack_q6_k,
+}
+
+
+def pack(qt: QuantizedTensor, name: str) -> np.ndarray:
+    """uint8 [out, bytes_per_row] in the layout of block type `name`; raises NotRepresentable."""
+    out, n = qt.shape
+    if name in _KPACK:
+        return _KPACK[name](qt).reshape(out, -1)
+    return _pack_legacy(qt, name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Independent code recovery (verify level a): only gguf-py's decoder and the documented field positions
+# --------------------------------------------------------------------------------------------------------
+
+# Per type: byte ranges (within a block) of the quant fields, and the fill values that make every element's
+# stored code equal to the "base" value and to base+1.  Decoding these two probes with gguf-py gives each
+# element's intercept and slope, so codes = rint((y - y_base) / (y_one - y_base)) -- no header parsing here.
+_PROBES: dict[str, list[tuple[int, int, int, int]]] = {
+    #          (start, stop, fill_base, fill_one)
+    "q4_0": [(2, 18, 0x88, 0x99)],
+    "q4_1": [(4, 20, 0x00, 0x11)],
+    "q5_0": [(2, 6, 0xFF, 0xFF), (6, 22, 0x00, 0x11)],
+    "q5_1": [(4, 8, 0x00, 0x00), (8, 24, 0x00, 0x11)],
+    "q8_0": [(2, 34, 0x00, 0x01)],
+    "q2_k": [(16, 80, 0x00, 0x55)],
+    "q3_k": [(0, 32, 0xFF, 0xFF), (32, 96, 0x00, 0x55)],
+    "q4_k": [(16, 144, 0x00, 0x11)],
+    "q6_k": [(0, 128, 0x00, 0x11), (128, 192, 0xAA, 0xAA)],
+}
+
+
+def recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
+    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes]."""
+    from gguf.quants import dequantize
+
+    qtype = QTYPES[name]
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(-1, size)
+
+    def probe(which: int) -> np.ndarray:
+        b = blocks.copy()
+        for start, stop, base, one in _PROBES[name]:
+            b[:, start:stop] = base if which == 0 else one
+        return dequantize(b.reshape(rows, -1), qtype).astype(np.float64)
+
+    y = dequantize(np.ascontiguousarray(raw), qtype).astype(np.float64)
+    y0, y1 = probe(0), probe(1)
+    slope = y1 - y0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((y - y0) / slope) * np.sign(slope)  # a mirrored block (negative d) reads back as u - z
+    return np.where(slope != 0, q, np.nan)
+
+
+def expected_stored_codes(qt: QuantizedTensor, name: str) -> np.ndarray:
+    """What `recover_codes` must return for this tensor: u (min types) or u - z (types without a minimum)."""
+    info = INFO[name]
+    u = qt.codes.numpy().astype(np.float64)
+    if info.has_min or qt.zero is None:
+        return u
+    out, n = qt.shape
+    z = np.repeat(qt.zero.numpy(), qt.spec.group_len(n), axis=1)[:, :n].astype(np.float64)
+    return u - z
