@@ -18,11 +18,12 @@ rounding of d and m, which the exporter measures and declares.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from ..quant import QuantizedTensor
 
@@ -73,7 +74,7 @@ def bytes_per_weight(name: str) -> float:
 # Per-sub-block view of a QuantizedTensor
 # --------------------------------------------------------------------------------------------------------
 
-def _sub_params(qt: QuantizedTensor, sub: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def _sub_params(qt: QuantizedTensor, sub: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """codes [out, n_sub, sub] and d, m, z [out, n_sub] for sub-blocks of `sub` elements.
 
     Each sub-block must lie inside one quantization group; otherwise it would need two scales.
@@ -111,7 +112,7 @@ def _u8(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(h.astype("<f2")).view(np.uint8)
 
 
-def _signed_codes(u: np.ndarray, z: Optional[np.ndarray], lo: int, hi: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _signed_codes(u: np.ndarray, z: np.ndarray | None, lo: int, hi: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """v = u - z per element, mirrored (v -> -v, with d -> -d) in blocks whose range only fits that way.
 
     Returns v (int16) and the per-block sign.  Raises if some block fits neither way.
@@ -136,7 +137,7 @@ def _signed_codes(u: np.ndarray, z: Optional[np.ndarray], lo: int, hi: int, what
 def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
     info = INFO[name]
     u, d, m, z = _sub_params(qt, QK, QK)
-    out, nb, _ = u.shape
+    out, _nb, _ = u.shape
     if info.has_min:
         if qt.spec.umax >= (1 << info.code_bits):
             raise NotRepresentable(f"{qt.spec.bits}-bit codes do not fit {name}'s {info.code_bits}-bit field")
@@ -170,7 +171,7 @@ def _fit_superscale(s: np.ndarray, lo: int, hi: int, weight: np.ndarray) -> tupl
     best_d = np.zeros(s.shape[0], np.float16)
     best_sc = np.zeros(s.shape, np.int16)
     top = max(hi, -lo)
-    for j in range(0, min(12, top)):
+    for j in range(min(12, top)):
         dcand = (amax / (top - j)).astype(np.float16)
         df = dcand.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -274,7 +275,7 @@ _KPACK: dict[str, Callable[[QuantizedTensor], np.ndarray]] = {
 
 def pack(qt: QuantizedTensor, name: str) -> np.ndarray:
     """uint8 [out, bytes_per_row] in the layout of block type `name`; raises NotRepresentable."""
-    out, n = qt.shape
+    out, _n = qt.shape
     if name in _KPACK:
         return _KPACK[name](qt).reshape(out, -1)
     return _pack_legacy(qt, name)
@@ -306,7 +307,7 @@ def recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
     qtype = QTYPES[name]
-    block, size = GGML_QUANT_SIZES[qtype]
+    _block, size = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(-1, size)
 
@@ -330,6 +331,6 @@ def expected_stored_codes(qt: QuantizedTensor, name: str) -> np.ndarray:
     u = qt.codes.numpy().astype(np.float64)
     if info.has_min or qt.zero is None:
         return u
-    out, n = qt.shape
+    _out, n = qt.shape
     z = np.repeat(qt.zero.numpy(), qt.spec.group_len(n), axis=1)[:, :n].astype(np.float64)
     return u - z
