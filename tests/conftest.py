@@ -16,7 +16,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("L4Q_SHARED", REPO.parent / "shared")) / "data"

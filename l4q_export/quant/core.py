@@ -111,17 +111,38 @@ def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: Optional[torc
     return GroupParams(scale=d, zero=torch.full_like(d, float(spec.half)))
 
 
+class _Grouped:
+    """View an [out, in] tensor as [out, G, g] so per-group parameters broadcast without an expanded copy.
+
+    A partial last group cannot be viewed that way; then parameters are expanded to [out, in] instead.
+    Both paths apply the same element-wise operations to the same numbers, so results are identical.
+    """
+
+    def __init__(self, t: torch.Tensor, spec: QuantSpec) -> None:
+        self.out, self.n = t.shape
+        self.g = spec.group_len(self.n)
+        self.even = self.n % self.g == 0
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.out, self.n // self.g, self.g) if self.even else t
+
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        return p.unsqueeze(-1) if self.even else expand_groups(p, self.g, self.n)
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.out, self.n)
+
+
 def shifted_input(w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
     """The unrounded code v: (w - m)/d (float mode) or w/d + z (integer modes), in fp32.
 
     The STE mask is 0 <= v <= 2^bits-1 (clamp before round, as L4Q's code does).
     """
-    n = w.shape[1]
-    g = spec.group_len(n)
-    d = expand_groups(p.scale, g, n)
+    gv = _Grouped(w, spec)
+    x = gv.view(w)
     if p.minimum is not None:
-        return (w - expand_groups(p.minimum, g, n)) / d
-    return w / d + expand_groups(p.zero, g, n)
+        return gv.flat((x - gv.param(p.minimum)) / gv.param(p.scale))
+    return gv.flat(x / gv.param(p.scale) + gv.param(p.zero))
 
 
 def round_codes(v: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -131,13 +152,11 @@ def round_codes(v: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
     """W = d*u + m (float mode) or (u - z)*d (integer modes), fp32, two separately rounded ops."""
-    n = u.shape[1]
-    g = spec.group_len(n)
-    uf = u.float()
-    d = expand_groups(p.scale, g, n)
+    gv = _Grouped(u, spec)
+    uf = gv.view(u.float())
     if p.minimum is not None:
-        return uf * d + expand_groups(p.minimum, g, n)
-    return (uf - expand_groups(p.zero, g, n)) * d
+        return gv.flat(uf * gv.param(p.scale) + gv.param(p.minimum))
+    return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
 
 
 def fake_quantize(w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..quant import (
 )
 
 # Transient buffers in forward/backward are limited to about this many fp32 elements per buffer.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,10 @@ class L4QFunction(torch.autograd.Function):
                 u = round_codes(v, spec)
                 if need_x:
                     wq = dequantize_codes(u, pr, spec)
-                    grad_x += (gy2[:, r0:r1] @ wq.to(gy2.dtype)).float()
+                    if gy2.dtype == torch.float32:  # in place: no [tokens, in] temporary per chunk
+                        grad_x.addmm_(gy2[:, r0:r1], wq)
+                    else:  # low-precision activations: accumulate the chunks in fp32
+                        grad_x += (gy2[:, r0:r1] @ wq.to(gy2.dtype)).float()
                     del wq
                 if not need_w:
                     continue
@@ -137,18 +140,18 @@ class L4QFunction(torch.autograd.Function):
                     gB[r0:r1] = cfg.alpha * (gw @ A.float().T)
                     gA += cfg.alpha * (B[r0:r1].float().T @ gw)
                     del gw
+                # In-place from here on: u, v and G are not needed afterwards, and every avoided
+                # [rows, in] temporary is peak memory saved.
                 if pr.minimum is not None:
-                    dd = torch.where(inside, u - v, u)
+                    dd = u.sub_(v.mul_(inside))  # u - v inside, u outside
                 else:
-                    dd = torch.where(inside, u - v, u - expand_groups(pr.zero, g, in_f))
-                gd[r0:r1] = group_sum(dd * G, g)
-                del dd
-                outside_g = torch.where(inside, torch.zeros_like(G), G)
-                if pr.minimum is not None:
-                    gm[r0:r1] = group_sum(outside_g, g)
-                else:
-                    gm[r0:r1] = group_sum(outside_g * -expand_groups(pr.scale, g, in_f), g)
-                del G, inside, outside_g, v, u
+                    dd = u.sub_(torch.where(inside, v, expand_groups(pr.zero, g, in_f)))  # u - v | u - z
+                gd[r0:r1] = group_sum(dd.mul_(G), g)
+                outside = G.masked_fill_(inside, 0.0)
+                if pr.minimum is None:
+                    outside.mul_(-expand_groups(pr.scale, g, in_f))
+                gm[r0:r1] = group_sum(outside, g)
+                del G, inside, outside, dd, v, u
 
         gs = spec.lsq_grad_scale(in_f) if cfg.lsq_grad_scale else 1.0
         if spec.zero_point == "float":

@@ -1,7 +1,9 @@
-"""An independent, plain-autograd STE implementation of the L4Q quantizer (the test oracle).
+"""A naive, plain-autograd STE implementation of L4Q's quantizer.
 
-Written directly from the paper's equations with torch autograd doing all differentiation, so it shares
-no gradient code with l4q_export.training.layer.
+Two uses: the oracle of tests/test_layer_grad.py (written directly from the paper's equations, with torch
+autograd doing all differentiation, so it shares no gradient code with l4q_export.training.layer), and the
+"naive autograd QAT-LoRA" peer in tools/bench_train_memory.py (autograd keeps every [out, in]
+intermediate alive for backward, which is exactly the memory L4Q's custom Function avoids).
 """
 
 from __future__ import annotations

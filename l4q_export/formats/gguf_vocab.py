@@ -1,0 +1,154 @@
+"""GGUF model metadata and tokenizer for llama / mistral / qwen2, built on gguf-py's vocab helpers.
+
+llama.cpp reads hyper-parameters only from metadata (it never sees config.json), so every key it needs is
+written explicitly, including ``rope.freq_base`` whose silent default (10000) would be wrong for Llama-3 or
+Qwen2.  The tokenizer is written from the model directory's own files: SentencePiece (``tokenizer.model``,
+``tokenizer.ggml.model = llama``) or a byte-level BPE ``tokenizer.json`` (``gpt2`` + merges + the right
+``tokenizer.ggml.pre``, identified from the pre-tokenizer's split regex).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from ..errors import L4QInputError
+
+ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+
+# Byte-level BPE pre-tokenizer split regexes -> llama.cpp pre-tokenizer names (llama-vocab.cpp).
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE = {_QWEN2_RE: "qwen2", _LLAMA3_RE: "llama-bpe"}
+
+
+def gguf_arch(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    if not archs or archs[0] not in ARCHES:
+        raise L4QInputError(f"GGUF export supports {', '.join(ARCHES)}; config.json says {archs!r}")
+    return ARCHES[archs[0]]
+
+
+def head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def rope_theta(cfg: dict[str, Any]) -> float:
+    """transformers 5 moved rope_theta into rope_parameters; read either spelling."""
+    rp = cfg.get("rope_parameters") or {}
+    return float(rp.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    rs = cfg.get("rope_scaling") or None
+    rp = cfg.get("rope_parameters") or {}
+    if rs is None and rp.get("rope_type", "default") != "default":
+        rs = rp
+    if rs and rs.get("rope_type", rs.get("type", "default")) == "default":
+        rs = None
+    return rs
+
+
+def add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, n_vocab: int, name: str) -> None:
+    """Every hyper-parameter key llama.cpp's loader reads for llama / qwen2."""
+    rs = _rope_scaling(cfg)
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "linear":
+            raise L4QInputError(f"rope scaling {kind!r} in config.json is not supported by the GGUF exporter (only linear)")
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rs["factor"]))
+    hd = head_dim(cfg)
+    w.add_name(name)
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(int(cfg["num_attention_heads"]))
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+    w.add_rope_freq_base(rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_rope_dimension_count(hd)
+    if hd * int(cfg["num_attention_heads"]) != int(cfg["hidden_size"]):
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    w.add_vocab_size(n_vocab)
+
+
+def _bpe_pre(tok_json: dict[str, Any]) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, from its split regex."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for s in steps:
+        if s.get("type") == "Split":
+            regex = (s.get("pattern") or {}).get("Regex")
+            if regex in BPE_PRE:
+                return BPE_PRE[regex]
+            raise L4QInputError(f"unknown BPE pre-tokenizer regex {regex!r} in tokenizer.json; llama.cpp would tokenize differently")
+        if s.get("type") == "ByteLevel" and s.get("use_regex", True):
+            return "gpt-2"
+    raise L4QInputError("tokenizer.json has no recognisable byte-level pre-tokenizer (expected GPT-2, Llama-3 or Qwen2 style)")
+
+
+def _spm_normalizer(path: Path) -> tuple[bool, bool]:
+    """(add_dummy_prefix, remove_extra_whitespaces) from the SentencePiece model proto."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    ns = proto.normalizer_spec
+    return bool(ns.add_dummy_prefix), bool(ns.remove_extra_whitespaces)
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, Any]:
+    """Write the vocabulary, special tokens and chat template; pad to the embedding rows with unique names.
+
+    Returns a small report (model, pre, number of real and padding tokens).
+    """
+    tok_dir = Path(tok_dir)
+    if (tok_dir / "tokenizer.model").is_file():
+        vocab: Any = gguf.SentencePieceVocab(tok_dir)
+        model, pre = "llama", "default"
+        add_prefix, remove_ws = _spm_normalizer(tok_dir / "tokenizer.model")
+    elif (tok_dir / "tokenizer.json").is_file():
+        tj = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        try:
+            vocab = gguf.BpeVocab(tok_dir)
+        except FileNotFoundError:
+            raise L4QInputError(f"{tok_dir}/tokenizer.json is not a byte-level BPE tokenizer and there is no tokenizer.model") from None
+        model, pre = "gpt2", _bpe_pre(tj)
+        add_prefix = remove_ws = None
+    else:
+        raise L4QInputError(f"no tokenizer in {tok_dir} (need tokenizer.model or tokenizer.json)")
+    tokens: list[bytes] = []
+    scores: list[float] = []
+    types: list[int] = []
+    for text, score, ttype in vocab.all_tokens():
+        tokens.append(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+        scores.append(float(score))
+        types.append(int(ttype))
+    if len(tokens) > n_vocab:
+        raise L4QInputError(f"tokenizer has {len(tokens)} tokens but the embedding only {n_vocab} rows")
+    n_real = len(tokens)
+    for i in range(n_vocab - n_real):  # llama.cpp asserts unique token strings, so padding gets unique names
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if model == "llama":
+        w.add_token_scores(scores)
+        w.add_add_space_prefix(add_prefix)
+        w.add_remove_extra_whitespaces(remove_ws)
+    special = gguf.SpecialVocab(tok_dir, load_merges=(model == "gpt2"), n_vocab=n_vocab)
+    if model == "gpt2" and not special.merges:
+        raise L4QInputError(f"BPE tokenizer in {tok_dir} has no merges; llama.cpp cannot load a gpt2 vocab without them")
+    special.add_to_gguf(w, quiet=True)
+    return {"tokenizer": model, "pre": pre, "n_tokens": n_real, "n_padding": n_vocab - n_real,
+            "chat_template": special.chat_template is not None}

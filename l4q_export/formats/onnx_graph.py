@@ -1,0 +1,320 @@
+"""Direct ONNX graph construction for LLaMA/Mistral/Qwen2 decoders with a KV cache.
+
+The graph is written with `onnx.helper` node by node instead of traced from torch: tracing would
+re-derive weights from a float module, while here every quantized initializer is copied from the
+fold's integers.  Attention, RMSNorm, RoPE and SiLU are decomposed into standard opset-21 ops so one
+graph body serves every form; ONNX Runtime's optimizer fuses the norm and the (DQ +) MatMul patterns
+itself.  Initializers go to one external data file as they arrive (`ExternalData`), so peak memory
+stays around one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import L4QInputError
+
+OPSET = 21
+IR_VERSION = 10
+MS_DOMAIN = "com.microsoft"
+DATA_FILE = "model.onnx.data"
+# Tensors smaller than this stay inside model.onnx (norm vectors, small shape constants).
+INLINE_BYTES = 1024
+ALIGN = 64
+
+DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+ARCH_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The shape facts of a supported decoder, read once from its HF config.json."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    tied: bool
+    inv_freq: np.ndarray  # fp32 [head_dim/2], computed by transformers itself so RoPE matches the reference
+    rope_scale: float  # HF's attention_scaling applied to cos/sin (1.0 for default RoPE)
+    windows: tuple[Optional[int], ...]  # per layer: sliding-window length or None
+    max_positions: int
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any], architecture: str) -> "DecoderSpec":
+        if architecture not in ARCH_TYPES:
+            raise L4QInputError(f"ONNX export supports {', '.join(ARCH_TYPES)}; checkpoint architecture is {architecture}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise L4QInputError(f"config.json hidden_act={cfg.get('hidden_act')!r}: only silu MLPs can be exported to ONNX")
+        heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        if heads % kv:
+            raise L4QInputError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        hidden = int(cfg["hidden_size"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        inv_freq, rope_scale = _rope(cfg, architecture)
+        n_layers = int(cfg["num_hidden_layers"])
+        return DecoderSpec(
+            model_type=ARCH_TYPES[architecture], hidden=hidden, intermediate=int(cfg["intermediate_size"]), layers=n_layers,
+            heads=heads, kv_heads=kv, head_dim=head_dim, vocab=int(cfg["vocab_size"]), eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tied=bool(cfg.get("tie_word_embeddings", False)), inv_freq=inv_freq, rope_scale=rope_scale,
+            windows=_windows(cfg, architecture, n_layers), max_positions=int(cfg.get("max_position_embeddings", 2048)),
+        )
+
+
+def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
+    """inv_freq and attention scaling from transformers' own rotary module (every rope_type it knows)."""
+    kind = ARCH_TYPES[architecture]
+    config_cls = getattr(importlib.import_module(f"transformers.models.{kind}.configuration_{kind}"), architecture.replace("ForCausalLM", "Config"))
+    rotary_cls = getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), architecture.replace("ForCausalLM", "RotaryEmbedding"))
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
+    try:
+        rotary = rotary_cls(config_cls(**keep))
+    except (KeyError, ValueError, TypeError) as e:
+        raise L4QInputError(f"config.json: cannot build the RoPE parameters ({e})") from None
+    return rotary.inv_freq.float().numpy().copy(), float(rotary.attention_scaling)
+
+
+def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[Optional[int], ...]:
+    """Sliding-window length per layer, following the HF mask rules of each architecture."""
+    window = cfg.get("sliding_window")
+    if architecture == "MistralForCausalLM":
+        return tuple([int(window) if window else None] * n_layers)
+    if architecture == "Qwen2ForCausalLM" and cfg.get("use_sliding_window") and window:
+        types = cfg.get("layer_types") or []
+        max_window_layers = int(cfg.get("max_window_layers", n_layers))
+        return tuple(
+            int(window) if (types[i] == "sliding_attention" if i < len(types) else i >= max_window_layers) else None
+            for i in range(n_layers)
+        )
+    return tuple([None] * n_layers)
+
+
+class ExternalData:
+    """Append initializer bytes to one external data file as they are produced (never the whole model in RAM)."""
+
+    def __init__(self, directory: Path, filename: str = DATA_FILE) -> None:
+        self.filename = filename
+        self.path = Path(directory) / filename
+        self._f: BinaryIO = open(self.path, "wb")
+        self.offset = 0
+
+    def tensor(self, name: str, array: np.ndarray, onnx_type: Optional[int] = None) -> TensorProto:
+        """A TensorProto for `array` (ml_dtypes uint4 arrays are packed by onnx); big payloads go to the file."""
+        t = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        if onnx_type is not None and t.data_type != onnx_type:
+            raise AssertionError(f"{name}: expected ONNX type {onnx_type}, got {t.data_type}")
+        raw = t.raw_data
+        if len(raw) < INLINE_BYTES:
+            return t
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        self._f.write(raw)
+        onnx.external_data_helper.set_external_data(t, self.filename, offset=self.offset, length=len(raw))
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        self.offset += len(raw)
+        return t
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class GraphBuilder:
+    """Accumulates nodes with unique names; small constants are inlined, weights come from `ExternalData`."""
+
+    def __init__(self, dtype: str) -> None:
+        self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"/{hint}/{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str = "", outputs: Optional[list[str]] = None, n_out: int = 1,
+           domain: str = "", **attrs: Any) -> Any:
+        """Append one node; returns its output name (or list of names when n_out > 1)."""
+        base = f"{hint or op_type}"
+        outs = outputs or [self.fresh(f"{base}/{op_type}_out{i}" if n_out > 1 else f"{base}/{op_type}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(f"{base}/{op_type}"), domain=domain, **attrs))
+        return outs[0] if n_out == 1 and outputs is None else outs
+
+    def add_initializer(self, t: TensorProto) -> str:
+        if t.name in self._names:
+            raise AssertionError(f"duplicate initializer {t.name}")
+        self._names.add(t.name)
+        self.initializers.append(t)
+        return t.name
+
+    def const(self, value: Any, dtype: Any = np.int64) -> str:
+        """A small inline constant, deduplicated by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.add_initializer(numpy_helper.from_array(arr, f"const_{len(self._consts)}"))
+        return self._consts[key]
+
+
+def kv_names(i: int) -> tuple[str, str, str, str]:
+    return f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value"
+
+
+class DecoderGraph:
+    """Emits the decoder around caller-supplied linear layers (the part that differs between forms).
+
+    `linear(g, x, module, n_out)` must return the output name of x @ W(module)^T (+ bias); everything else
+    (embedding, RMSNorm, RoPE, causal/padding/sliding-window mask, GQA attention with a concatenated
+    KV cache, SiLU MLP, lm_head) is built here.
+    """
+
+    def __init__(self, spec: DecoderSpec, g: GraphBuilder, linear: Any, floats: dict[str, str]) -> None:
+        self.s, self.g, self.linear, self.floats = spec, g, linear, floats
+
+    def weight(self, name: str) -> str:
+        if name not in self.floats:
+            raise L4QInputError(f"tensor {name} is missing from the checkpoint's base model")
+        return self.floats[name]
+
+    def rms_norm(self, x: str, weight: str, hint: str) -> str:
+        """HF LlamaRMSNorm: fp32 x * rsqrt(mean(x^2) + eps), cast back, times weight."""
+        g = self.g
+        x32 = g.op("Cast", [x], hint, to=TensorProto.FLOAT) if g.onnx_dtype != TensorProto.FLOAT else x
+        var = g.op("ReduceMean", [g.op("Mul", [x32, x32], hint), g.const([-1])], hint, keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(self.s.eps, np.float32)], hint)], hint)], hint)
+        y = g.op("Mul", [x32, inv], hint)
+        if g.onnx_dtype != TensorProto.FLOAT:
+            y = g.op("Cast", [y], hint, to=g.onnx_dtype)
+        return g.op("Mul", [self.weight(weight), y], hint)
+
+    def rope_tables(self) -> tuple[str, str]:
+        """cos/sin [B,1,S,D] from position_ids: freqs = pos * inv_freq (one exact fp32 product, as HF)."""
+        g, s = self.g, self.s
+        pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "rope", to=TensorProto.FLOAT), g.const([-1])], "rope")
+        freqs = g.op("Mul", [pos, g.const(s.inv_freq, np.float32)], "rope")
+        emb = g.op("Concat", [freqs, freqs], "rope", axis=-1)
+        out = []
+        for fn in ("Cos", "Sin"):
+            t = g.op(fn, [emb], "rope")
+            if s.rope_scale != 1.0:
+                t = g.op("Mul", [t, g.const(s.rope_scale, np.float32)], "rope")
+            if g.onnx_dtype != TensorProto.FLOAT:
+                t = g.op("Cast", [t], "rope", to=g.onnx_dtype)
+            out.append(g.op("Unsqueeze", [t, g.const([1])], "rope"))
+        return out[0], out[1]
+
+    def mask(self, window: Optional[int]) -> str:
+        """Additive mask [B,1,S,T]: causal over the cache offset P = T - S, padding from attention_mask."""
+        g = self.g
+        s_len = g.op("Gather", [g.op("Shape", ["input_ids"], "mask"), g.const(1)], "mask", axis=0)
+        t_len = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask"), g.const(1)], "mask", axis=0)
+        kpos = g.op("Range", [g.const(0), t_len, g.const(1)], "mask")
+        qpos = g.op("Unsqueeze", [g.op("Range", [g.op("Sub", [t_len, s_len], "mask"), t_len, g.const(1)], "mask"), g.const([1])], "mask")
+        allowed = g.op("LessOrEqual", [kpos, qpos], "mask")
+        if window is not None:
+            allowed = g.op("And", [allowed, g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(window)], "mask")], "mask")], "mask")
+        allowed = g.op("Unsqueeze", [allowed, g.const([0, 1])], "mask")
+        pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "mask", to=TensorProto.BOOL), g.const([1, 2])], "mask")
+        allowed = g.op("And", [allowed, pad], "mask")
+        lowest = np.finfo(g.np_dtype).min
+        return g.op("Where", [allowed, g.const(0.0, g.np_dtype), g.const(lowest, g.np_dtype)], "mask")
+
+    def rotate(self, x: str, cos: str, sin: str, hint: str) -> str:
+        """x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1) (HF's non-interleaved RoPE)."""
+        g, half = self.g, self.s.head_dim // 2
+        x1, x2 = g.op("Split", [x, g.const([half, half])], hint, n_out=2, axis=-1)
+        rot = g.op("Concat", [g.op("Neg", [x2], hint), x1], hint, axis=-1)
+        return g.op("Add", [g.op("Mul", [x, cos], hint), g.op("Mul", [rot, sin], hint)], hint)
+
+    def attention(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+        g, s = self.g, self.s
+        p = f"model.layers.{i}.self_attn"
+        hint = f"layers.{i}.attn"
+        d, hq, hkv = s.head_dim, s.heads, s.kv_heads
+        heads = {}
+        for proj, n in (("q", hq), ("k", hkv), ("v", hkv)):
+            y = self.linear(g, x, f"{p}.{proj}_proj", n * d)
+            y = g.op("Reshape", [y, g.const([0, 0, n, d])], hint)
+            heads[proj] = g.op("Transpose", [y], hint, perm=[0, 2, 1, 3])  # [B, n, S, D]
+        q = self.rotate(heads["q"], cos, sin, hint)
+        k = self.rotate(heads["k"], cos, sin, hint)
+        past_k, past_v, present_k, present_v = kv_names(i)
+        g.op("Concat", [past_k, k], hint, outputs=[present_k], axis=2)
+        g.op("Concat", [past_v, heads["v"]], hint, outputs=[present_v], axis=2)
+        # GQA without materialising repeated KV: query heads of one KV head are contiguous, so
+        # [B, Hq, S, D] -> [B, Hkv, rep*S, D] lets one batched MatMul serve the whole group.
+        qg = g.op("Reshape", [q, g.const([0, hkv, -1, d])], hint)
+        scores = g.op("MatMul", [qg, g.op("Transpose", [present_k], hint, perm=[0, 1, 3, 2])], hint)
+        scores = g.op("Reshape", [scores, g.const([0, hq, -1, 0])], hint)
+        scores = g.op("Add", [g.op("Mul", [scores, g.const(d ** -0.5, g.np_dtype)], hint), mask], hint)
+        probs = g.op("Reshape", [g.op("Softmax", [scores], hint, axis=-1), g.const([0, hkv, -1, 0])], hint)
+        ctx = g.op("Reshape", [g.op("MatMul", [probs, present_v], hint), g.const([0, hq, -1, d])], hint)
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), g.const([0, 0, hq * d])], hint)
+        return self.linear(g, ctx, f"{p}.o_proj", s.hidden)
+
+    def mlp(self, i: int, x: str) -> str:
+        g, s = self.g, self.s
+        p, hint = f"model.layers.{i}.mlp", f"layers.{i}.mlp"
+        gate = self.linear(g, x, f"{p}.gate_proj", s.intermediate)
+        up = self.linear(g, x, f"{p}.up_proj", s.intermediate)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint)], hint)
+        return self.linear(g, g.op("Mul", [act, up], hint), f"{p}.down_proj", s.hidden)
+
+    def build(self) -> None:
+        g, s = self.g, self.s
+        h = g.op("Gather", [self.weight("model.embed_tokens.weight"), "input_ids"], "embed", axis=0)
+        cos, sin = self.rope_tables()
+        masks: dict[Optional[int], str] = {}
+        for i in range(s.layers):
+            w = s.windows[i]
+            if w not in masks:
+                masks[w] = self.mask(w)
+            a = self.attention(i, self.rms_norm(h, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.norm1"), cos, sin, masks[w])
+            h = g.op("Add", [h, a], f"layers.{i}")
+            m = self.mlp(i, self.rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2"))
+            h = g.op("Add", [h, m], f"layers.{i}")
+        h = self.rms_norm(h, "model.norm.weight", "final_norm")
+        if s.tied:
+            head = g.op("Transpose", [self.weight("model.embed_tokens.weight")], "lm_head", perm=[1, 0])
+        else:
+            head = self.weight("lm_head.weight")  # stored already transposed, [H, V]
+        g.op("MatMul", [h, head], "lm_head", outputs=["logits"])
+
+    def io(self) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+        s, dt = self.s, self.g.onnx_dtype
+        ins = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        ]
+        outs = [helper.make_tensor_value_info("logits", dt, ["batch_size", "sequence_length", s.vocab])]
+        for i in range(s.layers):
+            pk, pv, nk, nv = kv_names(i)
+            ins += [helper.make_tensor_value_info(n, dt, ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]) for n in (pk, pv)]
+            outs += [helper.make_tensor_value_info(n, dt, ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]) for n in (nk, nv)]
+        return ins, outs
+
+
+def make_model(g: GraphBuilder, ins: list, outs: list, metadata: dict[str, str], uses_ms: bool) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, "l4q_decoder", ins, outs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if uses_ms else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="l4q-export", ir_version=IR_VERSION)
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    return model

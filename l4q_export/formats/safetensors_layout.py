@@ -1,0 +1,163 @@
+"""Tensor layouts and configs of the packed-safetensors flavors, built from the fold's `QuantizedTensor`s.
+
+Three flavors share one set of integers (codes u, integer zero points z, scales d, W = (u - z)*d):
+
+* ``compressed-tensors`` -- format ``pack-quantized``: ``weight_packed`` I32 [N, ceil(K*b/32)] (dense LSB-first
+  bitstream along K, zero-padded), ``weight_scale`` [N, G], ``weight_zero_point`` I32 [ceil(N*b/32), G] packed
+  along N (asymmetric only), ``weight_shape`` I64 [2].  compressed-tensors shifts codes to signed q - 2^(b-1)
+  and back, so every packed field is our unsigned u (or z) unchanged.
+* ``gptq`` -- ``checkpoint_format: gptq_v2``: ``qweight`` I32 [K*b/32, N] packed along K, ``qzeros`` I32
+  [G, N*b/32] packed along N holding z as is, ``scales`` F16 [G, N], ``g_idx`` I32 [K] = k // g (desc_act off).
+* ``gptq-v1`` -- the same with ``qzeros`` holding z - 1 (loaders add 1 back).  Exact only when every z >= 1:
+  z = 0 would underflow to -1 and borrow into the neighbouring field, so such tensors are refused.
+
+All packing goes through `quant.pack_int32` (the one bitstream convention); nothing here re-derives codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..quant import QuantizedTensor, QuantSpec, pack_int32
+
+FLAVORS = ("compressed-tensors", "gptq", "gptq-v1")
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _pack_padded(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack along the last axis into ceil(n*bits/32) int32 words, zero-padding to whole 32-value runs.
+
+    compressed-tensors pads with zero codes and truncates the surplus words; padding here the same way keeps
+    the words identical to its `pack_to_int32` for widths that are not multiples of 32 (e.g. 172).
+    """
+    n = values.shape[-1]
+    pad = (-n) % 32
+    if pad:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], pad), dtype=values.dtype)], axis=-1)
+    return pack_int32(values, bits)[..., : math.ceil(n * bits / 32)]
+
+
+def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> Optional[str]:
+    """Why a [N, K] layer cannot be packed in this flavor (it is then stored dense), or None.
+
+    Both formats describe groups as K / group_size whole groups (compressed-tensors raises on a partial
+    group; vLLM's GPTQ and CT loaders require K % group_size == 0), and GPTQ packs K and N into whole int32
+    words with no padding, so K*b and N*b must be multiples of 32.
+    """
+    n, k = shape
+    g = spec.group_len(k)
+    if k % g:
+        return f"in_features {k} is not a multiple of group_size {g} (partial last group)"
+    if flavor.startswith("gptq"):
+        if (k * spec.bits) % 32 or (n * spec.bits) % 32:
+            return f"GPTQ packs whole int32 words: {n}x{k} at {spec.bits} bits needs both dims x bits divisible by 32"
+    return None
+
+
+@dataclass
+class ZeroResolution:
+    """The integer zero points written for one tensor and what they cost.
+
+    exact:        (u - zero)*d equals the fold's dequantized weight bit for bit.
+    max_abs_err:  max |(u - zero)*d - W_fold| (0.0 when exact).
+    rounded:      zero came from rounding a float offset (--allow-lossy-zero-point).
+    """
+
+    zero: torch.Tensor
+    exact: bool
+    max_abs_err: float
+    rounded: bool
+
+
+def resolve_zero(qt: QuantizedTensor) -> ZeroResolution:
+    """Integer zero points for a folded tensor: the trained ones, or round(-m/d) for float offsets.
+
+    The rounded candidate is always computed and checked bit for bit, so a float-offset checkpoint whose
+    offsets all happen to sit on integer zero points (e.g. untouched symmetric init) still exports exactly.
+    """
+    if qt.zero is not None:
+        return ZeroResolution(zero=qt.zero, exact=True, max_abs_err=0.0, rounded=False)
+    z = (-qt.minimum / qt.scale).round().clamp(0, qt.spec.umax)
+    ref = qt.dequantize()
+    alt = QuantizedTensor(qt.name, qt.spec, qt.codes, qt.scale, -(qt.scale * z), z).dequantize()
+    exact = torch.equal(alt.view(torch.int32), ref.view(torch.int32))
+    return ZeroResolution(zero=z, exact=exact, max_abs_err=float((alt - ref).abs().max()), rounded=True)
+
+
+def exactly_representable(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return bool(torch.equal(t.to(dtype).float(), t.float()))
+
+
+def ct_tensors(qt: QuantizedTensor, zero: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one Linear (suffixes after `module.`)."""
+    spec = qt.spec
+    codes = qt.codes.numpy()
+    out = {
+        "weight_packed": torch.from_numpy(_pack_padded(codes, spec.bits).copy()),
+        "weight_scale": qt.scale.to(scale_dtype).contiguous(),
+        "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64),
+    }
+    if spec.zero_point != "symmetric":
+        zt = zero.T.to(torch.uint8).numpy()  # [G, N]: pack along N, then back to [words, G]
+        out["weight_zero_point"] = torch.from_numpy(np.ascontiguousarray(_pack_padded(zt, spec.bits).T))
+    return out
+
+
+def gptq_tensors(qt: QuantizedTensor, zero: torch.Tensor, v1: bool) -> dict[str, torch.Tensor]:
+    """GPTQ qweight/qzeros/scales/g_idx of one Linear; scales must already be fp16-exact (checked by caller)."""
+    spec = qt.spec
+    n, k = qt.shape
+    stored_zero = zero - 1 if v1 else zero
+    if v1 and bool((stored_zero < 0).any()):
+        raise ValueError("v1 zero points must be >= 1")  # callers check first and refuse with a clear message
+    qweight = pack_int32(qt.codes.numpy(), spec.bits)  # [N, K*b/32], packed along K
+    qzeros = pack_int32(stored_zero.T.to(torch.uint8).numpy(), spec.bits)  # [G, N*b/32], packed along N
+    g = spec.group_len(k)
+    return {
+        "qweight": torch.from_numpy(np.ascontiguousarray(qweight.T)),
+        "qzeros": torch.from_numpy(np.ascontiguousarray(qzeros)),
+        "scales": qt.scale.T.to(torch.float16).contiguous(),
+        "g_idx": (torch.arange(k, dtype=torch.int32) // g).to(torch.int32),
+    }
+
+
+def ct_quantization_config(spec: QuantSpec, ignore: list[str]) -> dict[str, Any]:
+    """The minimal pack-quantized config every compressed-tensors release accepts (see the reference notes):
+    no scale_dtype/zp_dtype or per-scheme `format` keys, which older releases reject (extra="forbid")."""
+    channel = spec.group_size == -1
+    weights = {
+        "num_bits": spec.bits, "type": "int", "symmetric": spec.zero_point == "symmetric",
+        "strategy": "channel" if channel else "group", "group_size": None if channel else spec.group_size,
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    }
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head", *ignore], "kv_cache_scheme": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                      "weights": weights}},
+    }
+
+
+def gptq_quantization_config(spec: QuantSpec, v1: bool, dense: list[str], version: str) -> dict[str, Any]:
+    """GPTQ config read by transformers/optimum (`checkpoint_format`) and GPTQModel (`format`).
+
+    Layers stored dense are excluded with GPTQModel's negative `dynamic` rules (GPTQModel is the loader behind
+    transformers' GPTQ path).  `modules_in_block_to_quantize` is not written: GPTQConfig only accepts it when
+    optimum is installed, which would make the config fail to validate elsewhere.
+    """
+    fmt = "gptq" if v1 else "gptq_v2"
+    cfg: dict[str, Any] = {
+        "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
+        "sym": spec.zero_point == "symmetric", "checkpoint_format": fmt, "format": fmt, "lm_head": False,
+        "pack_dtype": "int32", "true_sequential": True, "damp_percent": 0.01, "static_groups": False,
+        "meta": {"quantizer": [f"l4q-export:{version}"]},
+    }
+    if dense:
+        cfg["dynamic"] = {f"-:^{m.replace('.', '[.]')}$": {} for m in dense}
+    return cfg
+

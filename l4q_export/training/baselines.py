@@ -1,0 +1,146 @@
+"""The baselines L4Q is compared with: QAT-LoRA (LSQ+ on W0 with a separate float LoRA branch) and plain float
+LoRA whose export is "merge, then RTN" (LoRA-then-PTQ).  `rtn` needs no layer: it is an untrained `L4QLinear`
+with rank 0 and min/max init.
+
+Neither baseline has an exact integer export, by definition:
+- qat-lora trains y = x@Q(W0)^T + alpha*(x@A^T)@B^T.  Q(W0)'s codes are exact, but the float branch is not an
+  integer tensor, and no single-grid format (GGUF, ONNX MatMulNBits, GPTQ) can hold "4+16" mixed precision.
+  Choice: the fold REFUSES (FidelityError) unless the checkpoint says `"qat_lora_export": "merge"`
+  (`l4q-train --qat-lora-export merge`, or edit l4q_config.json), in which case it exports
+  quantize(W0 + alpha*B@A) on the *learned* LSQ+ grid -- a re-quantization whose deviation from the training
+  forward `verify` measures and reports (it is lossy by design, never passed off as exact).
+- lora trains float W0 + alpha*B@A; the checkpoint stores RTN min/max (scale, offset) of the merged weight,
+  computed when it is written, and the fold quantizes the merged weight on that grid (L4Q's fold with those
+  parameters).  Lossy by design too; verify reports the PTQ error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_params, init_params, quantize
+from .layer import L4QFunction, LayerConfig
+
+
+def _lora_init(rank: int, in_features: int, out_features: int, generator: Optional[torch.Generator], dev) -> tuple[nn.Parameter, nn.Parameter]:
+    """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0."""
+    a = torch.empty(rank, in_features)
+    bound = 1.0 / math.sqrt(in_features)
+    a.uniform_(-bound, bound, generator=generator)
+    return nn.Parameter(a.to(dev)), nn.Parameter(torch.zeros(out_features, rank, device=dev))
+
+
+class _FrozenBase(nn.Module):
+    def _adopt(self, base: nn.Linear) -> None:
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T) * self.alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quantized_matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QATLoRALinear(_FrozenBase):
+    """LSQ+ (learned scale and float offset, L4Q's Function with no LoRA inside) on W0 + a float LoRA branch."""
+
+    l4q_method_layer = True
+
+    def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str = "l4q",
+                 fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self._adopt(base)
+        self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
+        dev = self.weight.device
+        self.lora_A, self.lora_B = _lora_init(rank, self.in_features, self.out_features, generator, dev)
+        with torch.no_grad():
+            s, off = init_params(self.weight.detach(), spec, init)
+        self.scale = nn.Parameter(s.to(dev))
+        if off is None:
+            self.register_parameter("offset", None)
+        else:
+            self.offset = nn.Parameter(off.to(dev))
+        # alpha=0 inside the Function: it quantizes W0 alone; LoRA is the separate branch.
+        self.cfg = LayerConfig(spec=spec, alpha=0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Q(W0)^T -- the integer part of the training forward."""
+        return L4QFunction.apply(x, self.weight, None, None, self.scale, self.offset, self.cfg)
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole training forward (no bias): quantized base + float LoRA branch ("4+16")."""
+        return self.base_matmul(x) + self.lora_branch(x)
+
+    @torch.no_grad()
+    def base_quantized(self, name: str = "") -> QuantizedTensor:
+        """codes(W0) on the learned grid: the exactly exportable part."""
+        return quantize(name, self.weight.float(), effective_params(self.spec, self.scale, self.offset, self.fp16_grid), self.spec)
+
+    @torch.no_grad()
+    def quantized(self, name: str = "") -> QuantizedTensor:
+        """The merge-export reference: quantize(W0 + alpha*B@A) on the learned grid (lossy by design)."""
+        p = effective_params(self.spec, self.scale, self.offset, self.fp16_grid)
+        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), p, self.spec)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"scale": self.scale, "lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [self.lora_A, self.lora_B], [p for p in (self.scale, self.offset) if p is not None]
+
+
+class FloatLoRALinear(_FrozenBase):
+    """Plain LoRA on a float base; quantization happens only at export (RTN of the merged weight)."""
+
+    l4q_method_layer = True
+
+    def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self._adopt(base)
+        self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
+        self.lora_A, self.lora_B = _lora_init(rank, self.in_features, self.out_features, generator, self.weight.device)
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The float training forward x @ W0^T + alpha*(x@A^T)@B^T (nothing is quantized while training)."""
+        return x @ self.weight.to(x.dtype).T + self.lora_branch(x)
+
+    @torch.no_grad()
+    def rtn_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """RTN min/max (scale, offset) of the merged weight: the PTQ step of LoRA-then-PTQ."""
+        init = "minmax" if self.spec.zero_point != "symmetric" else "l4q"
+        return init_params(combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), self.spec, init)
+
+    @torch.no_grad()
+    def quantized(self, name: str = "") -> QuantizedTensor:
+        s, off = self.rtn_params()
+        p = effective_params(self.spec, s, off, self.fp16_grid)
+        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), p, self.spec)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        s, off = self.rtn_params()
+        out = {"scale": s, "lora_A": self.lora_A, "lora_B": self.lora_B}
+        if off is not None:
+            out["offset"] = off
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_A.copy_(t["lora_A"])
+            self.lora_B.copy_(t["lora_B"])
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [self.lora_A, self.lora_B], []

@@ -1,0 +1,132 @@
+"""DL-QAT (Ke et al., EMNLP 2024 Industry) as *reconstructed* in algorithms.md §3 -- the paper's method section
+was not available, so every choice below is named and can be corrected later (also listed in docs/methods.md):
+
+    W_q = (clamp(round(W0/s + z + alpha*B@A), 0, 2^n-1) - z) * (m*s)
+
+1. Frozen: the RTN min/max scale s and integer zero point z per (row, group) (`quant.init_params(..., "minmax")`
+   on the integer grid; `--zero-point symmetric` fixes z = 2^(n-1)).  s is NOT learned.
+2. LoRA enters in the integer ("quantization") space, *before* rounding: it is added to the unrounded code
+   W0/s + z, not to round(W0/s) (LR-QAT's placement).  A: [r, in] (PEFT's Kaiming-uniform), B: [out, r] = 0,
+   so training starts exactly at the RTN codes; alpha_L = lora_alpha/r as for every method here.
+3. Magnitude granularity: one trained magnitude m per (row, group), [out, G], initialised to 1; the effective
+   scale is m*s (snapped to fp16 with --scale-grid fp16, floored at SCALE_FLOOR like every scale).
+4. STE: round passes the gradient straight through; clamp masks it outside [0, 2^n-1] (as §1.2).
+5. Dequantization order: (u - z) * (m*s), i.e. the product m*s is formed first and is what gets exported as
+   the scale.  The paper's m*s*(u - z) is equal in real arithmetic; we fix this order so export is exact.
+
+Export is exact with an *integer* zero point: codes u, scale m*s, zero z -- the GPTQ/AWQ-style layout, unlike
+L4Q's float offset.  The training forward and the fold both call `dlqat_input` and `dlqat_scale`, and the
+STE is written so its value is exactly `round(clamp(v))`; hence dequant(fold) == training W_q bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..quant import (
+    SCALE_FLOOR,
+    GroupParams,
+    QuantizedTensor,
+    QuantSpec,
+    dequantize_codes,
+    init_params,
+    lora_delta,
+    round_codes,
+    shifted_input,
+)
+from .qalora import grid_ste
+
+
+def int_spec(spec: QuantSpec) -> QuantSpec:
+    """DL-QAT keeps an integer zero point: float (the CLI default) means integer here."""
+    return QuantSpec(spec.bits, spec.group_size, "symmetric" if spec.zero_point == "symmetric" else "integer")
+
+
+def dlqat_input(W0: torch.Tensor, s: torch.Tensor, z: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float,
+                spec: QuantSpec) -> torch.Tensor:
+    """Unrounded code v = W0/s + z + alpha*B@A (fp32): LoRA added in the integer space before rounding."""
+    return shifted_input(W0.float(), GroupParams(scale=s, zero=z), spec) + lora_delta(A, B, alpha)
+
+
+def dlqat_scale(s: torch.Tensor, magnitude: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
+    """Effective (exported) scale m*s, fp16-snapped on request, floored."""
+    return grid_ste(magnitude * s, fp16_grid).clamp_min(SCALE_FLOOR)
+
+
+class DLQATLinear(nn.Module):
+    """Frozen (s, z); trained per-group magnitude and integer-space LoRA."""
+
+    l4q_method_layer = True
+
+    def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError("DL-QAT needs rank >= 1")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.spec = int_spec(spec)
+        self.rank, self.lora_alpha, self.alpha, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
+        dev = self.weight.device
+        with torch.no_grad():
+            s, z = init_params(self.weight.detach(), self.spec, "minmax")
+            s = s.clamp_min(SCALE_FLOOR)
+            if z is None:
+                z = torch.full_like(s, float(self.spec.half))
+        self.register_buffer("scale", s.to(dev))
+        self.register_buffer("zero", z.to(dev))
+        self.magnitude = nn.Parameter(torch.ones_like(s, device=dev))
+        a = torch.empty(rank, self.in_features)
+        bound = 1.0 / math.sqrt(self.in_features)  # PEFT's default Kaiming-uniform(a=sqrt(5))
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k in ("scale", "zero", "magnitude", "lora_A", "lora_B"):
+                getattr(self, k).copy_(t[k])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The training W_q, with an STE whose value is exactly round(clamp(v))."""
+        v = dlqat_input(self.weight, self.scale, self.zero, self.lora_A, self.lora_B, self.alpha, self.spec)
+        c = v.clamp(0, self.spec.umax)
+        u = c.detach().round() + (c - c.detach())
+        p = GroupParams(scale=dlqat_scale(self.scale, self.magnitude, self.fp16_grid), zero=self.zero)
+        return dequantize_codes(u, p, self.spec)
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantized_weight().to(x.dtype).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quantized_matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def quantized(self, name: str = "") -> QuantizedTensor:
+        return fold_dlqat_tensors(name, self.weight, self.spec, self.alpha, self.fp16_grid, self.adapter_tensors())
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"scale": self.scale, "zero": self.zero, "magnitude": self.magnitude, "lora_A": self.lora_A, "lora_B": self.lora_B}
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [self.lora_A, self.lora_B], [self.magnitude]
+
+
+def fold_dlqat_tensors(name: str, W0: torch.Tensor, spec: QuantSpec, alpha: float, fp16_grid: bool,
+                       t: dict[str, torch.Tensor]) -> QuantizedTensor:
+    """codes = round(clamp(dlqat_input)), scale = m*s, integer zero z -- exact with integer-zero formats."""
+    ispec = int_spec(spec)
+    s, z = t["scale"].float(), t["zero"].float()
+    u = round_codes(dlqat_input(W0.cpu(), s, z, t["lora_A"], t["lora_B"], alpha, ispec), ispec)
+    d = dlqat_scale(s, t["magnitude"].float(), fp16_grid)
+    return QuantizedTensor(name=name, spec=ispec, codes=u.to(torch.uint8), scale=d, minimum=-(d * z), zero=z)

@@ -1,0 +1,106 @@
+"""The memory-optimised L4Q Function against a plain-autograd STE oracle (tools/naive_qat.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l4q_export.quant import QuantSpec
+from l4q_export.training import layer as layer_mod
+from l4q_export.training.layer import L4QLinear
+from naive_qat import reference_wq  # tools/naive_qat.py, on sys.path via conftest
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / (b.abs().max() + 1e-12))
+
+
+CASES = [
+    # bits, group, zero point, in, out, x shape prefix
+    (4, 16, "float", 48, 24, (3, 5)),
+    (3, 32, "float", 64, 40, (2, 7)),
+    (2, -1, "float", 40, 16, (11,)),
+    (8, 16, "integer", 48, 20, (2, 3, 4)),
+    (4, 24, "integer", 52, 12, (4, 6)),  # partial last group
+    (3, -1, "symmetric", 36, 28, (1, 9)),
+    (5, 32, "symmetric", 64, 8, (5,)),
+    (4, 32, "float", 70, 33, (2, 2)),  # partial last group, odd out
+]
+
+
+@pytest.mark.parametrize("bits,group,zp,fin,fout,prefix", CASES)
+@pytest.mark.parametrize("lsq", [True, False])
+def test_grads_match_plain_autograd(bits, group, zp, fin, fout, prefix, lsq):
+    torch.manual_seed(bits * 1000 + fin + fout)
+    spec = QuantSpec(bits, group, zp)
+    m = L4QLinear(torch.nn.Linear(fin, fout, bias=False), spec, rank=4, lora_alpha=8, init="minmax", lsq_grad_scale=lsq)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.05)
+        if m.offset is not None and zp == "float":
+            m.offset.add_(0.2 * m.scale * torch.randn_like(m.offset))
+    x = torch.randn(*prefix, fin, requires_grad=True)
+    y = m(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (m.lora_A, m.lora_B, m.scale)]
+    off = None if m.offset is None else m.offset.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    gs = spec.lsq_grad_scale(fin) if lsq else 1.0
+    wq = reference_wq(m.weight, *leaves, off, bits=bits, group=group, zero_point=zp, alpha=2.0, gscale=gs)
+    y2 = x2 @ wq.T
+    y2.backward(gy)
+
+    assert _rel(y, y2) < 1e-5
+    assert _rel(x.grad, x2.grad) < 1e-5
+    for got, ref in zip((m.lora_A.grad, m.lora_B.grad, m.scale.grad), leaves):
+        assert _rel(got, ref.grad) < 1e-5
+    if off is not None:
+        assert _rel(m.offset.grad, off.grad) < 1e-5
+
+
+def test_chunked_backward_equals_unchunked(monkeypatch):
+    """Row chunking bounds memory; it may only change fp32 summation order."""
+    torch.manual_seed(0)
+    spec = QuantSpec(4, 16, "float")
+    m = L4QLinear(torch.nn.Linear(32, 64, bias=False), spec, rank=2, lora_alpha=4, init="minmax")
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.05)
+    x = torch.randn(3, 32)
+    grads = []
+    for chunk in (1 << 22, 32 * 5):  # one chunk vs 5-row chunks
+        monkeypatch.setattr(layer_mod, "CHUNK_ELEMENTS", chunk)
+        for p in m.parameters():
+            p.grad = None
+        xx = x.clone().requires_grad_(True)
+        m(xx).square().sum().backward()
+        grads.append([xx.grad.clone(), m.lora_A.grad.clone(), m.lora_B.grad.clone(), m.scale.grad.clone(), m.offset.grad.clone()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_saves_only_x_and_parameter_references():
+    m = L4QLinear(torch.nn.Linear(64, 48, bias=False), QuantSpec(4, 32), rank=4, lora_alpha=8)
+    params = {p.data_ptr() for p in m.parameters()}
+    saved: list[torch.Tensor] = []
+    x = torch.randn(5, 64, requires_grad=True)
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.sum().backward()
+    new = [t for t in saved if t.data_ptr() not in params]
+    assert len(new) == 1 and new[0].data_ptr() == x.data_ptr()
+
+
+def test_bias_and_batch_shapes():
+    lin = torch.nn.Linear(32, 16, bias=True)
+    m = L4QLinear(lin, QuantSpec(4, 32, "symmetric"), rank=2, lora_alpha=2)
+    x = torch.randn(2, 3, 4, 32)
+    y = m(x)
+    assert y.shape == (2, 3, 4, 16)
+    wq = m.quantized().dequantize()
+    torch.testing.assert_close(y, x @ wq.T + lin.bias, rtol=1e-5, atol=1e-5)
