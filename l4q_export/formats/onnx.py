@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import onnx
@@ -44,7 +44,7 @@ CLI_OPTIONS = [
 _LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _float_role(name: str) -> Optional[str]:
+def _float_role(name: str) -> str | None:
     """'matrix' for float weights the graph multiplies by (stored transposed [K,N]), 'plain' for the rest."""
     if name == "lm_head.weight":
         return "matrix"
@@ -84,7 +84,7 @@ def genai_config(spec: DecoderSpec, cfg: dict[str, Any], dtype: str) -> dict[str
     }
 
 
-def export(model_dir: Path, output: Optional[Path] = None, onnx_form: str = "matmulnbits", dtype: str = "fp32",
+def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmulnbits", dtype: str = "fp32",
            onnx_accuracy_level: int = 0, **_: Any) -> dict[str, Any]:
     """Fold the checkpoint and write OUT_DIR/model.onnx (+ external data) atomically; returns the report.
 
@@ -147,14 +147,14 @@ def model_path(artifact: Path) -> Path:
     return artifact / MODEL_FILE if artifact.is_dir() else artifact
 
 
-def read_meta(artifact: Path) -> Optional[dict[str, Any]]:
+def read_meta(artifact: Path) -> dict[str, Any] | None:
     """Our export metadata, or None if this is not an l4q-export ONNX model (never raises on foreign files)."""
     p = model_path(artifact)
     if p.suffix != ".onnx" or not p.is_file():
         return None
     try:
         model = onnx.load(str(p), load_external_data=False)
-    except Exception:  # onnx raises DecodeError and others for non-ONNX files
+    except Exception:  # noqa: BLE001 -- onnx raises DecodeError and others for non-ONNX files
         return None
     for prop in model.metadata_props:
         if prop.key == META_KEY:

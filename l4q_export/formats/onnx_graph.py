@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -49,11 +49,11 @@ class DecoderSpec:
     tied: bool
     inv_freq: np.ndarray  # fp32 [head_dim/2], computed by transformers itself so RoPE matches the reference
     rope_scale: float  # HF's attention_scaling applied to cos/sin (1.0 for default RoPE)
-    windows: tuple[Optional[int], ...]  # per layer: sliding-window length or None
+    windows: tuple[int | None, ...]  # per layer: sliding-window length or None
     max_positions: int
 
     @staticmethod
-    def from_config(cfg: dict[str, Any], architecture: str) -> "DecoderSpec":
+    def from_config(cfg: dict[str, Any], architecture: str) -> DecoderSpec:
         if architecture not in ARCH_TYPES:
             raise L4QInputError(f"ONNX export supports {', '.join(ARCH_TYPES)}; checkpoint architecture is {architecture}")
         if cfg.get("hidden_act", "silu") != "silu":
@@ -86,7 +86,7 @@ def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy().copy(), float(rotary.attention_scaling)
 
 
-def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[Optional[int], ...]:
+def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[int | None, ...]:
     """Sliding-window length per layer, following the HF mask rules of each architecture."""
     window = cfg.get("sliding_window")
     if architecture == "MistralForCausalLM":
@@ -107,10 +107,10 @@ class ExternalData:
     def __init__(self, directory: Path, filename: str = DATA_FILE) -> None:
         self.filename = filename
         self.path = Path(directory) / filename
-        self._f: BinaryIO = open(self.path, "wb")
+        self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 -- appended to across calls, closed by close()
         self.offset = 0
 
-    def tensor(self, name: str, array: np.ndarray, onnx_type: Optional[int] = None) -> TensorProto:
+    def tensor(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
         """A TensorProto for `array` (ml_dtypes uint4 arrays are packed by onnx); big payloads go to the file."""
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
         if onnx_type is not None and t.data_type != onnx_type:
@@ -148,7 +148,7 @@ class GraphBuilder:
         self._count += 1
         return f"/{hint}/{self._count}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str = "", outputs: Optional[list[str]] = None, n_out: int = 1,
+    def op(self, op_type: str, inputs: list[str], hint: str = "", outputs: list[str] | None = None, n_out: int = 1,
            domain: str = "", **attrs: Any) -> Any:
         """Append one node; returns its output name (or list of names when n_out > 1)."""
         base = f"{hint or op_type}"
@@ -219,7 +219,7 @@ class DecoderGraph:
             out.append(g.op("Unsqueeze", [t, g.const([1])], "rope"))
         return out[0], out[1]
 
-    def mask(self, window: Optional[int]) -> str:
+    def mask(self, window: int | None) -> str:
         """Additive mask [B,1,S,T]: causal over the cache offset P = T - S, padding from attention_mask."""
         g = self.g
         s_len = g.op("Gather", [g.op("Shape", ["input_ids"], "mask"), g.const(1)], "mask", axis=0)
@@ -280,7 +280,7 @@ class DecoderGraph:
         g, s = self.g, self.s
         h = g.op("Gather", [self.weight("model.embed_tokens.weight"), "input_ids"], "embed", axis=0)
         cos, sin = self.rope_tables()
-        masks: dict[Optional[int], str] = {}
+        masks: dict[int | None, str] = {}
         for i in range(s.layers):
             w = s.windows[i]
             if w not in masks:

@@ -19,8 +19,9 @@ is not a multiple of the block is zero-padded (MatMulNBits) or left as a partial
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -38,7 +39,7 @@ def container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
-def choose_block(group_len: int, k: int, per_channel: bool) -> Optional[int]:
+def choose_block(group_len: int, k: int, per_channel: bool) -> int | None:
     """Largest power of two <= 128 dividing the group (>= 16), or None if there is none."""
     if per_channel:
         return MAX_BLOCK if k >= MAX_BLOCK else 32
@@ -104,7 +105,7 @@ class LinearWriter:
         g_len = spec.group_len(k)
         cb = container_bits(spec.bits)
         npd = self.g.np_dtype
-        base = qt.name[: -len(".weight")] if qt.name.endswith(".weight") else qt.name
+        base = qt.name.removesuffix(".weight")
         inits: dict[str, str] = {}
 
         def put(suffix: str, arr: np.ndarray) -> None:
