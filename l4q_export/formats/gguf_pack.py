@@ -36,7 +36,15 @@ QTYPES: dict[str, T] = {name: T[name.upper()] for name in LEGACY + KQUANTS}
 
 
 class NotRepresentable(Exception):
-    """This block type cannot hold these codes (the caller falls back or refuses)."""
+    """This block type cannot hold this tensor.
+
+    layout=True: the tensor's shape or grouping does not tile into the type's blocks (callers fall back to
+    another type); layout=False: the codes or zero points themselves do not fit (an explicit request is refused).
+    """
+
+    def __init__(self, message: str, layout: bool = False) -> None:
+        super().__init__(message)
+        self.layout = layout
 
 
 @dataclass(frozen=True)
@@ -82,11 +90,9 @@ def _sub_params(qt: QuantizedTensor, sub: int, block: int) -> tuple[np.ndarray, 
     out, n = qt.shape
     g = qt.spec.group_len(n)
     if n % block:
-        raise NotRepresentable(f"input size {n} is not a multiple of the {block}-element block")
-    if g % sub and g != n:
-        raise NotRepresentable(f"group length {g} is not a multiple of the {sub}-element sub-block")
+        raise NotRepresentable(f"input size {n} is not a multiple of the {block}-element block", layout=True)
     if g % sub:
-        raise NotRepresentable(f"per-channel group {g} is not a multiple of {sub}")
+        raise NotRepresentable(f"group length {g} is not a multiple of the {sub}-element sub-block", layout=True)
     gidx = (np.arange(n // sub) * sub) // g
     u = qt.codes.numpy().reshape(out, n // sub, sub)
     d = qt.scale.numpy()[:, gidx]

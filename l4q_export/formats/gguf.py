@@ -1,0 +1,285 @@
+"""GGUF export (llama.cpp) with the trained integers intact, and its three-level verification.
+
+Export streams the fold one tensor at a time: each `QuantizedTensor` is packed straight into a ggml block type
+(`gguf_pack`), its bytes appended to a scratch file beside the output, and only the per-tensor descriptions are
+kept.  A second pass hands gguf-py's `GGUFWriter` the tensor infos, the metadata, and then the bytes tensor by
+tensor (`write_tensor_data`), so peak memory is one tensor however many layers the model has.  The file is
+written under a temporary name and renamed only when complete.
+
+``auto`` picks, per tensor, the smallest type that holds the codes with no re-rounding:
+
+  float offsets (L4Q)     2/3/4-bit -> Q4_1 (d, m as fp16)   5-bit -> Q5_1   8-bit -> F32 of W_q (no 8-bit min type)
+  integer / symmetric z   2/3-bit -> Q4_0    4-bit -> Q4_0 if every block's u - z fits [-8, 7] (or mirrored), else Q5_0
+                          5-bit -> Q5_0 if it fits, else Q8_0           8-bit -> Q8_0 if it fits, else F32
+
+and each tensor's decoded weights are compared with the training W_q right away: the measured max |error| is the
+bound declared in the report and stored in the file (``l4q.tensor_report``) for `verify` to hold the file to.
+It is 0 when the scales were trained on the fp16 grid (``--scale-grid fp16``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ..checkpoint import AtomicFile, Checkpoint, load_checkpoint
+from ..errors import FidelityError, L4QInputError
+from ..fold import fold_checkpoint
+from ..quant import QuantizedTensor
+from . import gguf_pack as P
+from .gguf_vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch
+
+NAME = "gguf"
+GGUF_TYPES = ("auto", *P.LEGACY, *P.KQUANTS)
+EMBED_TYPES = ("f16", "q8_0", "f32")
+REPORT_KEY = "l4q.tensor_report"
+
+CLI_OPTIONS: list[click.Option] = [
+    click.Option(["--gguf-type", "gguf_type"], type=click.Choice(GGUF_TYPES), default="auto", show_default=True,
+                 help="GGUF block type for quantized linears; auto = smallest type holding the trained codes exactly. "
+                      "K-quants re-encode the learned scales (lossy) and need --allow-lossy."),
+    click.Option(["--embed-type", "embed_type"], type=click.Choice(EMBED_TYPES), default="f16", show_default=True,
+                 help="GGUF type of the token embeddings and output head (never quantization-aware trained)."),
+    click.Option(["--allow-lossy", "allow_lossy"], is_flag=True, default=False,
+                 help="Allow GGUF types that cannot hold the learned grid exactly (K-quants); the per-tensor error is reported."),
+]
+
+_AUTO_ORDER = {  # (zero-point kind, bits) -> candidate types, smallest first
+    ("float", 2): ["q4_1"], ("float", 3): ["q4_1"], ("float", 4): ["q4_1"], ("float", 5): ["q5_1"], ("float", 8): [],
+    ("zero", 2): ["q4_0"], ("zero", 3): ["q4_0"], ("zero", 4): ["q4_0", "q5_0"], ("zero", 5): ["q5_0", "q8_0"],
+    ("zero", 8): ["q8_0"],
+}
+_FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12, "q4_k": 15, "q6_k": 18}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Names and the Q/K row permutation
+# --------------------------------------------------------------------------------------------------------
+
+def gguf_name(tmap: gguf.TensorNameMap, hf_name: str) -> str:
+    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise L4QInputError(f"tensor {hf_name} has no GGUF equivalent for this architecture")
+    return name
+
+
+def qk_permutation(hf_name: str, arch: str, cfg: dict[str, Any], rows: int) -> np.ndarray | None:
+    """Row order llama.cpp's LLAMA rope (interleaved pairs) expects for q/k projections; None if not needed.
+
+    HF stores each head's rotary halves as [first half | second half]; llama.cpp's NORM rope pairs adjacent
+    rows.  This moves whole output rows, so codes, scales and minima move together and nothing is re-rounded.
+    Qwen2 uses NEOX rope (HF's layout) and needs none.
+    """
+    if arch != "llama":
+        return None
+    if ".self_attn.q_proj." in hf_name:
+        heads = int(cfg["num_attention_heads"])
+    elif ".self_attn.k_proj." in hf_name:
+        heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    else:
+        return None
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def permute_quantized(qt: QuantizedTensor, idx: np.ndarray | None) -> QuantizedTensor:
+    if idx is None:
+        return qt
+    i = torch.from_numpy(idx)
+    return QuantizedTensor(name=qt.name, spec=qt.spec, codes=qt.codes[i], scale=qt.scale[i], minimum=qt.minimum[i],
+                           zero=None if qt.zero is None else qt.zero[i])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-tensor conversion
+# --------------------------------------------------------------------------------------------------------
+
+def _decode(raw: np.ndarray, qtype: T, shape: tuple[int, int]) -> np.ndarray:
+    return gguf.quants.dequantize(raw, qtype).reshape(shape)
+
+
+def _candidates(qt: QuantizedTensor, gguf_type: str) -> list[str]:
+    """The requested type first; then (when its blocks do not tile this tensor) the exact auto ladder."""
+    kind = "float" if qt.zero is None else "zero"
+    auto = list(_AUTO_ORDER[(kind, qt.spec.bits)])
+    return auto if gguf_type == "auto" else [gguf_type, *[a for a in auto if a != gguf_type]]
+
+
+def convert_quantized(qt: QuantizedTensor, gguf_type: str) -> tuple[np.ndarray, T, dict[str, Any]]:
+    """Pack one (already row-permuted) quantized tensor; returns (array, raw_dtype, report row).
+
+    An explicit type that cannot hold the codes is refused (FidelityError); one whose blocks merely do not tile
+    this tensor's shape falls back, with a warning, to the exact auto choice or to F32 of W_q.
+    """
+    wq = qt.dequantize().numpy()
+    notes = []
+    for name in _candidates(qt, gguf_type):
+        try:
+            raw = P.pack(qt, name)
+        except P.NotRepresentable as e:
+            if name == gguf_type and not e.layout:
+                raise FidelityError(f"{qt.name}: {name} cannot hold the trained codes ({e}); use --gguf-type auto") from None
+            notes.append(f"{name}: {e}")
+            continue
+        qtype = P.QTYPES[name]
+        err = float(np.abs(_decode(raw, qtype, qt.shape) - wq).max())
+        row = {"type": name.upper(), "exact": err == 0.0, "max_abs_error": err, "lossy_scales": P.INFO[name].lossy_scales,
+               "rel_error": err / float(qt.scale.max())}
+        if notes:
+            row["warning"] = f"{qt.name}: stored as {name.upper()} ({'; '.join(notes)})"
+        return raw, qtype, row
+    # No block type holds this tensor: store the exact training W_q as F32 (bit-identical, 32 bits/weight).
+    warning = f"{qt.name}: stored as F32 of the exact W_q ({'; '.join(notes) or 'no exact block type for this grid'})"
+    return wq.astype(np.float32), T.F32, {"type": "F32", "exact": True, "max_abs_error": 0.0, "lossy_scales": False,
+                                          "rel_error": 0.0, "warning": warning}
+
+
+def convert_float(gname: str, t: torch.Tensor, embed_type: str) -> tuple[np.ndarray, T, dict[str, Any]]:
+    """Float tensors: norms/biases F32; token embeddings and output head per --embed-type."""
+    w = t.float().numpy()
+    if w.ndim == 1 or gname not in ("token_embd.weight", "output.weight") or embed_type == "f32":
+        return w, T.F32, {"type": "F32", "exact": True, "max_abs_error": 0.0}
+    if embed_type == "q8_0" and w.shape[1] % P.QK == 0:
+        raw = gguf.quants.quantize(w, T.Q8_0)  # original float weights (not trained-quantized): plain Q8_0 is fine
+        err = float(np.abs(_decode(raw, T.Q8_0, w.shape) - w).max())
+        return raw, T.Q8_0, {"type": "Q8_0", "exact": err == 0.0, "max_abs_error": err}
+    h = w.astype(np.float16)
+    err = float(np.abs(h.astype(np.float32) - w).max())
+    return h, T.F16, {"type": "F16", "exact": err == 0.0, "max_abs_error": err}
+
+
+def default_output(model_dir: Path) -> Path:
+    return Path(model_dir).parent / f"{Path(model_dir).name}.gguf"
+
+
+def resolve_output(model_dir: Path, output: Path | None) -> Path:
+    if output is None:
+        return default_output(model_dir)
+    output = Path(output)
+    if output.is_dir():
+        return output / "model.gguf"
+    return output
+
+
+def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_type: str = "f16",
+           allow_lossy: bool = False) -> dict[str, Any]:
+    """Write MODEL_DIR's trained model as a GGUF file; returns the report (per-tensor type and error bound)."""
+    from tqdm import tqdm
+
+    if gguf_type not in GGUF_TYPES:
+        raise L4QInputError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if embed_type not in EMBED_TYPES:
+        raise L4QInputError(f"--embed-type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
+    if gguf_type in P.KQUANTS and not allow_lossy:
+        raise FidelityError(f"{gguf_type} stores one fp16 scale per 256 weights times small integer sub-scales, which cannot "
+                            "hold the learned group scales exactly; pass --allow-lossy to accept (the error is reported)")
+    t0 = time.time()
+    model_dir = Path(model_dir)
+    ck = load_checkpoint(model_dir)
+    cfg = ck.model_config()
+    arch = gguf_arch(cfg)
+    out = resolve_output(model_dir, output)
+    n_layers = int(cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(MODEL_ARCH[arch], n_layers)
+    names = ck.base().names()
+    rows: list[dict[str, Any]] = []
+    infos: list[tuple[str, tuple[int, ...], np.dtype, int, T]] = []
+    n_vocab = None
+    with AtomicFile(out) as tmp, tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.data-") as scratch:
+        for hf_name, t in tqdm(fold_checkpoint(ck), total=len(names), desc="gguf", unit="tensor", leave=False):
+            gname = gguf_name(tmap, hf_name)
+            shape = tuple(t.shape)
+            idx = qk_permutation(hf_name, arch, cfg, shape[0])
+            if isinstance(t, QuantizedTensor):
+                arr, qtype, row = convert_quantized(permute_quantized(t, idx), gguf_type)
+            else:
+                if gname == "token_embd.weight":
+                    n_vocab = shape[0]
+                arr, qtype, row = convert_float(gname, t if idx is None else t[torch.from_numpy(idx)], embed_type)
+            row = {"tensor": hf_name, "gguf": gname, "shape": list(shape), "permuted": idx is not None, **row}
+            rows.append(row)
+            arr = np.ascontiguousarray(arr)
+            scratch.write(arr.tobytes())
+            infos.append((gname, arr.shape, arr.dtype, arr.nbytes, qtype))
+            del arr, t
+        if n_vocab is None:
+            raise L4QInputError(f"{model_dir}: base model has no model.embed_tokens.weight")
+        tensor_report = {r["gguf"]: {"type": r["type"], "max_abs_error": r["max_abs_error"], "exact": r["exact"]} for r in rows}
+        w = gguf.GGUFWriter(tmp, arch)
+        add_hparams(w, cfg, arch, n_vocab, model_dir.name)
+        main_type = _main_type(rows)
+        w.add_file_type(_FILE_TYPE.get(main_type.lower(), 0))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        tok = add_tokenizer(w, ck.dir, n_vocab)
+        w.add_string("l4q.quant", json.dumps(ck.spec.to_dict(), sort_keys=True))
+        w.add_string("l4q.scale_grid", "fp16" if ck.fp16_grid else "fp32")
+        w.add_string(REPORT_KEY, json.dumps(tensor_report, sort_keys=True))
+        for gname, shape, dtype, nbytes, qtype in infos:
+            w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=qtype if dtype == np.uint8 else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        scratch.seek(0)
+        for _gname, shape, dtype, nbytes, _qtype in infos:
+            w.write_tensor_data(np.frombuffer(scratch.read(nbytes), dtype=dtype).reshape(shape))
+        w.close()
+    quant_rows = [r for r in rows if r.get("lossy_scales") is not None]
+    warnings = [r["warning"] for r in rows if "warning" in r]
+    return {
+        "format": NAME, "artifact": str(out), "arch": arch, "gguf_type": gguf_type, "main_type": main_type,
+        "embed_type": embed_type, "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(),
+        "bytes": out.stat().st_size, "n_tensors": len(rows), "n_quantized": len(quant_rows),
+        "n_exact": sum(r["exact"] for r in quant_rows), "max_abs_error": max((r["max_abs_error"] for r in quant_rows), default=0.0),
+        "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok, "warnings": warnings,
+        "seconds": round(time.time() - t0, 2), "tensors": rows,
+    }
+
+
+def _main_type(rows: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.get("lossy_scales") is not None:
+            counts[r["type"]] = counts.get(r["type"], 0) + int(np.prod(r["shape"]))
+    return max(counts, key=counts.__getitem__) if counts else "F32"
+
+
+# --------------------------------------------------------------------------------------------------------
+# detect / verify
+# --------------------------------------------------------------------------------------------------------
+
+def detect(artifact: Path) -> bool:
+    p = Path(artifact)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def verify(artifact: Path, model_dir: Path, **options: Any) -> dict[str, Any]:
+    """(a) codes decoded from the file == fold codes; (b) decoded weights vs training W_q within the declared
+    bound; (c) llama.cpp logits vs the PyTorch fake-quant reference, plus tokenizer parity."""
+    from .gguf_check import check_runtime, check_tensors
+
+    artifact, model_dir = Path(artifact), Path(model_dir)
+    if not detect(artifact):
+        raise L4QInputError(f"{artifact} is not a GGUF file")
+    ck: Checkpoint = load_checkpoint(model_dir)
+    tensors = check_tensors(artifact, ck)
+    runtime = check_runtime(artifact, ck, **options)
+    passed = tensors["passed"] and runtime["passed"]
+    lg, tk = runtime["logits"], runtime["tokenizer"]
+    summary = (f"{tensors['n_codes_identical']}/{tensors['n_quantized']} tensors codes identical, "
+               f"{tensors['n_within_bound']}/{tensors['n_quantized']} within bound (max err {tensors['max_abs_error']:.3g}); "
+               f"llama.cpp: top1 {lg['top1_agreement']:.3f}, KL {lg['mean_kl']:.2e}, max|dlogit| {lg['max_abs_diff']:.3g}, "
+               f"greedy {lg['greedy_match']}/{lg['greedy_tokens']}; tokenizer {tk['n_match']}/{tk['n_texts']}")
+    return {"check": "gguf", "artifact": str(artifact), "model_dir": str(model_dir), "passed": passed, "summary": summary,
+            **{k: v for k, v in tensors.items() if k not in ("passed", "layers")}, "tensors_passed": tensors["passed"],
+            "logits": lg, "tokenizer": tk, "runtime_passed": runtime["passed"], "layers": tensors["layers"]}
