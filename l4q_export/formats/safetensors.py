@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import torch
@@ -103,7 +103,7 @@ def _encode(flavor: str, qt: QuantizedTensor, allow_lossy: bool, model_dtype: to
     return gptq_tensors(qt, res.zero, v1=flavor == "gptq-v1"), row
 
 
-def export(model_dir: Path, output: Optional[Path], flavor: str = "compressed-tensors", allow_lossy_st: bool = False,
+def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tensors", allow_lossy_st: bool = False,
            shard_size: str | int = "5GB") -> dict[str, Any]:
     """Stream the fold into a sharded HF model directory (atomically); returns the per-tensor report."""
     model_dir = Path(model_dir)

@@ -103,7 +103,7 @@ class ShardReader:
                 raise L4QInputError(f"corrupt safetensors index {index}: {e}") from None
         elif (self.dir / "model.safetensors").is_file():
             with safe_open(str(self.dir / "model.safetensors"), framework="pt") as f:
-                self.location = {k: "model.safetensors" for k in f.keys()}
+                self.location = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 -- safe_open handles are not iterable
         else:
             raise L4QInputError(f"no safetensors weights (index or model.safetensors) in {self.dir}")
         self._handles: dict[str, Any] = {}
@@ -124,6 +124,6 @@ class ShardReader:
                 raise L4QInputError(f"shard {path} listed in the index is missing")
             try:
                 self._handles[shard] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises several types for corrupt headers
+            except Exception as e:  # noqa: BLE001 -- safetensors raises several types for corrupt headers
                 raise L4QInputError(f"corrupt safetensors file {path}: {e}") from None
         return self._handles[shard].get_tensor(name)

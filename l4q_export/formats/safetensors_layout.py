@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def _pack_padded(values: np.ndarray, bits: int) -> np.ndarray:
     return pack_int32(values, bits)[..., : math.ceil(n * bits / 32)]
 
 
-def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> Optional[str]:
+def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
     """Why a [N, K] layer cannot be packed in this flavor (it is then stored dense), or None.
 
     Both formats describe groups as K / group_size whole groups (compressed-tensors raises on a partial
@@ -53,9 +53,8 @@ def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> O
     g = spec.group_len(k)
     if k % g:
         return f"in_features {k} is not a multiple of group_size {g} (partial last group)"
-    if flavor.startswith("gptq"):
-        if (k * spec.bits) % 32 or (n * spec.bits) % 32:
-            return f"GPTQ packs whole int32 words: {n}x{k} at {spec.bits} bits needs both dims x bits divisible by 32"
+    if flavor.startswith("gptq") and ((k * spec.bits) % 32 or (n * spec.bits) % 32):
+        return f"GPTQ packs whole int32 words: {n}x{k} at {spec.bits} bits needs both dims x bits divisible by 32"
     return None
 
 
@@ -111,7 +110,7 @@ def ct_tensors(qt: QuantizedTensor, zero: torch.Tensor, scale_dtype: torch.dtype
 def gptq_tensors(qt: QuantizedTensor, zero: torch.Tensor, v1: bool) -> dict[str, torch.Tensor]:
     """GPTQ qweight/qzeros/scales/g_idx of one Linear; scales must already be fp16-exact (checked by caller)."""
     spec = qt.spec
-    n, k = qt.shape
+    k = qt.shape[1]
     stored_zero = zero - 1 if v1 else zero
     if v1 and bool((stored_zero < 0).any()):
         raise ValueError("v1 zero points must be >= 1")  # callers check first and refuse with a clear message
