@@ -1,0 +1,115 @@
+"""Each GGUF block type's packer against gguf-py's reference decoder (`gguf.quants.dequantize`).
+
+Golden values come from the fold's own dequantization (`QuantizedTensor.dequantize`) with the scales on the fp16
+grid -- an independent computation from our byte layouts -- and from gguf-py decoding our bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from l4q_export.formats import gguf_pack as P
+from l4q_export.quant import QuantizedTensor, QuantSpec
+
+
+def make_qt(bits: int, group: int, zp: str, out: int = 6, n: int = 512, fp16: bool = True, seed: int = 0,
+            spread: float = 0.3) -> QuantizedTensor:
+    spec = QuantSpec(bits, group, zp)
+    g = torch.Generator().manual_seed(seed)
+    G = spec.n_groups(n)
+    codes = torch.randint(0, spec.umax + 1, (out, n), generator=g).to(torch.uint8)
+    d = 0.01 * (1 + spread * torch.rand(out, G, generator=g))
+    if fp16:
+        d = d.half().float()
+    if zp == "float":
+        m = -(d * spec.half) + 0.002 * torch.randn(out, G, generator=g)
+        if fp16:
+            m = m.half().float()
+        return QuantizedTensor("t", spec, codes, d, m, None)
+    if zp == "integer":
+        z = torch.randint(0, spec.umax + 1, (out, G), generator=g).float()
+    else:
+        z = torch.full((out, G), float(spec.half))
+    return QuantizedTensor("t", spec, codes, d, -(d * z), z)
+
+
+EXACT_CASES = [  # (type, bits, zero point): types that hold these codes with fp16 scales bit-exactly
+    ("q4_1", 4, "float"), ("q4_1", 3, "float"), ("q4_1", 2, "float"), ("q5_1", 5, "float"), ("q5_1", 4, "float"),
+    ("q4_0", 3, "integer"), ("q4_0", 2, "integer"), ("q4_0", 4, "symmetric"), ("q5_0", 4, "integer"),
+    ("q5_0", 5, "symmetric"), ("q8_0", 5, "integer"), ("q8_0", 4, "integer"), ("q8_0", 8, "symmetric"),
+]
+
+
+@pytest.mark.parametrize("name,bits,zp", EXACT_CASES)
+@pytest.mark.parametrize("group", [32, 64, -1])
+def test_legacy_types_decode_bit_exactly(name, bits, zp, group):
+    qt = make_qt(bits, group, zp)
+    raw = P.pack(qt, name)
+    block, size = P.GGML_QUANT_SIZES[P.QTYPES[name]]
+    assert raw.shape == (qt.shape[0], qt.shape[1] // block * size)
+    decoded = dequantize(raw, P.QTYPES[name])
+    ref = qt.dequantize().numpy()
+    assert decoded.shape == ref.shape
+    assert np.array_equal(decoded, ref), f"max err {np.abs(decoded - ref).max()}"
+    assert np.array_equal(P.recover_codes(raw, name), P.expected_stored_codes(qt, name))
+
+
+def test_q4_0_mirrors_blocks_that_only_fit_negated():
+    """4-bit integer zero points: a block with u - z in [-7, 8] is stored with d = -s and still decodes exactly."""
+    qt = make_qt(4, 32, "integer", out=2, n=64)
+    qt.codes[:] = torch.tensor([0, 8] * 32, dtype=torch.uint8).repeat(2, 1)[:, :64]
+    qt.zero[:] = 0.0
+    qt.minimum[:] = 0.0  # u - z in [0, 8]: needs the mirrored encoding
+    raw = P.pack(qt, "q4_0")
+    assert np.array_equal(dequantize(raw, P.QTYPES["q4_0"]), qt.dequantize().numpy())
+    qt.codes[0, 0] = 15  # now [0, 15]: fits neither way
+    with pytest.raises(P.NotRepresentable):
+        P.pack(qt, "q4_0")
+
+
+def test_float_offsets_refused_by_types_without_minimum():
+    with pytest.raises(P.NotRepresentable) as e:
+        P.pack(make_qt(3, 32, "float"), "q4_0")
+    assert not e.value.layout
+
+
+def test_shape_not_multiple_of_block_is_a_layout_problem():
+    with pytest.raises(P.NotRepresentable) as e:
+        P.pack(make_qt(4, 32, "float", n=172), "q4_1")
+    assert e.value.layout
+
+
+def test_fp32_scales_decode_within_fp16_rounding():
+    """Without the fp16 grid the codes still survive; the weight error is the fp16 rounding of d and m."""
+    qt = make_qt(4, 32, "float", fp16=False)
+    raw = P.pack(qt, "q4_1")
+    err = np.abs(dequantize(raw, P.QTYPES["q4_1"]) - qt.dequantize().numpy()).max()
+    bound = float((qt.scale * 15 + qt.minimum.abs()).max()) * 2.0**-11 * 1.01
+    assert 0 < err <= bound
+    assert np.array_equal(P.recover_codes(raw, "q4_1"), P.expected_stored_codes(qt, "q4_1"))
+
+
+KQ_CASES = [("q4_k", 4, "float"), ("q4_k", 3, "integer"), ("q2_k", 2, "float"), ("q3_k", 3, "symmetric"),
+            ("q3_k", 2, "integer"), ("q6_k", 5, "integer"), ("q6_k", 4, "symmetric")]
+
+
+@pytest.mark.parametrize("name,bits,zp", KQ_CASES)
+def test_kquants_keep_codes_with_small_scale_error(name, bits, zp):
+    qt = make_qt(bits, 32, zp, n=512)
+    raw = P.pack(qt, name)
+    decoded = dequantize(raw, P.QTYPES[name])
+    assert np.array_equal(P.recover_codes(raw, name), P.expected_stored_codes(qt, name))
+    step = float(qt.scale.max())
+    err = np.abs(decoded - qt.dequantize().numpy()).max()
+    assert err < 0.2 * step * qt.spec.umax  # re-encoded sub-scales: small relative to the weight range
+    if name != "q2_k":
+        assert err < 0.1 * step * qt.spec.umax
+
+
+def test_kquants_need_256_wide_rows():
+    with pytest.raises(P.NotRepresentable) as e:
+        P.pack(make_qt(4, 32, "float", n=192), "q4_k")
+    assert e.value.layout
