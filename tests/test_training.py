@@ -1,0 +1,105 @@
+"""End-to-end training: loss goes down on real data, resume is bit-identical, DDP (gloo) matches
+single-process accumulation, and the fold reproduces the trained forward bit for bit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import require_shared
+from l4q_export.training.trainer import TrainArgs, lr_at, train
+from l4q_export.verify import verify_fold
+
+BIN = Path(sys.executable).parent
+
+
+def _args(base: Path, data: Path, out: Path, **kw) -> TrainArgs:
+    d = dict(model=base, data=data, out=out, bits=4, group_size=32, steps=6, batch_size=4, grad_accum=1, seq_len=96,
+             lr=3e-3, save_every=0, eval_examples=8)
+    d.update(kw)
+    return TrainArgs(**d)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from l4q_export.demo import instruction_records
+
+    p = tmp_path_factory.mktemp("data") / "instruct.json"
+    p.write_text(json.dumps(instruction_records(120)))
+    return p
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(t, 100, 1.0) for t in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,zp,data", [(4, "float", ("instruct", "alpaca_en_demo.json")),
+                                          (3, "integer", ("text", "wikitext2_test.txt"))])
+def test_stories260k_loss_drops_and_fold_is_bit_exact(tmp_path, stories_dir, bits, zp, data):
+    """Real model, real data: held-out loss falls, and every layer folds bit-identically."""
+    path = require_shared(*data)
+    rep = train(_args(stories_dir, path, tmp_path / "ck", bits=bits, zero_point=zp, steps=25, batch_size=8, seq_len=128))
+    assert rep["eval_loss_after"] < rep["eval_loss_before"] - 0.05, rep
+    fold = verify_fold(tmp_path / "ck")
+    assert fold["passed"] and fold["n_layers"] == 35 and fold["n_bit_identical"] == 35
+    # 172-wide down_proj uses a partial last group (5 x 32 + 12)
+    down = [r for r in fold["layers"] if r["tensor"].endswith("down_proj.weight")]
+    assert down and down[0]["shape"] == [64, 172]
+
+
+def test_resume_continues_from_saved_step(tmp_path, tiny_base, demo_data, monkeypatch):
+    """Stop a run after its step-3 checkpoint (a crash), resume it, and compare with an uninterrupted run."""
+    from l4q_export.training import trainer as tr
+
+    full = tmp_path / "full"
+    train(_args(tiny_base, demo_data, full, steps=6))
+    crashed = tmp_path / "crashed"
+    orig_lr = tr.lr_at
+
+    def die_at_step_3(step, total, base):
+        if step == 3:
+            raise KeyboardInterrupt  # the process dies right after the step-3 checkpoint
+        return orig_lr(step, total, base)
+
+    monkeypatch.setattr(tr, "lr_at", die_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_args(tiny_base, demo_data, crashed, steps=6, save_every=3))
+    monkeypatch.setattr(tr, "lr_at", orig_lr)
+    assert json.loads((crashed / "l4q_config.json").read_text())["training"]["steps_done"] == 3
+    rep = train(_args(tiny_base, demo_data, crashed, steps=6, save_every=3, resume=True))
+    assert rep["resumed_from"] == 3
+    a = load_file(str(full / "l4q_adapter.safetensors"))
+    b = load_file(str(crashed / "l4q_adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo_matches_grad_accumulation(tmp_path, tiny_base, demo_data):
+    """torchrun, 2 CPU processes (gloo), batch 2 each == one process with 2 accumulated micro-batches of 2."""
+    common = ["--model", str(tiny_base), "--data", str(demo_data), "--bits", "4", "--group-size", "32", "--steps", "4",
+              "--batch-size", "2", "--seq-len", "96", "--lr", "3e-3", "--save-every", "0", "--eval-examples", "4"]
+    single = tmp_path / "single"
+    subprocess.run([str(BIN / "l4q-train"), *common, "--grad-accum", "2", "--out", str(single)], check=True, capture_output=True)
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                           str(BIN / "l4q-train"), *common, "--grad-accum", "1", "--out", str(ddp)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((ddp / "train_report.json").read_text())
+    assert rep["world_size"] == 2
+    a = load_file(str(single / "l4q_adapter.safetensors"))
+    b = load_file(str(ddp / "l4q_adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert verify_fold(ddp)["passed"]
