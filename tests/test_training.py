@@ -103,3 +103,17 @@ def test_ddp_two_process_gloo_matches_grad_accumulation(tmp_path, tiny_base, dem
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert verify_fold(ddp)["passed"]
+
+
+def test_copy_base_checkpoint_is_self_contained(tmp_path, tiny_base, demo_data):
+    """--copy-base: the checkpoint still folds bit-exactly after the original base is gone."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    train(_args(base, demo_data, tmp_path / "ck", steps=2, copy_base=True))
+    shutil.rmtree(base)
+    moved = tmp_path / "moved"
+    (tmp_path / "ck").rename(moved)
+    assert json.loads((moved / "l4q_config.json").read_text())["base_model"]["path"] == "base"
+    assert verify_fold(moved)["passed"]
