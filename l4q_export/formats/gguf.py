@@ -237,7 +237,8 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
         "format": NAME, "artifact": str(out), "arch": arch, "gguf_type": gguf_type, "main_type": main_type,
         "embed_type": embed_type, "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(),
         "bytes": out.stat().st_size, "n_tensors": len(rows), "n_quantized": len(quant_rows),
-        "n_exact": sum(r["exact"] for r in quant_rows), "max_abs_error": max((r["max_abs_error"] for r in quant_rows), default=0.0),
+        "n_exact": sum(r["exact"] for r in quant_rows),
+        "max_abs_error": max((r["max_abs_error"] for r in quant_rows), default=0.0),
         "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok, "warnings": warnings,
         "seconds": round(time.time() - t0, 2), "tensors": rows,
     }

@@ -64,8 +64,9 @@ def check_tensors(artifact: Path, ck: Checkpoint) -> dict[str, Any]:
     cfg = ck.model_config()
     arch = gguf_arch(cfg)
     if _field(reader, "general.architecture") != arch:
+        found = _field(reader, "general.architecture")
         return {"passed": False, "layers": [], "n_quantized": 0, "n_codes_identical": 0, "n_within_bound": 0,
-                "max_abs_error": float("nan"), "error": f"file architecture {_field(reader, 'general.architecture')!r} != {arch!r}"}
+                "max_abs_error": float("nan"), "error": f"file architecture {found!r} != {arch!r}"}
     declared = json.loads(_field(reader, "l4q.tensor_report") or "{}")
     tensors = _tensor_map(reader)
     tmap = gguf.get_tensor_name_map(MODEL_ARCH[arch], int(cfg["num_hidden_layers"]))
@@ -146,7 +147,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     lp, lq = _log_softmax(ref), _log_softmax(got)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return {"max_abs_diff": float(np.abs(ref - got).max()), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+    rc, gc = ref - ref.mean(-1, keepdims=True), got - got.mean(-1, keepdims=True)
+    rel = float(np.linalg.norm(gc - rc) / max(np.linalg.norm(rc), 1e-30))  # scale-free: tiny random models have tiny logits
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "rel_l2": rel, "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
             "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()), "positions": int(ref.shape[0])}
 
 
@@ -223,9 +226,9 @@ def check_runtime(artifact: Path, ck: Checkpoint, prompts: tuple[str, ...] = PRO
     gids = truth(GREEDY_PROMPT)
     g_ref = greedy_torch(model, gids, GREEDY_TOKENS)
     g_cpp = greedy_llama(llm, gids, GREEDY_TOKENS)
-    match = next((i for i, (a, b) in enumerate(zip(g_ref, g_cpp)) if a != b), GREEDY_TOKENS)
+    match = next((i for i, (a, b) in enumerate(zip(g_ref, g_cpp, strict=False)) if a != b), GREEDY_TOKENS)
     hf = _hf_tokenizer(ck)
-    logits = {"top1_agreement": total["top1"], "mean_kl": total["mean_kl"], "max_kl": total["max_kl"],
+    logits = {"top1_agreement": total["top1"], "mean_kl": total["mean_kl"], "max_kl": total["max_kl"], "rel_l2": total["rel_l2"],
               "max_abs_diff": total["max_abs_diff"], "positions": total["positions"], "per_prompt": per_prompt,
               "greedy_prompt": GREEDY_PROMPT, "greedy_tokens": GREEDY_TOKENS, "greedy_match": match,
               "greedy_reference": hf.decode(g_ref), "greedy_llama_cpp": hf.decode(g_cpp),

@@ -21,8 +21,10 @@ ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForC
 MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 
 # Byte-level BPE pre-tokenizer split regexes -> llama.cpp pre-tokenizer names (llama-vocab.cpp).
-_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 BPE_PRE = {_QWEN2_RE: "qwen2", _LLAMA3_RE: "llama-bpe"}
 
 
@@ -88,7 +90,8 @@ def _bpe_pre(tok_json: dict[str, Any]) -> str:
             regex = (s.get("pattern") or {}).get("Regex")
             if regex in BPE_PRE:
                 return BPE_PRE[regex]
-            raise L4QInputError(f"unknown BPE pre-tokenizer regex {regex!r} in tokenizer.json; llama.cpp would tokenize differently")
+            raise L4QInputError(f"unknown BPE pre-tokenizer regex {regex!r} in tokenizer.json; "
+                                "llama.cpp would tokenize differently")
         if s.get("type") == "ByteLevel" and s.get("use_regex", True):
             return "gpt-2"
     raise L4QInputError("tokenizer.json has no recognisable byte-level pre-tokenizer (expected GPT-2, Llama-3 or Qwen2 style)")
@@ -119,7 +122,8 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, 
         try:
             vocab = gguf.BpeVocab(tok_dir)
         except FileNotFoundError:
-            raise L4QInputError(f"{tok_dir}/tokenizer.json is not a byte-level BPE tokenizer and there is no tokenizer.model") from None
+            raise L4QInputError(f"{tok_dir}/tokenizer.json is not a byte-level BPE tokenizer "
+                                "and there is no tokenizer.model") from None
         model, pre = "gpt2", _bpe_pre(tj)
         add_prefix = remove_ws = None
     else:

@@ -1,0 +1,271 @@
+"""GGUF export end to end: llama.cpp (llama-cpp-python) loads what we write and reproduces the trained model.
+
+The golden side is always independent of the exporter: the PyTorch training model with fake quantization,
+gguf-py's decoder, SentencePiece / the HF tokenizer, and llama.cpp itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import require_shared
+
+from l4q_export.checkpoint import load_checkpoint
+from l4q_export.errors import FidelityError, L4QInputError
+from l4q_export.formats import gguf as G
+from l4q_export.formats import gguf_check as C
+
+pytestmark = pytest.mark.runtime
+
+
+def _field(path: Path, key: str):
+    return gguf.GGUFReader(str(path)).fields[key].contents()
+
+
+@pytest.fixture(scope="module")
+def llama_ck(tmp_path_factory, tiny_base):
+    """tiny_base with q/k weights scaled up so attention is far from uniform: only then do the logits depend on
+    the Q/K row layout (a random init at std 0.02 attends almost uniformly whatever the row order)."""
+    from conftest import make_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("gguf_llama")
+    base = root / "base"
+    shutil.copytree(tiny_base, base)
+    w = load_file(str(base / "model.safetensors"))
+    w = {k: v * 30 if (".q_proj." in k or ".k_proj." in k) else v for k, v in w.items()}
+    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return make_checkpoint(base, root / "ck", bits=4, group_size=32, fp16_grid=True)
+
+
+def test_gqa_llama_exact_and_llama_cpp_matches_pytorch(llama_ck, tmp_path):
+    """tiny_base has 4 query / 2 KV heads: the Q/K row permutation must use n_kv for K."""
+    rep = G.export(llama_ck, tmp_path / "m.gguf")
+    assert rep["artifact"] == str(tmp_path / "m.gguf")
+    assert rep["n_exact"] == rep["n_quantized"] == 14 and rep["main_type"] == "Q4_1"
+    assert {r["gguf"] for r in rep["tensors"] if r["permuted"]} == {f"blk.{i}.attn_{x}.weight" for i in (0, 1) for x in "qk"}
+    v = G.verify(Path(rep["artifact"]), llama_ck)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 14 and v["max_abs_error"] == 0.0
+    lg = v["logits"]
+    assert lg["top1_agreement"] >= 0.9 and lg["mean_kl"] < 5e-3 and lg["rel_l2"] < 0.1
+    assert v["tokenizer"]["truth"] == "sentencepiece" and v["tokenizer"]["passed"]
+
+
+def test_without_permutation_llama_cpp_disagrees(llama_ck, tmp_path, monkeypatch):
+    """Negative control: the logits check really sees the Q/K layout (so the test above can fail)."""
+    monkeypatch.setattr(G, "qk_permutation", lambda *a, **k: None)
+    rep = G.export(llama_ck, tmp_path / "bad.gguf")
+    monkeypatch.undo()
+    model = C.reference_model(load_checkpoint(llama_ck))
+    _, truth, _ = C.tokenizer_truth(load_checkpoint(llama_ck))
+    ids = truth(C.PROMPTS[2])
+    import torch
+
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = C.llama_logits(C.load_llama(Path(rep["artifact"])), ids)
+    bad = C.compare_logits(ref, got)  # measured: rel_l2 1.07, top1 0.09 (correct layout: 0.07, 0.94)
+    assert bad["rel_l2"] > 0.5 and bad["top1"] < 0.5
+
+
+def test_two_exports_are_byte_identical(llama_ck, tmp_path):
+    a = G.export(llama_ck, tmp_path / "a.gguf")["artifact"]
+    b = G.export(llama_ck, tmp_path / "sub" / "b.gguf")["artifact"]
+    assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_failing_export_leaves_no_file(llama_ck, tmp_path, monkeypatch):
+    dest = tmp_path / "out" / "m.gguf"
+    calls = {"n": 0}
+    real = G.P.pack
+
+    def boom(qt, name):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash mid-export")
+        return real(qt, name)
+
+    monkeypatch.setattr(G.P, "pack", boom)
+    with pytest.raises(RuntimeError):
+        G.export(llama_ck, dest)
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []  # no temp or scratch file left behind
+    dest.write_bytes(b"previous")
+    calls["n"] = 0
+    with pytest.raises(RuntimeError):
+        G.export(llama_ck, dest)
+    assert dest.read_bytes() == b"previous"
+
+
+def test_lossy_types_refused_without_flag(llama_ck, tmp_path):
+    for t in ("q4_k", "q2_k", "q6_k", "q3_k"):
+        with pytest.raises(FidelityError, match="--allow-lossy"):
+            G.export(llama_ck, tmp_path / f"{t}.gguf", gguf_type=t)
+        assert not (tmp_path / f"{t}.gguf").exists()
+    with pytest.raises(FidelityError, match="cannot hold"):  # float offsets have no place in Q4_0
+        G.export(llama_ck, tmp_path / "q40.gguf", gguf_type="q4_0")
+    assert not (tmp_path / "q40.gguf").exists()
+
+
+def test_bad_input(tmp_path, llama_ck):
+    with pytest.raises(L4QInputError):
+        G.export(tmp_path / "missing", tmp_path / "x.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"not gguf")
+    assert not G.detect(tmp_path / "x.gguf")
+    with pytest.raises(L4QInputError):
+        G.verify(tmp_path / "x.gguf", llama_ck)
+
+
+def test_tampered_file_fails_verification(llama_ck, tmp_path):
+    art = Path(G.export(llama_ck, tmp_path / "m.gguf")["artifact"])
+    r = gguf.GGUFReader(str(art), "r+")
+    t = next(t for t in r.tensors if t.name == "blk.0.attn_v.weight")
+    t.data[0, 5] ^= 0x21  # two codes of the first block
+    r.data.flush()
+    del r
+    v = G.verify(art, llama_ck)
+    assert not v["passed"] and v["n_codes_identical"] == 13
+
+
+@pytest.mark.slow
+def test_lossy_kquant_with_flag_keeps_codes(tmp_path_factory, checkpoint_factory):
+    from l4q_export.demo import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("wide"), hidden=256, intermediate=512, heads=4, kv_heads=2, layers=1)
+    ck = checkpoint_factory(base, bits=4, group_size=32, fp16_grid=True)
+    rep = G.export(ck, tmp_path_factory.mktemp("o") / "k.gguf", gguf_type="q4_k", allow_lossy=True)
+    rows = [r for r in rep["tensors"] if "lossy_scales" in r]
+    assert {r["type"] for r in rows} == {"Q4_K"}
+    assert all(r["max_abs_error"] > 0 and not r["exact"] for r in rows)
+    v = G.verify(Path(rep["artifact"]), ck)
+    assert v["n_codes_identical"] == v["n_quantized"] == 7 and v["n_within_bound"] == 7
+    assert v["logits"]["top1_agreement"] > 0.8
+
+
+def test_integer_zero_point_uses_offset_types_exactly(tiny_base, checkpoint_factory, tmp_path):
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="integer", fp16_grid=True)
+    rep = G.export(ck, tmp_path / "z.gguf")
+    assert {r["type"] for r in rep["tensors"] if "lossy_scales" in r} <= {"Q4_0", "Q5_0"}
+    assert rep["n_exact"] == rep["n_quantized"]
+    v = G.verify(Path(rep["artifact"]), ck)
+    assert v["passed"], v["summary"]
+
+
+def test_fp32_scale_grid_declares_a_bound(tiny_base, checkpoint_factory, tmp_path):
+    ck = checkpoint_factory(tiny_base, bits=3, group_size=64, fp16_grid=False)
+    rep = G.export(ck, tmp_path / "f.gguf")
+    rows = [r for r in rep["tensors"] if "lossy_scales" in r]
+    assert all(r["type"] == "Q4_1" and not r["exact"] and 0 < r["max_abs_error"] < 1e-3 for r in rows)
+    declared = json.loads(_field(Path(rep["artifact"]), G.REPORT_KEY))
+    assert all(declared[r["gguf"]]["max_abs_error"] == r["max_abs_error"] for r in rows)
+    v = G.verify(Path(rep["artifact"]), ck)
+    assert v["tensors_passed"] and v["n_codes_identical"] == len(rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ------------------------------------------------------------------------------------------------------------
+
+def _bpe_qwen2_dir(tmp: Path, tiny_qwen2: Path) -> Path:
+    """A tiny Qwen2 whose tokenizer is a byte-level BPE (Qwen2 split regex) trained here with `tokenizers`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from l4q_export.demo import _corpus, instruction_records
+    from l4q_export.formats.gguf_vocab import _QWEN2_RE
+
+    d = tmp / "qwen2_bpe"
+    shutil.copytree(tiny_qwen2, d)
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    n_vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_vocab - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(_corpus(instruction_records()).splitlines(), trainer)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    fast.save_pretrained(str(d))
+    assert len(fast) <= n_vocab
+    return d
+
+
+@pytest.mark.slow
+def test_bpe_qwen2_tokenizer_and_biases(tmp_path, tiny_qwen2, checkpoint_factory):
+    base = _bpe_qwen2_dir(tmp_path, tiny_qwen2)
+    ck = checkpoint_factory(base, bits=4, group_size=32, fp16_grid=True)
+    rep = G.export(ck, tmp_path / "q.gguf")
+    art = Path(rep["artifact"])
+    assert rep["arch"] == "qwen2" and rep["tokenizer"]["tokenizer"] == "gpt2" and rep["tokenizer"]["pre"] == "qwen2"
+    assert not any(r["permuted"] for r in rep["tensors"])  # NEOX rope: no Q/K permutation
+    names = {t.name for t in gguf.GGUFReader(str(art)).tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert _field(art, "tokenizer.ggml.pre") == "qwen2" and "im_start" in _field(art, "tokenizer.chat_template")
+    v = G.verify(art, ck)
+    assert v["passed"], v["summary"]
+    assert v["tokenizer"]["truth"] == "hf" and v["tokenizer"]["n_match"] == v["tokenizer"]["n_texts"]
+    llm = C.load_llama(art)
+    texts = require_shared("vocab", "ggml-vocab-gpt-2.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    par = C.tokenizer_parity(llm, load_checkpoint(ck), texts)
+    assert par["passed"], par["mismatches"]
+
+
+@pytest.mark.shared
+def test_spm_llama2_tokenizer_parity(tmp_path):
+    """Our SentencePiece metadata for the real LLaMA-2 tokenizer: llama.cpp == SentencePiece == llama.cpp's golden ids."""
+    import sentencepiece as spm
+    from llama_cpp import Llama
+
+    from l4q_export.formats.gguf_vocab import add_hparams, add_tokenizer
+
+    model = require_shared("tokenizers", "llama2_tokenizer.model")
+    inp = require_shared("vocab", "ggml-vocab-llama-spm.gguf.inp")
+    outs = inp.with_name("ggml-vocab-llama-spm.gguf.out").read_text().strip("\n").split("\n")
+    texts = inp.read_text().split("\n__ggml_vocab_test__\n")[: len(outs)]
+    shutil.copy(model, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    w = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    cfg = {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 8}
+    add_hparams(w, cfg, "llama", 32000, "v")
+    add_tokenizer(w, tmp_path, 32000)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    llm = Llama(model_path=str(tmp_path / "v.gguf"), vocab_only=True, verbose=False)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for text, golden in zip(texts, outs, strict=False):
+        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert got == sp.encode(text), text
+        assert got == [int(x) for x in golden.split()], text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The real model
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_stories260k_end_to_end(stories_checkpoint, tmp_path):
+    rep = G.export(stories_checkpoint, tmp_path / "s.gguf")
+    rows = {r["tensor"]: r for r in rep["tensors"]}
+    down = [r for n, r in rows.items() if n.endswith("down_proj.weight")]
+    assert len(down) == 5 and all(r["type"] == "F32" and r["exact"] and "warning" in r for r in down)  # 172 % 32 != 0
+    assert all(r["type"] == "Q4_1" for n, r in rows.items() if "lossy_scales" in r and not n.endswith("down_proj.weight"))
+    assert rep["tied_embeddings"] and rep["n_exact"] == rep["n_quantized"] == 35 and len(rep["warnings"]) == 5
+    v = G.verify(Path(rep["artifact"]), stories_checkpoint)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 35 and v["max_abs_error"] == 0.0
+    assert v["logits"]["top1_agreement"] >= 0.97 and v["logits"]["greedy_match"] >= 16
+    assert np.isfinite(v["logits"]["mean_kl"])
