@@ -85,20 +85,20 @@ class BaseWeights:
             pickles = list(self.dir.glob("*.bin")) + list(self.dir.glob("*.pt"))
             hint = " (found pickled weights, which are never unpickled: convert them to safetensors first)" if pickles else ""
             raise L4QInputError(f"no safetensors weights in {self.dir}{hint}")
-        self._handles: dict[str, Any] = {}
         if not self.location:
-            self.location = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+            with self._open("model.safetensors") as f:
+                self.location = {k: "model.safetensors" for k in f.keys()}
 
     def _open(self, shard: str):
-        if shard not in self._handles:
-            path = self.dir / shard
-            if not path.is_file():
-                raise L4QInputError(f"base shard missing: {path}")
-            try:
-                self._handles[shard] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises several types for corrupt headers
-                raise L4QInputError(f"corrupt safetensors file {path}: {e}") from None
-        return self._handles[shard]
+        """A fresh handle per read: a long-lived mmap keeps every page it touched resident, so peak RSS
+        would grow with the model; reopening costs one header parse and keeps memory at one tensor."""
+        path = self.dir / shard
+        if not path.is_file():
+            raise L4QInputError(f"base shard missing: {path}")
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises several types for corrupt headers
+            raise L4QInputError(f"corrupt safetensors file {path}: {e}") from None
 
     def names(self) -> list[str]:
         return list(self.location)
@@ -109,12 +109,11 @@ class BaseWeights:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.location:
             raise L4QInputError(f"tensor {name} not found in base model {self.dir}")
-        try:
-            return self._open(self.location[name]).get_tensor(name)
-        except L4QInputError:
-            raise
-        except Exception as e:
-            raise L4QInputError(f"cannot read tensor {name} from {self.dir / self.location[name]}: {e}") from None
+        with self._open(self.location[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:
+                raise L4QInputError(f"cannot read tensor {name} from {self.dir / self.location[name]}: {e}") from None
 
     def shard_hashes(self) -> dict[str, str]:
         return {s: sha256_file(self.dir / s) for s in self.shards}
