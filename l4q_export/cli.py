@@ -32,7 +32,13 @@ def _fail(e: Exception) -> None:
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) or plain text (causal LM).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
-@click.option("--method", type=click.Choice(["l4q"]), default="l4q", show_default=True, help="Training method.")
+@click.option("--method", type=click.Choice(["l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn"]), default="l4q", show_default=True,
+              help="l4q; qalora (frozen RTN base + group-pooled LoRA in float zeros); dlqat (frozen s/z, per-group magnitude, "
+                   "integer-space LoRA); baselines qat-lora (LSQ+ W0 + float LoRA), lora (float; export = merge then RTN), "
+                   "rtn (no training). See docs/methods.md.")
+@click.option("--qat-lora-export", type=click.Choice(["refuse", "merge"]), default="refuse", show_default=True,
+              help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
+                   "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True, help="Weight bit width.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group along the input dimension; -1 = per output channel. A partial last group is allowed.")
 @click.option("--zero-point", type=click.Choice(ZERO_POINT_MODES), default="float", show_default=True, help="float: L4Q's learned float offset; integer: learned integer zero point (STE); symmetric: no offset.")
@@ -65,6 +71,7 @@ def train_cmd(**kw: Any) -> None:
 
     kw["bits"] = int(kw["bits"])
     kw["lsq_grad_scale"] = not kw.pop("no_lsq_grad_scale")
+    kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export")}
     try:
         report = train(TrainArgs(**kw))
     except L4QInputError as e:

@@ -16,6 +16,7 @@ import torch
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import L4QInputError
 from .quant import QuantizedTensor, combined_weight, effective_params, quantize
+from .training.methods import FOLDERS as METHOD_FOLDERS
 
 FoldedTensor = Union[torch.Tensor, QuantizedTensor]
 ModuleFolder = Callable[[Checkpoint, str, torch.Tensor, dict], QuantizedTensor]
@@ -30,7 +31,7 @@ def fold_l4q_module(ck: Checkpoint, module: str, W0: torch.Tensor, t: dict[str, 
 
 
 # method name -> how its modules fold.  Methods with another parametrisation register here.
-FOLDERS: dict[str, ModuleFolder] = {"l4q": fold_l4q_module}
+FOLDERS: dict[str, ModuleFolder] = {"l4q": fold_l4q_module, **METHOD_FOLDERS}
 
 
 def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:

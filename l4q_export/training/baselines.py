@@ -17,7 +17,6 @@ Neither baseline has an exact integer export, by definition:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_param
 from .layer import L4QFunction, LayerConfig
 
 
-def _lora_init(rank: int, in_features: int, out_features: int, generator: Optional[torch.Generator], dev) -> tuple[nn.Parameter, nn.Parameter]:
+def _lora_init(rank: int, in_features: int, out_features: int, generator: torch.Generator | None, dev) -> tuple[nn.Parameter, nn.Parameter]:
     """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0."""
     a = torch.empty(rank, in_features)
     bound = 1.0 / math.sqrt(in_features)
@@ -57,7 +56,7 @@ class QATLoRALinear(_FrozenBase):
     l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str = "l4q",
-                 fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: Optional[torch.Generator] = None) -> None:
+                 fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self._adopt(base)
         self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
@@ -108,7 +107,7 @@ class FloatLoRALinear(_FrozenBase):
     l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self._adopt(base)
         self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
@@ -119,7 +118,7 @@ class FloatLoRALinear(_FrozenBase):
         return x @ self.weight.to(x.dtype).T + self.lora_branch(x)
 
     @torch.no_grad()
-    def rtn_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def rtn_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RTN min/max (scale, offset) of the merged weight: the PTQ step of LoRA-then-PTQ."""
         init = "minmax" if self.spec.zero_point != "symmetric" else "l4q"
         return init_params(combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), self.spec, init)

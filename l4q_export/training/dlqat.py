@@ -22,7 +22,6 @@ STE is written so its value is exactly `round(clamp(v))`; hence dequant(fold) ==
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -63,7 +62,7 @@ class DLQATLinear(nn.Module):
     l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError("DL-QAT needs rank >= 1")

@@ -14,7 +14,8 @@ fold yields canonical `QuantizedTensor`s, so exporters never need to know which 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from .baselines import FloatLoRALinear, QATLoRALinear
 from .dlqat import DLQATLinear, fold_dlqat_tensors, int_spec
 from .layer import L4QLinear, layer_from_tensors
 from .qalora import QALoRALinear, float_spec, fold_qalora_tensors
-from .surgery import check_model, quantize_model, target_linears
+from .surgery import check_model, quantize_model, quantized_layers, target_linears
 
 METHODS = ("l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn")
 LOSSY_BY_DESIGN = ("qat-lora", "lora")  # their export is a re-quantization; verify reports the deviation
@@ -105,19 +106,13 @@ def setup_model(model: nn.Module, args: Any) -> list[str]:
     return names
 
 
-def method_layers(model: nn.Module):
-    for name, mod in model.named_modules():
-        if isinstance(mod, L4QLinear) or getattr(mod, "l4q_method_layer", False):
-            yield name, mod
-
-
 def optimizer_groups(model: nn.Module, method: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weight-decayed LoRA matrices, undecayed quantizer parameters) for AdamW."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     if not trains(method):
         return decay, no_decay
-    for _, layer in method_layers(model):
+    for _, layer in quantized_layers(model):
         if isinstance(layer, L4QLinear):
             decay += [p for p in (layer.lora_A, layer.lora_B) if p is not None]
             no_decay += [p for p in (layer.scale, layer.offset) if p is not None]
@@ -131,7 +126,7 @@ def optimizer_groups(model: nn.Module, method: str) -> tuple[list[nn.Parameter],
 @torch.no_grad()
 def project_(model: nn.Module) -> None:
     """After each step: learned scales stay above SCALE_FLOOR (a scale through zero makes the grid degenerate)."""
-    for _, layer in method_layers(model):
+    for _, layer in quantized_layers(model):
         if isinstance(layer, (L4QLinear, QATLoRALinear)):
             layer.scale.clamp_(min=SCALE_FLOOR)
 

@@ -22,7 +22,6 @@ The price is one dense [out, in] weight per forward (no memory-optimised backwar
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -97,7 +96,7 @@ class QALoRALinear(nn.Module):
     l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError("QA-LoRA needs rank >= 1")

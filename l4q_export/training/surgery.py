@@ -61,9 +61,10 @@ def quantize_model(
     return names
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, L4QLinear]]:
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """L4QLinear and every other method's layer (they set `l4q_method_layer = True`, see training/methods.py)."""
     for name, mod in model.named_modules():
-        if isinstance(mod, L4QLinear):
+        if isinstance(mod, L4QLinear) or getattr(mod, "l4q_method_layer", False):
             yield name, mod
 
 
@@ -98,8 +99,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Inverse of `adapter_state` (exact copies, used by --resume and verify)."""
     for name, layer in quantized_layers(model):
-        for k, p in (("scale", layer.scale), ("offset", layer.offset), ("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-            if p is None:
+        for k in layer.adapter_tensors():
+            p = getattr(layer, k, None)
+            if not isinstance(p, torch.Tensor):  # derived at save time (e.g. lora's RTN scale), not state
                 continue
             key = f"{name}.{k}"
             if key not in tensors:

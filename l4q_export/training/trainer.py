@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from ..checkpoint import ADAPTER_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
 from ..errors import L4QInputError
-from ..quant import SCALE_FLOOR, QuantSpec
+from ..quant import QuantSpec
+from . import methods
 from .data import collate, load_examples, load_tokenizer
-from .surgery import adapter_state, load_adapter_state, load_base_model, quantize_model, quantized_layers
+from .surgery import adapter_state, load_adapter_state, load_base_model
 
 STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
@@ -122,13 +123,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    spec = args.spec()
-    if args.method != "l4q":
-        raise L4QInputError(f"method {args.method!r} is not available; choose l4q")
+    methods.check_args(args)
+    spec = methods.checkpoint_spec(args)
     if args.scale_grid not in ("fp32", "fp16"):
         raise L4QInputError("--scale-grid must be fp32 or fp16")
-    if args.rank < 1:
-        raise L4QInputError("--rank must be >= 1")
     base_dir = Path(args.model)
     hf_cfg = check_architecture(base_dir)
     base = BaseWeights(base_dir)
@@ -140,21 +138,16 @@ def train(args: TrainArgs) -> dict[str, Any]:
     eval_set, train_set = examples[len(examples) - n_eval :] if n_eval else [], examples[: len(examples) - n_eval]
     per_step = args.batch_size * args.grad_accum * world
     total = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(train_set) / per_step))
+    total = total if methods.trains(args.method) else 0  # rtn: the checkpoint is the initial RTN grid
 
     torch.manual_seed(args.seed)
     model = load_base_model(base_dir)
-    modules = quantize_model(
-        model, spec, args.rank, args.alpha, init=args.init, fp16_grid=args.scale_grid == "fp16",
-        lsq_grad_scale=args.lsq_grad_scale, seed=args.seed,
-    )
+    modules = methods.setup_model(model, args)
     model.to(device)
     model.config.use_cache = False
     out = Path(args.out)
     start = 0
-    decay, no_decay = [], []
-    for _, layer in quantized_layers(model):
-        decay += [layer.lora_A, layer.lora_B]
-        no_decay += [p for p in (layer.scale, layer.offset) if p is not None]
+    decay, no_decay = methods.optimizer_groups(model, args.method)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
@@ -163,7 +156,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if not state_path.is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["spec"] != spec.to_dict() or state["rank"] != args.rank:
+        if state["spec"] != spec.to_dict() or state["rank"] != args.rank or state.get("method", "l4q") != args.method:
             raise L4QInputError("--resume: the saved run used a different quantizer or rank")
         load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))
         opt.load_state_dict(state["optimizer"])
@@ -185,14 +178,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if rank != 0:
             return
         write_checkpoint(
-            out, method=args.method, spec=spec, rank=args.rank, lora_alpha=args.alpha,
+            out, method=args.method, spec=spec, rank=methods.checkpoint_rank(args), lora_alpha=args.alpha,
             fp16_grid=args.scale_grid == "fp16", lsq_grad_scale=args.lsq_grad_scale,
             adapter=adapter_state(trained_model), modules=modules, base_dir=base_dir, base_hashes=base_hashes,
             architecture=hf_cfg["architectures"][0], copy_base=args.copy_base and final,
-            extra={"training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step}},
+            extra={"training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
+                   **methods.checkpoint_extra(args)},
         )
         with AtomicFile(state_path) as tmp:
-            torch.save({"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank}, tmp)
+            torch.save({"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method}, tmp)
 
     model.train()
     losses: list[float] = []
@@ -218,9 +212,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(decay + no_decay, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # projected step: a scale that crossed zero would make the grid degenerate
-            for _, layer in quantized_layers(trained_model):
-                layer.scale.clamp_(min=SCALE_FLOOR)
+        methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss became {step_loss} at step {step}; lower --lr")
         losses.append(step_loss)
