@@ -25,7 +25,8 @@ from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_param
 from .layer import L4QFunction, LayerConfig
 
 
-def _lora_init(rank: int, in_features: int, out_features: int, generator: torch.Generator | None, dev) -> tuple[nn.Parameter, nn.Parameter]:
+def _lora_init(rank: int, in_features: int, out_features: int, generator: torch.Generator | None,
+               dev: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
     """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0."""
     a = torch.empty(rank, in_features)
     bound = 1.0 / math.sqrt(in_features)
@@ -83,7 +84,8 @@ class QATLoRALinear(_FrozenBase):
     @torch.no_grad()
     def base_quantized(self, name: str = "") -> QuantizedTensor:
         """codes(W0) on the learned grid: the exactly exportable part."""
-        return quantize(name, self.weight.float(), effective_params(self.spec, self.scale, self.offset, self.fp16_grid), self.spec)
+        p = effective_params(self.spec, self.scale, self.offset, self.fp16_grid)
+        return quantize(name, self.weight.float(), p, self.spec)
 
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:

@@ -81,7 +81,8 @@ def setup_model(model: nn.Module, args: Any) -> list[str]:
     if args.method in ("l4q", "rtn"):
         init = args.init if args.method == "l4q" else ("minmax" if spec.zero_point != "symmetric" else "l4q")
         rank = args.rank if args.method == "l4q" else 0
-        return quantize_model(model, spec, rank, args.alpha, init=init, fp16_grid=fp16, lsq_grad_scale=args.lsq_grad_scale, seed=args.seed)
+        return quantize_model(model, spec, rank, args.alpha, init=init, fp16_grid=fp16, lsq_grad_scale=args.lsq_grad_scale,
+                              seed=args.seed)
     check_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -182,7 +183,8 @@ def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor]) ->
         return layer_from_tensors(W0, ck.spec, rank, alpha, ck.fp16_grid, t)
     lin = _meta_linear(W0)
     if method == "qat-lora":
-        layer: nn.Module = QATLoRALinear(lin, ck.spec, rank, alpha, fp16_grid=ck.fp16_grid, lsq_grad_scale=bool(ck.config.get("lsq_grad_scale", True)))
+        layer: nn.Module = QATLoRALinear(lin, ck.spec, rank, alpha, fp16_grid=ck.fp16_grid,
+                                         lsq_grad_scale=bool(ck.config.get("lsq_grad_scale", True)))
         with torch.no_grad():
             for k in ("scale", "offset", "lora_A", "lora_B"):
                 if getattr(layer, k) is not None:
