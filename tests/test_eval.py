@@ -1,0 +1,276 @@
+"""l4q-eval: scorers on hand-checked cases (fake backends whose answers are known by construction), the ONNX
+backend on a hand-built graph, the CLI on a real checkpoint, and PyTorch vs llama.cpp perplexity of the float
+stories260K model (f32 GGUF written here with gguf-py, independently of our exporter)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_shared
+
+from l4q_export.errors import L4QInputError
+from l4q_export.eval.backends import log_softmax
+from l4q_export.eval.perplexity import perplexity, strided_nll
+from l4q_export.eval.tasks import Doc, Scorer, hellaswag_preprocess, mc_docs, mmlu, mmlu_prompt, score_docs
+
+
+class CharBackend:
+    """Tokens are characters.  `table(ids)` gives raw per-row log-prob rows (no normalisation needed by scorers)."""
+
+    name = "fake"
+
+    def __init__(self, table, max_length: int = 64, vocab: int = 128) -> None:
+        self.table, self.max_length, self.vocab = table, max_length, vocab
+        self.bos_id, self.eot_id = 1, 2
+        self.calls: list[list[int]] = []
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        self.calls.append(list(ids))
+        return self.table(ids)
+
+
+def test_log_softmax_rows_normalised():
+    lp = log_softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))
+    assert lp[0].tolist() == [math.log(0.5)] * 2
+    assert lp[1, 0] == 0.0 and lp[1, 1] == -1000.0
+
+
+def test_strided_windows_score_each_token_once_with_window_context():
+    # Row j (j tokens of context inside the window) has logits [0, j]; every id is 0, so -log p = log(1 + e^j).
+    def table(ids):
+        return log_softmax(np.array([[0.0, float(j)] for j in range(len(ids))]))
+
+    b = CharBackend(table, max_length=4, vocab=2)
+    nll, n, windows = strided_nll(b, [0] * 10, max_length=4, stride=2)
+    # windows [0,4) scores positions 1,2,3 (j=0,1,2); [2,6) 4,5; [4,8) 6,7; [6,10) 8,9 (j=1,2 each)
+    want = math.log(2) + 4 * (math.log(1 + math.e) + math.log(1 + math.e**2))  # j=0 once; j=1 and j=2 four times each
+    assert (n, windows) == (9, 4)
+    assert nll == pytest.approx(want, rel=1e-12)
+    assert [len(c) for c in b.calls] == [4, 4, 4, 4]
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    b = CharBackend(lambda ids: np.full((len(ids), 128), -math.log(128)), max_length=32)
+    r = perplexity(b, text, max_tokens=300, stride=8)
+    assert r["ppl"] == pytest.approx(128.0, rel=1e-12)
+    assert r["tokens"] == 300 and r["tokens_scored"] == 299
+    with pytest.raises(L4QInputError):
+        perplexity(b, tmp_path / "missing.txt")
+
+
+def _char_logprob_table(lp_of: dict[str, float]):
+    """Every row gives log p(c) = lp_of[c] (default -5) whatever the context."""
+    row = np.full(256, -5.0)
+    for c, v in lp_of.items():
+        row[ord(c)] = v
+    return lambda ids: np.tile(row, (len(ids), 1))
+
+
+def test_acc_and_acc_norm_differ_by_construction():
+    # " a": ll = 0 - 1.0 = -1.0 ; " bbbb": ll = 4 * -0.4 = -1.6  -> acc picks "a", acc_norm (-1/1 vs -1.6/4) picks "bbbb".
+    b = CharBackend(_char_logprob_table({" ": 0.0, "a": -1.0, "b": -0.4}))
+    doc = Doc(["Q:"] * 2, [" a", " bbbb"], ["a", "bbbb"], gold=1)
+    r = score_docs(b, [doc, doc])
+    assert r["acc"] == 0.0 and r["acc_norm"] == 1.0 and r["n"] == 2
+
+
+def test_encode_pair_moves_trailing_space_and_handles_empty_context():
+    b = CharBackend(_char_logprob_table({}))
+    sc = Scorer(b)
+    assert sc.encode_pair("Q: ", "x") == ([ord("Q"), ord(":")], [ord(" "), ord("x")])
+    assert sc.encode_pair("", " x") == ([b.eot_id], [ord(" "), ord("x")])
+
+
+def test_context_is_truncated_from_the_left():
+    b = CharBackend(_char_logprob_table({"z": -2.0}), max_length=8)
+    ll = Scorer(b).loglikelihood("0123456789abcdef", "zz")
+    assert ll == -4.0
+    assert b.calls[-1] == [ord(c) for c in "9abcdefz"]  # (ctx + cont)[-(8+1):][:-1]
+
+
+def test_forward_pass_is_shared_only_when_inputs_coincide():
+    # " A".." D" differ only in the last token, so (ctx + cont)[:-1] is the same input for all four: one pass.
+    b = CharBackend(_char_logprob_table({"B": -0.1}))
+    r = score_docs(b, [Doc(["Question?\nAnswer:"] * 4, [" A", " B", " C", " D"], list("ABCD"), gold=1)], norm=False)
+    assert len(b.calls) == 1 and r["acc"] == 1.0
+    b2 = CharBackend(_char_logprob_table({"B": -0.1}))
+    score_docs(b2, [Doc(["Q:"] * 2, [" AA", " BB"], ["AA", "BB"], gold=1)], norm=False)
+    assert len(b2.calls) == 2
+
+
+def test_hellaswag_preprocess_matches_harness_rules():
+    assert hellaswag_preprocess(" Roof [title] Remove the shingles. [step]  Then  go ") == "Roof. Remove the shingles.  Then go"
+
+
+def test_mmlu_prompt_and_scoring(tmp_path):
+    root = tmp_path / "mmlu"
+    (root / "dev").mkdir(parents=True)
+    (root / "test").mkdir()
+    (root / "dev" / "toy_topic_dev.csv").write_text("1+1?,1,2,3,4,B\n2+2?,3,4,5,6,B\n")
+    (root / "test" / "toy_topic_test.csv").write_text("q1,a,b,c,d,B\nq2,a,b,c,d,C\nq3,a,b,c,d,B\n\"q, 4\",a,b,c,d,A\n")
+    want = ("The following are multiple choice questions (with answers) about toy topic.\n\n"
+            "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+            "q1\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    assert mmlu_prompt("toy topic", [["1+1?", "1", "2", "3", "4", "B"]], ["q1", "a", "b", "c", "d", "B"]) == want
+    b = CharBackend(_char_logprob_table({"B": -0.1, " ": 0.0}), max_length=4096)
+    r = mmlu(b, tmp_path, shots=1)
+    assert r["n"] == 4 and r["acc"] == 0.5 and r["subjects"]["toy_topic"]["acc"] == 0.5
+    assert r["acc_macro"] == 0.5
+    r2 = mmlu(b, tmp_path, shots=0, limit=1)
+    assert r2["n"] == 1 and r2["acc"] == 1.0
+
+
+def test_local_sets_build_harness_prompts():
+    data = require_shared("eval")
+    arc = mc_docs("arc_easy", data, limit=2)
+    assert len(arc) == 2 and arc[0].contexts[0].startswith("Question: ") and arc[0].contexts[0].endswith("\nAnswer:")
+    assert all(c.startswith(" ") for c in arc[0].continuations)
+    boolq = mc_docs("boolq", data, limit=1)[0]
+    assert boolq.choices == ["no", "yes"]
+    wg = mc_docs("winogrande", data, limit=1)[0]
+    assert wg.contexts[0] != wg.contexts[1] and wg.continuations[0] == wg.continuations[1]
+    hs = mc_docs("hellaswag", data, limit=1)[0]
+    assert len(hs.choices) == 4 and hs.gold == 3
+    piqa = mc_docs("piqa", data, limit=1)[0]
+    assert piqa.contexts[0].endswith("?\nAnswer:")
+    with pytest.raises(L4QInputError):
+        mc_docs("siqa_typo", data)
+
+
+def test_onnx_backend_on_hand_built_graph(tmp_path, stories_dir):
+    """logits = table[input_ids]; the optimum-style past inputs are fed empty.  Expected values by numpy."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from l4q_export.eval.backends import OrtBackend
+
+    rng = np.random.default_rng(0)
+    V = 512
+    table = rng.normal(size=(V, V)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["b", "s"])]
+    for n in ("key", "value"):
+        inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{n}", TensorProto.FLOAT, ["b", 4, "p", 8]))
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0)], "g", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])],
+                              initializer=[numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    d = tmp_path / "onnx"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"))
+    (d / "config.json").write_text((stories_dir / "config.json").read_text())  # exporters put config.json beside it
+    b = OrtBackend(d, tokenizer=stories_dir)
+    ids = [1, 5, 9, 300]
+    got = b.logprobs(ids)
+    rows = table[ids].astype(np.float64)
+    want = rows - np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1, keepdims=True)) - rows.max(1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert b.max_length == 512 and b.encode("Once upon a time") == b.encode("Once upon a time")
+
+
+def test_cli_on_checkpoint_fold_equals_train_forward(stories_checkpoint, tmp_path):
+    """An exact method's exported weights and training forward give the same perplexity; JSON + table written."""
+    from click.testing import CliRunner
+
+    from l4q_export.eval.cli import main, run_eval
+
+    text = require_shared("text", "wikitext2_test.txt")
+    data = require_shared("eval")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, [str(stories_checkpoint), "--tasks", "ppl,arc_easy,winogrande", "--text", str(text),
+                                    "--data-dir", str(data), "--limit", "4", "--max-tokens", "700", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["backend"] == "torch[l4q, fold]" and "| perplexity |" in res.output
+    assert rep["results"]["arc_easy"]["n"] == 4 and "acc_norm" not in rep["results"]["winogrande"]
+    train = run_eval(stories_checkpoint, ["ppl"], text=text, max_tokens=700, forward="train")
+    assert train["results"]["ppl"]["ppl"] == pytest.approx(rep["results"]["ppl"]["ppl"], rel=1e-5)
+    bad = CliRunner().invoke(main, [str(stories_checkpoint), "--tasks", "ppl"])
+    assert bad.exit_code == 2 and "--text" in bad.output
+
+
+def write_f32_gguf(model_dir: Path, path: Path) -> None:
+    """The unquantized HF LLaMA as an all-F32 GGUF, written with gguf-py only (llama.cpp's own Q/K row order)."""
+    import gguf
+    import sentencepiece as spm
+    from safetensors.torch import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    sd = {k: v.float().numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    nh, nkv, L = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(L)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_rope_dimension_count(hd)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    toks, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        toks.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+
+    def permute(x: np.ndarray, heads: int) -> np.ndarray:  # HF rotate-half rows -> llama.cpp interleaved rows
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(L):
+        p = f"model.layers.{i}."
+        for hf, name in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                         ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"),
+                         ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[p + hf + ".weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], nh))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], nkv))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_float_stories_perplexity_pytorch_vs_llamacpp_f32(stories_dir, tmp_path):
+    from l4q_export.eval.backends import LlamaCppBackend, TorchBackend
+    from l4q_export.eval.perplexity import text_ids
+
+    text = require_shared("text", "wikitext2_test.txt")
+    gg = tmp_path / "stories_f32.gguf"
+    write_f32_gguf(stories_dir, gg)
+    torch_b = TorchBackend(stories_dir)
+    cpp_b = LlamaCppBackend(gg, threads=2)
+    ids = text_ids(torch_b, text, max_tokens=3000)  # the same ids for both: this compares the runtimes' numerics
+    t_nll, n, _ = strided_nll(torch_b, ids, 512, 256)
+    c_nll, n2, _ = strided_nll(cpp_b, ids, 512, 256)
+    ppl_t, ppl_c = math.exp(t_nll / n), math.exp(c_nll / n2)
+    assert n == n2 == 2999
+    assert abs(ppl_c - ppl_t) / ppl_t < 1e-3, (ppl_t, ppl_c)
+    # and each runtime's own tokenizer agrees on this text (llama.cpp reads the vocab we embedded)
+    sample = text.read_text()[:2000]
+    assert cpp_b.encode(sample) == torch_b.encode(sample)
