@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_params, init_params, quantize
 from .layer import L4QFunction, LayerConfig
@@ -44,7 +45,7 @@ class _FrozenBase(nn.Module):
             self.bias.requires_grad_(False)
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T) * self.alpha
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quantized_matmul(x)
@@ -117,7 +118,7 @@ class FloatLoRALinear(_FrozenBase):
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The float training forward x @ W0^T + alpha*(x@A^T)@B^T (nothing is quantized while training)."""
-        return x @ self.weight.to(x.dtype).T + self.lora_branch(x)
+        return F.linear(x, self.weight.to(x.dtype)) + self.lora_branch(x)
 
     @torch.no_grad()
     def rtn_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -25,6 +25,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..quant import (
     SCALE_FLOOR,
@@ -103,7 +104,7 @@ class DLQATLinear(nn.Module):
         return dequantize_codes(u, p, self.spec)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.dequantized_weight().to(x.dtype).T
+        return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quantized_matmul(x)

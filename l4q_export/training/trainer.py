@@ -186,7 +186,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
                    **methods.checkpoint_extra(args)},
         )
         with AtomicFile(state_path) as tmp:
-            torch.save({"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method}, tmp)
+            torch.save({"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank,
+                        "method": args.method}, tmp)
 
     model.train()
     losses: list[float] = []
