@@ -72,6 +72,7 @@ class TorchBackend:
         import torch
 
         from ..checkpoint import CONFIG_FILE
+        from ..training.methods import apply_checkpoint
         from ..training.surgery import load_base_model
 
         self.torch = torch
@@ -81,7 +82,7 @@ class TorchBackend:
 
             ck = load_checkpoint(target)
             model = load_base_model(ck.base_dir, dtype=torch.float32)
-            _apply_checkpoint(model, ck, forward)
+            apply_checkpoint(model, ck, forward)
             self.name = f"torch[{ck.method}, {forward}]"
         elif (target / "config.json").is_file():
             model = load_base_model(target, dtype=torch.float32)
@@ -102,32 +103,6 @@ class TorchBackend:
         return log_softmax(logits)
 
 
-def _apply_checkpoint(model, ck, forward: str) -> None:
-    """Put a checkpoint's weights into a loaded base model: the folded dequantized weights or the training layers."""
-    import torch
-
-    from ..fold import fold_checkpoint
-    from ..quant import QuantizedTensor
-
-    if forward == "fold":
-        with torch.no_grad():
-            for name, t in fold_checkpoint(ck):
-                if isinstance(t, QuantizedTensor):
-                    model.get_submodule(name[: -len(".weight")]).weight.copy_(t.dequantize())
-        return
-    if forward != "train":
-        raise L4QInputError(f"--forward must be fold or train, not {forward!r}")
-    from ..training.methods import build_layer
-
-    base = ck.base()
-    for module in ck.modules:
-        orig = model.get_submodule(module)
-        layer = build_layer(ck, base.get(module + ".weight").float(), ck.adapter(module))
-        layer.bias = orig.bias
-        parent, child = module.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, layer)
-
-
 class LlamaCppBackend:
     """A GGUF file in llama.cpp; logits for every position, f32 K/V cache (type_k = type_v = GGML_TYPE_F32)."""
 
@@ -135,8 +110,9 @@ class LlamaCppBackend:
         from llama_cpp import Llama
 
         probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
-        train_ctx = int(probe.n_ctx_train())
-        del probe
+        meta = probe.metadata
+        train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", n_ctx or 2048))
+        probe.close()
         self.max_length = min(n_ctx or train_ctx, train_ctx)
         self.llm = Llama(model_path=str(path), n_ctx=self.max_length, n_batch=self.max_length, n_ubatch=self.max_length,
                          logits_all=True, type_k=0, type_v=0, n_threads=threads or os.cpu_count() or 1, verbose=False)

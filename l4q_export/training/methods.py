@@ -196,3 +196,30 @@ def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor]) ->
     layer = cls(lin, ck.spec, rank, alpha, ck.fp16_grid)
     layer.load_tensors(t)
     return layer
+
+
+def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") -> None:
+    """Put a checkpoint into a loaded fp32 base model, for evaluation or as a runtime reference.
+
+    forward="fold":  each target linear gets dequant(fold) -- exactly the weights every exporter writes
+                     (for exact methods this equals the training W_q bit for bit; for lora/qat-lora it is the merge).
+    forward="train": each target linear is replaced by the method's training layer (qat-lora's 4+16 mixed
+                     precision, lora's float W0 + alpha*B@A, ...), i.e. what the training loss saw.
+    """
+    from ..fold import fold_checkpoint
+
+    if forward == "fold":
+        with torch.no_grad():
+            for name, t in fold_checkpoint(ck):
+                if isinstance(t, QuantizedTensor):
+                    model.get_submodule(name[: -len(".weight")]).weight.copy_(t.dequantize())
+        return
+    if forward != "train":
+        raise L4QInputError(f"forward must be fold or train, not {forward!r}")
+    base = ck.base()
+    for module in ck.modules:
+        orig = model.get_submodule(module)
+        layer = build_layer(ck, base.get(module + ".weight").float(), ck.adapter(module))
+        layer.bias = orig.bias
+        parent, child = module.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, layer)
