@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -34,8 +34,15 @@ CONFIG_FILE = "l4q_config.json"
 ADAPTER_FILE = "l4q_adapter.safetensors"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 
 
@@ -167,7 +174,7 @@ class Checkpoint:
             except Exception as e:
                 raise L4QInputError(f"corrupt adapter file {path}: {e}") from None
         prefix = module + "."
-        out = {k[len(prefix):]: self._adapter.get_tensor(k) for k in self._adapter_keys if k.startswith(prefix)}
+        out = {k[len(prefix) :]: self._adapter.get_tensor(k) for k in self._adapter_keys if k.startswith(prefix)}
         if "scale" not in out:
             raise L4QInputError(f"adapter has no tensors for module {module} ({self.dir / ADAPTER_FILE})")
         for k, t in out.items():
@@ -190,12 +197,16 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
     if cfg.get("format") != FORMAT_NAME:
         raise L4QInputError(f"{d / CONFIG_FILE} is not an L4Q checkpoint config")
     if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
-        raise L4QInputError(f"checkpoint format version {cfg['format_version']} is newer than this l4q-export supports ({FORMAT_VERSION})")
+        raise L4QInputError(
+            f"checkpoint format version {cfg['format_version']} is newer than this l4q-export supports ({FORMAT_VERSION})"
+        )
     base_path = Path(cfg["base_model"]["path"])
     base_dir = base_path if base_path.is_absolute() else (d / base_path)
     if not base_dir.is_dir():
-        raise L4QInputError(f"base model directory {base_dir} (recorded in {d / CONFIG_FILE}) does not exist; "
-                            "re-train with --copy-base for a self-contained checkpoint")
+        raise L4QInputError(
+            f"base model directory {base_dir} (recorded in {d / CONFIG_FILE}) does not exist; "
+            "re-train with --copy-base for a self-contained checkpoint"
+        )
     ck = Checkpoint(dir=d, config=cfg, base_dir=base_dir)
     if check_hashes:
         expected = cfg["base_model"].get("shards", {})
@@ -204,8 +215,10 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
             if not path.is_file():
                 raise L4QInputError(f"base shard {path} is missing")
             if sha256_file(path) != digest:
-                raise L4QInputError(f"base shard {path} changed since training (sha256 mismatch); "
-                                    "the trained codes would not match -- restore the original base model")
+                raise L4QInputError(
+                    f"base shard {path} changed since training (sha256 mismatch); "
+                    "the trained codes would not match -- restore the original base model"
+                )
     return ck
 
 
@@ -218,7 +231,7 @@ class AtomicDir:
     def __init__(self, final: Path, overwrite: bool = True) -> None:
         self.final = Path(final)
         self.overwrite = overwrite
-        self.tmp: Optional[Path] = None
+        self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +260,7 @@ class AtomicFile:
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
-        self.tmp: Optional[Path] = None
+        self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +292,7 @@ def write_checkpoint(
     base_hashes: dict[str, str],
     architecture: str,
     copy_base: bool,
-    extra: Optional[dict[str, Any]] = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint files into `out_dir` (each file atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)

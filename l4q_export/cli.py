@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
@@ -29,36 +29,117 @@ def _fail(e: Exception) -> None:
 
 
 @click.command(context_settings=CTX)
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) or plain text (causal LM).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
-@click.option("--method", type=click.Choice(["l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn"]), default="l4q", show_default=True,
-              help="l4q; qalora (frozen RTN base + group-pooled LoRA in float zeros); dlqat (frozen s/z, per-group magnitude, "
-                   "integer-space LoRA); baselines qat-lora (LSQ+ W0 + float LoRA), lora (float; export = merge then RTN), "
-                   "rtn (no training). See docs/methods.md.")
-@click.option("--qat-lora-export", type=click.Choice(["refuse", "merge"]), default="refuse", show_default=True,
-              help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
-                   "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).")
-@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True, help="Weight bit width.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group along the input dimension; -1 = per output channel. A partial last group is allowed.")
-@click.option("--zero-point", type=click.Choice(ZERO_POINT_MODES), default="float", show_default=True, help="float: L4Q's learned float offset; integer: learned integer zero point (STE); symmetric: no offset.")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) or plain text (causal LM).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn"]),
+    default="l4q",
+    show_default=True,
+    help="l4q; qalora (frozen RTN base + group-pooled LoRA in float zeros); dlqat (frozen s/z, per-group magnitude, "
+    "integer-space LoRA); baselines qat-lora (LSQ+ W0 + float LoRA), lora (float; export = merge then RTN), "
+    "rtn (no training). See docs/methods.md.",
+)
+@click.option(
+    "--qat-lora-export",
+    type=click.Choice(["refuse", "merge"]),
+    default="refuse",
+    show_default=True,
+    help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
+    "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).",
+)
+@click.option(
+    "--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True, help="Weight bit width."
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Quantization group along the input dimension; -1 = per output channel. A partial last group is allowed.",
+)
+@click.option(
+    "--zero-point",
+    type=click.Choice(ZERO_POINT_MODES),
+    default="float",
+    show_default=True,
+    help="float: L4Q's learned float offset; integer: learned integer zero point (STE); symmetric: no offset.",
+)
 @click.option("--rank", type=int, default=4, show_default=True, help="LoRA rank r (paper: 4; 8 for Mistral).")
 @click.option("--alpha", type=float, default=8.0, show_default=True, help="LoRA alpha; the LoRA scale is alpha/rank.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak AdamW learning rate (cosine schedule, 10%% linear warm-up).")
+@click.option(
+    "--lr", type=float, default=2e-4, show_default=True, help="Peak AdamW learning rate (cosine schedule, 10%% linear warm-up)."
+)
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs over the training data when --steps is not given.")
+@click.option(
+    "--epochs", type=float, default=1.0, show_default=True, help="Epochs over the training data when --steps is not given."
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Micro-batch size per process.")
-@click.option("--grad-accum", type=int, default=16, show_default=True, help="Micro-batches per optimizer step (8 x 16 = the paper's batch of 128).")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Maximum tokens per example (capped at the model's context).")
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Micro-batches per optimizer step (8 x 16 = the paper's batch of 128).",
+)
+@click.option(
+    "--seq-len", type=int, default=2048, show_default=True, help="Maximum tokens per example (capped at the model's context)."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for LoRA init and data order.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out bit-identically (same options required).")
-@click.option("--init", type=click.Choice(INIT_METHODS), default="l4q", show_default=True, help="Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.")
-@click.option("--scale-grid", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale formats export bit-exactly.")
+@click.option(
+    "--init",
+    type=click.Choice(INIT_METHODS),
+    default="l4q",
+    show_default=True,
+    help="Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.",
+)
+@click.option(
+    "--scale-grid",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale formats export bit-exactly.",
+)
 @click.option("--no-lsq-grad-scale", is_flag=True, help="Disable LSQ's 1/sqrt(group*Q_P) gradient scale on s and b.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (LoRA matrices only; never on scales).")
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="AdamW weight decay (LoRA matrices only; never on scales).",
+)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping norm (0 disables).")
-@click.option("--save-every", type=int, default=100, show_default=True, help="Write a checkpoint every N optimizer steps (0: only at the end).")
-@click.option("--eval-examples", type=int, default=32, show_default=True, help="Held-out examples (taken from the end of the data, at most 10%%) for the before/after loss.")
+@click.option(
+    "--save-every",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Write a checkpoint every N optimizer steps (0: only at the end).",
+)
+@click.option(
+    "--eval-examples",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Held-out examples (taken from the end of the data, at most 10%%) for the before/after loss.",
+)
 @click.option("--copy-base", is_flag=True, help="Copy the base shards into OUT/base so the checkpoint is self-contained.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 def train_cmd(**kw: Any) -> None:
@@ -77,7 +158,15 @@ def train_cmd(**kw: Any) -> None:
     except L4QInputError as e:
         _fail(e)
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(json.dumps({k: report[k] for k in ("steps", "first_loss", "last_loss", "eval_loss_before", "eval_loss_after", "tokens_per_s")}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    k: report[k]
+                    for k in ("steps", "first_loss", "last_loss", "eval_loss_before", "eval_loss_after", "tokens_per_s")
+                },
+                indent=2,
+            )
+        )
 
 
 def _export_command() -> click.Command:
@@ -92,7 +181,7 @@ def _export_command() -> click.Command:
             extra.append(opt)
             owners[opt.name] = t  # type: ignore[index]
 
-    def run(to: str, model_dir: Path, output: Optional[Path], json_path: Optional[Path], **options: Any) -> None:
+    def run(to: str, model_dir: Path, output: Path | None, json_path: Path | None, **options: Any) -> None:
         fmt = get_format(to)
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
         try:
@@ -109,14 +198,27 @@ def _export_command() -> click.Command:
     params: list[click.Parameter] = [
         click.Option(["--to", "to"], type=click.Choice(targets), required=True, help="Export target."),
         click.Argument(["model_dir"], type=click.Path(path_type=Path)),
-        click.Option(["-o", "--output", "output"], type=click.Path(path_type=Path), default=None, help="Output path (file or directory, per target); default: beside MODEL_DIR."),
-        click.Option(["--json", "json_path"], type=click.Path(path_type=Path), default=None, help="Write the export report (per-tensor types and error bounds) as JSON."),
+        click.Option(
+            ["-o", "--output", "output"],
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Output path (file or directory, per target); default: beside MODEL_DIR.",
+        ),
+        click.Option(
+            ["--json", "json_path"],
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Write the export report (per-tensor types and error bounds) as JSON.",
+        ),
         *extra,
     ]
     return click.Command(
-        "l4q-export", callback=run, params=params, context_settings=CTX,
+        "l4q-export",
+        callback=run,
+        params=params,
+        context_settings=CTX,
         help="Fold LoRA into the integers training used and write them, with the learned scales and offsets, "
-             "to the chosen format -- never re-quantizing. Lossy cases are refused unless explicitly allowed.",
+        "to the chosen format -- never re-quantizing. Lossy cases are refused unless explicitly allowed.",
     )
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
@@ -66,17 +66,40 @@ def build_spm_tokenizer(out_dir: Path, text: str, vocab_size: int = 512) -> None
     corpus = out_dir / "_corpus.txt"
     corpus.write_text(text)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
-        normalization_rule_name="identity", num_threads=1,
+        input=str(corpus),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        num_threads=1,
     )
     corpus.unlink()
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": 512,
-    }, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": True,
+                "model_max_length": 512,
+            },
+            indent=2,
+        )
+    )
     tok = AutoTokenizer.from_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
 
@@ -91,7 +114,7 @@ def build_tiny_model(
     kv_heads: int = 2,
     seed: int = 0,
     tie_embeddings: bool = False,
-    tokenizer_text: Optional[str] = None,
+    tokenizer_text: str | None = None,
 ) -> Path:
     """A small random LLaMA/Mistral/Qwen2 in HF format (safetensors) with a real SentencePiece tokenizer."""
     import torch
@@ -103,12 +126,24 @@ def build_tiny_model(
 
     vocab = len(AutoTokenizer.from_pretrained(str(out_dir)))
     common = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_embeddings, rope_theta=10000.0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie_embeddings,
+        rope_theta=10000.0,
     )
-    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**common))
     model.save_pretrained(str(out_dir))
@@ -137,7 +172,9 @@ TARGET_RUNS = {"gguf": ("float", []), "onnx": ("float", []), "safetensors": ("in
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--work", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True, help="Working directory (rebuilt).")
+@click.option(
+    "--work", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True, help="Working directory (rebuilt)."
+)
 @click.option("--steps", type=int, default=40, show_default=True, help="Training steps per run.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits.")
 def main(work: Path, steps: int, bits: int) -> None:
@@ -156,22 +193,77 @@ def main(work: Path, steps: int, bits: int) -> None:
     targets = available()
     for zp in sorted({TARGET_RUNS.get(t, ("float", []))[0] for t in targets} | {"float"}):
         ck = work / f"l4q_{zp}"
-        _run([bin_("l4q-train"), "--model", str(base), "--data", str(data), "--out", str(ck),
-              "--bits", str(bits), "--group-size", "32", "--zero-point", zp, "--steps", str(steps), "--batch-size", "8",
-              "--grad-accum", "1", "--seq-len", "128", "--lr", "3e-3", "--scale-grid", "fp16", "--save-every", "0"],
-             log, f"train ({zp} zero point)")
+        _run(
+            [
+                bin_("l4q-train"),
+                "--model",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(ck),
+                "--bits",
+                str(bits),
+                "--group-size",
+                "32",
+                "--zero-point",
+                zp,
+                "--steps",
+                str(steps),
+                "--batch-size",
+                "8",
+                "--grad-accum",
+                "1",
+                "--seq-len",
+                "128",
+                "--lr",
+                "3e-3",
+                "--scale-grid",
+                "fp16",
+                "--save-every",
+                "0",
+            ],
+            log,
+            f"train ({zp} zero point)",
+        )
         rep = json.loads((ck / "train_report.json").read_text())
-        _run([py, "-m", "l4q_export.verify", str(ck), "--json", str(work / f"fold_{zp}.json"), "--quiet"], log, f"fold check ({zp})")
+        _run(
+            [py, "-m", "l4q_export.verify", str(ck), "--json", str(work / f"fold_{zp}.json"), "--quiet"],
+            log,
+            f"fold check ({zp})",
+        )
         fold = json.loads((work / f"fold_{zp}.json").read_text())
-        results.append((f"train+fold ({zp})", f"eval loss {rep['eval_loss_before']:.3f} -> {rep['eval_loss_after']:.3f}; "
-                        f"{fold['n_bit_identical']}/{fold['n_layers']} layers bit-identical"))
+        results.append(
+            (
+                f"train+fold ({zp})",
+                f"eval loss {rep['eval_loss_before']:.3f} -> {rep['eval_loss_after']:.3f}; "
+                f"{fold['n_bit_identical']}/{fold['n_layers']} layers bit-identical",
+            )
+        )
         for t in [t for t in targets if TARGET_RUNS.get(t, ("float", []))[0] == zp]:
             out = work / f"export_{t}" / ("model.gguf" if t == "gguf" else "")
             report = work / f"export_{t}.json"
-            _run([bin_("l4q-export"), "--to", t, str(ck), "-o", str(out), "--json", str(report), *TARGET_RUNS[t][1]], log, f"export {t}")
+            _run(
+                [bin_("l4q-export"), "--to", t, str(ck), "-o", str(out), "--json", str(report), *TARGET_RUNS[t][1]],
+                log,
+                f"export {t}",
+            )
             artifact = json.loads(report.read_text())["artifact"]
-            _run([py, "-m", "l4q_export.verify", str(artifact), "--model", str(ck), "--json", str(work / f"verify_{t}.json"), "--quiet"],
-                 log, f"verify {t}")
+            _run(
+                [
+                    py,
+                    "-m",
+                    "l4q_export.verify",
+                    str(artifact),
+                    "--model",
+                    str(ck),
+                    "--json",
+                    str(work / f"verify_{t}.json"),
+                    "--quiet",
+                ],
+                log,
+                f"verify {t}",
+            )
             v = json.loads((work / f"verify_{t}.json").read_text())
             results.append((f"{t}", v.get("summary", "PASS" if v.get("passed") else "FAIL")))
     click.echo("\n" + "=" * 100 + "\nl4q-export demo summary\n" + "=" * 100)

@@ -8,8 +8,8 @@ For each base tensor, `fold` yields either the float tensor (embeddings, norms, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Union
 
 import torch
 
@@ -18,7 +18,7 @@ from .errors import L4QInputError
 from .quant import QuantizedTensor, combined_weight, effective_params, quantize
 from .training.methods import FOLDERS as METHOD_FOLDERS
 
-FoldedTensor = Union[torch.Tensor, QuantizedTensor]
+FoldedTensor = torch.Tensor | QuantizedTensor
 ModuleFolder = Callable[[Checkpoint, str, torch.Tensor, dict], QuantizedTensor]
 
 
@@ -53,6 +53,6 @@ def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:
             yield name, t
 
 
-def fold(model_dir: Union[str, Path], check_hashes: bool = True) -> Iterator[tuple[str, FoldedTensor]]:
+def fold(model_dir: str | Path, check_hashes: bool = True) -> Iterator[tuple[str, FoldedTensor]]:
     """Stream (tensor name, float tensor | QuantizedTensor) for every tensor of the trained model."""
     return fold_checkpoint(load_checkpoint(model_dir, check_hashes=check_hashes))

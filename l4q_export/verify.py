@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import torch
@@ -54,23 +54,40 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
         codes_equal = torch.equal(ref.codes, t.codes)
         bit_equal = torch.equal(deq.view(torch.int32), ref.dequantize().view(torch.int32))
         fwd_equal = torch.equal(deq, wq)
-        rows.append({
-            "tensor": name, "shape": list(t.shape), "codes_identical": codes_equal, "bit_identical": bit_equal,
-            "forward_identical": fwd_equal, "max_abs_diff": float((deq - wq).abs().max()),
-        })
+        rows.append(
+            {
+                "tensor": name,
+                "shape": list(t.shape),
+                "codes_identical": codes_equal,
+                "bit_identical": bit_equal,
+                "forward_identical": fwd_equal,
+                "max_abs_diff": float((deq - wq).abs().max()),
+            }
+        )
     # lora / qat-lora export a re-quantized merge by definition: the fold must match that reference exactly,
     # and its distance from the training forward is reported, never hidden (max_abs_diff per layer).
     lossy = ck.method in LOSSY_BY_DESIGN
     passed = bool(rows) and all(r["codes_identical"] and r["bit_identical"] and (r["forward_identical"] or lossy) for r in rows)
     n_exact = sum(r["bit_identical"] and r["forward_identical"] for r in rows)
     worst = max((r["max_abs_diff"] for r in rows), default=0.0)
-    summary = (f"fold[{ck.method}]: {n_exact}/{len(rows)} layers bit-identical to the training forward"
-               + (f"; lossy by design (re-quantized merge), max|W_export - W_train| = {worst:.3e}" if lossy else ""))
-    return {"check": "fold", "model_dir": str(model_dir), "method": ck.method, "spec": ck.spec.to_dict(), "layers": rows,
-            "n_layers": len(rows), "n_bit_identical": n_exact, "lossy_by_design": lossy, "passed": passed, "summary": summary}
+    summary = f"fold[{ck.method}]: {n_exact}/{len(rows)} layers bit-identical to the training forward" + (
+        f"; lossy by design (re-quantized merge), max|W_export - W_train| = {worst:.3e}" if lossy else ""
+    )
+    return {
+        "check": "fold",
+        "model_dir": str(model_dir),
+        "method": ck.method,
+        "spec": ck.spec.to_dict(),
+        "layers": rows,
+        "n_layers": len(rows),
+        "n_bit_identical": n_exact,
+        "lossy_by_design": lossy,
+        "passed": passed,
+        "summary": summary,
+    }
 
 
-def run_verify(target: Path, model_dir: Optional[Path], options: dict[str, Any]) -> dict[str, Any]:
+def run_verify(target: Path, model_dir: Path | None, options: dict[str, Any]) -> dict[str, Any]:
     from .formats import available, get_format
 
     if target.is_dir() and (target / CONFIG_FILE).is_file():
@@ -99,12 +116,22 @@ def print_report(report: dict[str, Any]) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="The L4Q checkpoint directory the artifact was exported from (needed for artifacts).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the full machine-readable report to this file.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The L4Q checkpoint directory the artifact was exported from (needed for artifacts).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the full machine-readable report to this file.",
+)
 @click.option("--quiet", is_flag=True, help="Print only the PASS/FAIL line.")
-def main(target: Path, model_dir: Optional[Path], json_path: Optional[Path], quiet: bool) -> None:
+def main(target: Path, model_dir: Path | None, json_path: Path | None, quiet: bool) -> None:
     """Prove that TARGET reproduces what training used.
 
     TARGET is an L4Q checkpoint directory (checks fold == training forward, bit for bit) or an exported

@@ -31,8 +31,18 @@ def require_shared(*parts: str) -> Path:
     return p
 
 
-def make_checkpoint(base_dir: Path, out_dir: Path, bits: int = 4, group_size: int = 32, zero_point: str = "float",
-                    rank: int = 4, alpha: float = 8.0, fp16_grid: bool = False, seed: int = 0, lora_std: float = 0.05) -> Path:
+def make_checkpoint(
+    base_dir: Path,
+    out_dir: Path,
+    bits: int = 4,
+    group_size: int = 32,
+    zero_point: str = "float",
+    rank: int = 4,
+    alpha: float = 8.0,
+    fp16_grid: bool = False,
+    seed: int = 0,
+    lora_std: float = 0.05,
+) -> Path:
     """An L4Q checkpoint with random (non-trivial) adapter values on top of a real base directory."""
     from l4q_export.checkpoint import BaseWeights, write_checkpoint
     from l4q_export.quant import QuantSpec
@@ -40,7 +50,9 @@ def make_checkpoint(base_dir: Path, out_dir: Path, bits: int = 4, group_size: in
 
     spec = QuantSpec(bits, group_size, zero_point)
     model = load_base_model(base_dir)
-    modules = quantize_model(model, spec, rank, alpha, init="minmax" if zero_point != "symmetric" else "l4q", fp16_grid=fp16_grid, seed=seed)
+    modules = quantize_model(
+        model, spec, rank, alpha, init="minmax" if zero_point != "symmetric" else "l4q", fp16_grid=fp16_grid, seed=seed
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, layer in quantized_layers(model):
@@ -49,9 +61,21 @@ def make_checkpoint(base_dir: Path, out_dir: Path, bits: int = 4, group_size: in
             if layer.offset is not None and zero_point == "float":
                 layer.offset.add_(0.1 * layer.scale * torch.randn(layer.offset.shape, generator=g))
     cfg = model.config.to_dict()
-    write_checkpoint(out_dir, method="l4q", spec=spec, rank=rank, lora_alpha=alpha, fp16_grid=fp16_grid, lsq_grad_scale=True,
-                     adapter=adapter_state(model), modules=modules, base_dir=base_dir,
-                     base_hashes=BaseWeights(base_dir).shard_hashes(), architecture=cfg["architectures"][0], copy_base=False)
+    write_checkpoint(
+        out_dir,
+        method="l4q",
+        spec=spec,
+        rank=rank,
+        lora_alpha=alpha,
+        fp16_grid=fp16_grid,
+        lsq_grad_scale=True,
+        adapter=adapter_state(model),
+        modules=modules,
+        base_dir=base_dir,
+        base_hashes=BaseWeights(base_dir).shard_hashes(),
+        architecture=cfg["architectures"][0],
+        copy_base=False,
+    )
     return out_dir
 
 
@@ -94,6 +118,21 @@ def stories_checkpoint(tmp_path_factory, stories_dir) -> Path:
 
     data = require_shared("instruct", "alpaca_en_demo.json")
     out = tmp_path_factory.mktemp("stories_l4q")
-    train(TrainArgs(model=stories_dir, data=data, out=out, bits=4, group_size=32, steps=8, batch_size=4, grad_accum=1,
-                    seq_len=128, lr=2e-3, scale_grid="fp16", save_every=0, eval_examples=8))
+    train(
+        TrainArgs(
+            model=stories_dir,
+            data=data,
+            out=out,
+            bits=4,
+            group_size=32,
+            steps=8,
+            batch_size=4,
+            grad_accum=1,
+            seq_len=128,
+            lr=2e-3,
+            scale_grid="fp16",
+            save_every=0,
+            eval_examples=8,
+        )
+    )
     return out

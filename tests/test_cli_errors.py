@@ -25,8 +25,25 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def _train(base: Path, data: Path, out: Path, *extra: str):
-    args = ["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2",
-            "--grad-accum", "1", "--seq-len", "64", "--group-size", "32", *extra]
+    args = [
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--seq-len",
+        "64",
+        "--group-size",
+        "32",
+        *extra,
+    ]
     return CliRunner().invoke(train_cmd, args)
 
 
@@ -69,8 +86,10 @@ def test_pickle_only_base_is_refused(tmp_path, tiny_base, data_file):
 
 
 def test_group_size_that_does_not_fit(tmp_path, tiny_base, data_file):
-    res = CliRunner().invoke(train_cmd, ["--model", str(tiny_base), "--data", str(data_file), "--out", str(tmp_path / "o"),
-                                         "--group-size", "0", "--steps", "1"])
+    res = CliRunner().invoke(
+        train_cmd,
+        ["--model", str(tiny_base), "--data", str(data_file), "--out", str(tmp_path / "o"), "--group-size", "0", "--steps", "1"],
+    )
     _assert_error(res, "group_size", tmp_path / "o")
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from naive_qat import reference_wq  # tools/naive_qat.py, on sys.path via conftest
 
 from l4q_export.quant import QuantSpec
 from l4q_export.training import layer as layer_mod
 from l4q_export.training.layer import L4QLinear
-from naive_qat import reference_wq  # tools/naive_qat.py, on sys.path via conftest
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +53,7 @@ def test_grads_match_plain_autograd(bits, group, zp, fin, fout, prefix, lsq):
 
     assert _rel(y, y2) < 1e-5
     assert _rel(x.grad, x2.grad) < 1e-5
-    for got, ref in zip((m.lora_A.grad, m.lora_B.grad, m.scale.grad), leaves):
+    for got, ref in zip((m.lora_A.grad, m.lora_B.grad, m.scale.grad), leaves, strict=False):
         assert _rel(got, ref.grad) < 1e-5
     if off is not None:
         assert _rel(m.offset.grad, off.grad) < 1e-5
@@ -75,7 +75,7 @@ def test_chunked_backward_equals_unchunked(monkeypatch):
         xx = x.clone().requires_grad_(True)
         m(xx).square().sum().backward()
         grads.append([xx.grad.clone(), m.lora_A.grad.clone(), m.lora_B.grad.clone(), m.scale.grad.clone(), m.offset.grad.clone()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

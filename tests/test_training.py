@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_shared
 from safetensors.torch import load_file
 
-from conftest import require_shared
 from l4q_export.training.trainer import TrainArgs, lr_at, train
 from l4q_export.verify import verify_fold
 
@@ -20,8 +20,20 @@ BIN = Path(sys.executable).parent
 
 
 def _args(base: Path, data: Path, out: Path, **kw) -> TrainArgs:
-    d = dict(model=base, data=data, out=out, bits=4, group_size=32, steps=6, batch_size=4, grad_accum=1, seq_len=96,
-             lr=3e-3, save_every=0, eval_examples=8)
+    d = dict(
+        model=base,
+        data=data,
+        out=out,
+        bits=4,
+        group_size=32,
+        steps=6,
+        batch_size=4,
+        grad_accum=1,
+        seq_len=96,
+        lr=3e-3,
+        save_every=0,
+        eval_examples=8,
+    )
     d.update(kw)
     return TrainArgs(**d)
 
@@ -38,12 +50,13 @@ def demo_data(tmp_path_factory) -> Path:
 def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(t, 100, 1.0) for t in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] < 0.01
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,zp,data", [(4, "float", ("instruct", "alpaca_en_demo.json")),
-                                          (3, "integer", ("text", "wikitext2_test.txt"))])
+@pytest.mark.parametrize(
+    "bits,zp,data", [(4, "float", ("instruct", "alpaca_en_demo.json")), (3, "integer", ("text", "wikitext2_test.txt"))]
+)
 def test_stories260k_loss_drops_and_fold_is_bit_exact(tmp_path, stories_dir, bits, zp, data):
     """Real model, real data: held-out loss falls, and every layer folds bit-identically."""
     path = require_shared(*data)
@@ -87,14 +100,50 @@ def test_resume_continues_from_saved_step(tmp_path, tiny_base, demo_data, monkey
 @pytest.mark.slow
 def test_ddp_two_process_gloo_matches_grad_accumulation(tmp_path, tiny_base, demo_data):
     """torchrun, 2 CPU processes (gloo), batch 2 each == one process with 2 accumulated micro-batches of 2."""
-    common = ["--model", str(tiny_base), "--data", str(demo_data), "--bits", "4", "--group-size", "32", "--steps", "4",
-              "--batch-size", "2", "--seq-len", "96", "--lr", "3e-3", "--save-every", "0", "--eval-examples", "4"]
+    common = [
+        "--model",
+        str(tiny_base),
+        "--data",
+        str(demo_data),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "96",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "0",
+        "--eval-examples",
+        "4",
+    ]
     single = tmp_path / "single"
     subprocess.run([str(BIN / "l4q-train"), *common, "--grad-accum", "2", "--out", str(single)], check=True, capture_output=True)
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                           str(BIN / "l4q-train"), *common, "--grad-accum", "1", "--out", str(ddp)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            str(BIN / "l4q-train"),
+            *common,
+            "--grad-accum",
+            "1",
+            "--out",
+            str(ddp),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((ddp / "train_report.json").read_text())
     assert rep["world_size"] == 2

@@ -48,8 +48,18 @@ class NaiveQATLoRA(L4QLinear):
 
     def forward(self, x):
         s = self.spec
-        wq = reference_wq(self.weight, self.lora_A, self.lora_B, self.scale, self.offset, bits=s.bits, group=s.group_size,
-                          zero_point=s.zero_point, alpha=self.cfg.alpha, gscale=s.lsq_grad_scale(self.in_features))
+        wq = reference_wq(
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.scale,
+            self.offset,
+            bits=s.bits,
+            group=s.group_size,
+            zero_point=s.zero_point,
+            alpha=self.cfg.alpha,
+            gscale=s.lsq_grad_scale(self.in_features),
+        )
         return x @ wq.T
 
 
@@ -109,8 +119,12 @@ def main(n: int, tokens: int, device: str, json_path: Path | None, one: str | No
     rows = []
     for v in VARIANTS:
         if device == "cpu":  # fresh process per variant: ru_maxrss is a process-lifetime high-water mark
-            out = subprocess.run([sys.executable, __file__, "--n", str(n), "--tokens", str(tokens), "--one", v],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--n", str(n), "--tokens", str(tokens), "--one", v],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
         else:
             rows.append(measure(v, n, tokens, device))

@@ -63,8 +63,14 @@ def main(argv: list[str]) -> None:
         n += 1
         same_codes += torch.equal(g.codes.cpu(), t.codes)
         same_bits += torch.equal(g.dequantize().cpu().view(torch.int32), t.dequantize().view(torch.int32))
-    report = {"train_device": str(device), "layers": n, "codes_identical": same_codes, "dequant_bit_identical": same_bits,
-              "train_seconds": captured["seconds"], "train_report": json.loads((out / "train_report.json").read_text())}
+    report = {
+        "train_device": str(device),
+        "layers": n,
+        "codes_identical": same_codes,
+        "dequant_bit_identical": same_bits,
+        "train_seconds": captured["seconds"],
+        "train_report": json.loads((out / "train_report.json").read_text()),
+    }
     print(json.dumps(report, indent=2))
     (out / "cross_device.json").write_text(json.dumps(report, indent=2))
     sys.exit(0 if same_codes == same_bits == n else 1)

@@ -18,7 +18,6 @@ codes a GPU run trained with, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
     return acc * alpha
 
 
-def combined_weight(W0: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+def combined_weight(W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """W0 + alpha*B@A in fp32: LoRA is merged *before* quantization (L4Q Eq. 7)."""
     w = W0.float()
     if A is None or B is None:
@@ -88,11 +87,11 @@ class GroupParams:
     """
 
     scale: torch.Tensor
-    minimum: Optional[torch.Tensor] = None
-    zero: Optional[torch.Tensor] = None
+    minimum: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
 
 
-def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: Optional[torch.Tensor], fp16_grid: bool = False) -> GroupParams:
+def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: torch.Tensor | None, fp16_grid: bool = False) -> GroupParams:
     """Turn trained parameters into the canonical (d, m) or (d, z).
 
     float:     offset is L4Q's b; d = s, m = b - s*2^(bits-1)  (both snapped to fp16 when fp16_grid).
@@ -179,7 +178,7 @@ class QuantizedTensor:
     codes: torch.Tensor
     scale: torch.Tensor
     minimum: torch.Tensor
-    zero: Optional[torch.Tensor] = None
+    zero: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -210,7 +209,7 @@ def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> Qua
 INIT_METHODS = ("l4q", "minmax", "absmax")
 
 
-def init_params(w: torch.Tensor, spec: QuantSpec, method: str = "l4q") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def init_params(w: torch.Tensor, spec: QuantSpec, method: str = "l4q") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Initial trainable (scale, offset) per group, [out, G] fp32.
 
     l4q:    s = max(|min/Q_N|, |max/Q_P|), b = 0 -- symmetric and clip-free (L4Q's best init, §1.3).

@@ -78,5 +78,5 @@ class QuantSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), zero_point=d["zero_point"])

@@ -49,7 +49,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             recs = json.loads(text)
     except json.JSONDecodeError as e:
         raise L4QInputError(f"{path} is not valid JSON/JSONL: {e}") from None
-    if not isinstance(recs, list) or not recs or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in recs):
+    if (
+        not isinstance(recs, list)
+        or not recs
+        or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in recs)
+    ):
         raise L4QInputError(f"{path}: expected a non-empty list of records with 'instruction' and 'output'")
     return recs
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -70,7 +69,9 @@ def _slice(p: GroupParams, r0: int, r1: int) -> GroupParams:
     )
 
 
-def _combined_rows(W0: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], alpha: float, r0: int, r1: int) -> torch.Tensor:
+def _combined_rows(
+    W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float, r0: int, r1: int
+) -> torch.Tensor:
     """Rows r0:r1 of W0 + alpha*B@A in fp32 -- element for element the same numbers as the full fold."""
     w = W0[r0:r1].float()
     if A is None or B is None:
@@ -189,7 +190,7 @@ class L4QLinear(nn.Module):
         init: str = "l4q",
         fp16_grid: bool = False,
         lsq_grad_scale: bool = True,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.in_features = base.in_features
@@ -220,7 +221,9 @@ class L4QLinear(nn.Module):
             self.register_parameter("offset", None)
         else:
             self.offset = nn.Parameter(off.to(dev))
-        self.cfg = LayerConfig(spec=spec, alpha=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
+        self.cfg = LayerConfig(
+            spec=spec, alpha=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quantized_matmul(x)
@@ -249,7 +252,10 @@ class L4QLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"in={self.in_features}, out={self.out_features}, bits={s.bits}, group={s.group_size}, zp={s.zero_point}, r={self.rank}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"bits={s.bits}, group={s.group_size}, zp={s.zero_point}, r={self.rank}"
+        )
 
 
 def layer_from_tensors(

@@ -6,8 +6,8 @@ Qwen2) is what every exporter knows how to write.  Embeddings and lm_head stay f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, mod
 
 
-def load_base_model(base_dir: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+def load_base_model(base_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load a local HF causal LM without ever running repository code or touching the network.
 
     The weights keep their stored dtype (dtype="auto") unless asked otherwise, because the fold

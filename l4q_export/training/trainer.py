@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -46,7 +46,7 @@ class TrainArgs:
     rank: int = 4
     alpha: float = 8.0
     lr: float = 2e-4
-    steps: Optional[int] = None
+    steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 16
@@ -61,7 +61,7 @@ class TrainArgs:
     save_every: int = 100
     eval_examples: int = 32
     copy_base: bool = False
-    device: Optional[str] = None
+    device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def spec(self) -> QuantSpec:
@@ -96,7 +96,7 @@ def _dist() -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def _eval_loss(model, examples, pad_id: int, device: str, batch_size: int, autocast) -> Optional[float]:
+def _eval_loss(model, examples, pad_id: int, device: str, batch_size: int, autocast) -> float | None:
     if not examples:
         return None
     was_training = model.training
@@ -178,16 +178,29 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if rank != 0:
             return
         write_checkpoint(
-            out, method=args.method, spec=spec, rank=methods.checkpoint_rank(args), lora_alpha=args.alpha,
-            fp16_grid=args.scale_grid == "fp16", lsq_grad_scale=args.lsq_grad_scale,
-            adapter=adapter_state(trained_model), modules=modules, base_dir=base_dir, base_hashes=base_hashes,
-            architecture=hf_cfg["architectures"][0], copy_base=args.copy_base and final,
-            extra={"training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
-                   **methods.checkpoint_extra(args)},
+            out,
+            method=args.method,
+            spec=spec,
+            rank=methods.checkpoint_rank(args),
+            lora_alpha=args.alpha,
+            fp16_grid=args.scale_grid == "fp16",
+            lsq_grad_scale=args.lsq_grad_scale,
+            adapter=adapter_state(trained_model),
+            modules=modules,
+            base_dir=base_dir,
+            base_hashes=base_hashes,
+            architecture=hf_cfg["architectures"][0],
+            copy_base=args.copy_base and final,
+            extra={
+                "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
+                **methods.checkpoint_extra(args),
+            },
         )
         with AtomicFile(state_path) as tmp:
-            torch.save({"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank,
-                        "method": args.method}, tmp)
+            torch.save(
+                {"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method},
+                tmp,
+            )
 
     model.train()
     losses: list[float] = []
@@ -226,11 +239,21 @@ def train(args: TrainArgs) -> dict[str, Any]:
     eval_after = _eval_loss(trained_model, eval_set, pad_id, device, args.batch_size, autocast)
     elapsed = time.time() - t0
     report = {
-        "method": args.method, "quant": spec.to_dict(), "steps": total, "resumed_from": start,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "eval_loss_before": eval_before, "eval_loss_after": eval_after, "eval_examples": len(eval_set),
-        "train_examples": len(train_set), "tokens": tokens * world, "seconds": elapsed,
-        "tokens_per_s": tokens * world / max(elapsed, 1e-9), "device": device, "world_size": world,
+        "method": args.method,
+        "quant": spec.to_dict(),
+        "steps": total,
+        "resumed_from": start,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "eval_examples": len(eval_set),
+        "train_examples": len(train_set),
+        "tokens": tokens * world,
+        "seconds": elapsed,
+        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+        "device": device,
+        "world_size": world,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
     if rank == 0:
