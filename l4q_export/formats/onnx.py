@@ -63,9 +63,11 @@ def _default_output(model_dir: Path, form: str, dtype: str) -> Path:
 def genai_config(spec: DecoderSpec, cfg: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The onnxruntime-genai description of this graph (decomposed attention: no shared KV buffer)."""
     eos = cfg.get("eos_token_id", 2)
+    pad = cfg.get("pad_token_id")
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     return {
         "model": {
-            "bos_token_id": cfg.get("bos_token_id", 1), "eos_token_id": eos, "pad_token_id": cfg.get("pad_token_id") or (eos[0] if isinstance(eos, list) else eos),
+            "bos_token_id": cfg.get("bos_token_id", 1), "eos_token_id": eos, "pad_token_id": pad,
             "context_length": spec.max_positions, "vocab_size": spec.vocab, "type": spec.model_type,
             "decoder": {
                 "filename": MODEL_FILE, "head_size": spec.head_dim, "hidden_size": spec.hidden,
@@ -103,7 +105,8 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
     spec = DecoderSpec.from_config(cfg, ck.architecture)
     out = Path(output) if output is not None else _default_output(model_dir, onnx_form, dtype)
     if out.suffix == ".onnx" or out.is_file():
-        raise L4QInputError(f"-o {out}: the ONNX export is a directory (model.onnx + {DATA_FILE} + genai_config.json); pass a directory path")
+        raise L4QInputError(f"-o {out}: the ONNX export is a directory (model.onnx + {DATA_FILE} + genai_config.json); "
+                            "pass a directory path")
 
     with AtomicDir(out) as tmp:
         g = GraphBuilder(dtype)
@@ -116,7 +119,8 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                     continue
                 role = _float_role(name)
                 if role is None:
-                    raise L4QInputError(f"tensor {name} in the base model is not part of a LLaMA/Mistral/Qwen2 decoder; cannot export it to ONNX")
+                    raise L4QInputError(f"tensor {name} in the base model is not part of a LLaMA/Mistral/Qwen2 decoder; "
+                                        "cannot export it to ONNX")
                 writer.add_float(name, t, transpose=role == "matrix")
         finally:
             data.close()

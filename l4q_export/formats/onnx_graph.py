@@ -76,8 +76,9 @@ class DecoderSpec:
 def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
     """inv_freq and attention scaling from transformers' own rotary module (every rope_type it knows)."""
     kind = ARCH_TYPES[architecture]
-    config_cls = getattr(importlib.import_module(f"transformers.models.{kind}.configuration_{kind}"), architecture.replace("ForCausalLM", "Config"))
-    rotary_cls = getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), architecture.replace("ForCausalLM", "RotaryEmbedding"))
+    stem = architecture.removesuffix("ForCausalLM")
+    config_cls = getattr(importlib.import_module(f"transformers.models.{kind}.configuration_{kind}"), stem + "Config")
+    rotary_cls = getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), stem + "RotaryEmbedding")
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
     try:
         rotary = rotary_cls(config_cls(**keep))
@@ -225,10 +226,12 @@ class DecoderGraph:
         s_len = g.op("Gather", [g.op("Shape", ["input_ids"], "mask"), g.const(1)], "mask", axis=0)
         t_len = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask"), g.const(1)], "mask", axis=0)
         kpos = g.op("Range", [g.const(0), t_len, g.const(1)], "mask")
-        qpos = g.op("Unsqueeze", [g.op("Range", [g.op("Sub", [t_len, s_len], "mask"), t_len, g.const(1)], "mask"), g.const([1])], "mask")
+        qpos = g.op("Range", [g.op("Sub", [t_len, s_len], "mask"), t_len, g.const(1)], "mask")
+        qpos = g.op("Unsqueeze", [qpos, g.const([1])], "mask")
         allowed = g.op("LessOrEqual", [kpos, qpos], "mask")
         if window is not None:
-            allowed = g.op("And", [allowed, g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(window)], "mask")], "mask")], "mask")
+            recent = g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(window)], "mask")], "mask")
+            allowed = g.op("And", [allowed, recent], "mask")
         allowed = g.op("Unsqueeze", [allowed, g.const([0, 1])], "mask")
         pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "mask", to=TensorProto.BOOL), g.const([1, 2])], "mask")
         allowed = g.op("And", [allowed, pad], "mask")
@@ -285,7 +288,8 @@ class DecoderGraph:
             w = s.windows[i]
             if w not in masks:
                 masks[w] = self.mask(w)
-            a = self.attention(i, self.rms_norm(h, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.norm1"), cos, sin, masks[w])
+            x = self.rms_norm(h, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.norm1")
+            a = self.attention(i, x, cos, sin, masks[w])
             h = g.op("Add", [h, a], f"layers.{i}")
             m = self.mlp(i, self.rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2"))
             h = g.op("Add", [h, m], f"layers.{i}")
@@ -306,8 +310,10 @@ class DecoderGraph:
         outs = [helper.make_tensor_value_info("logits", dt, ["batch_size", "sequence_length", s.vocab])]
         for i in range(s.layers):
             pk, pv, nk, nv = kv_names(i)
-            ins += [helper.make_tensor_value_info(n, dt, ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]) for n in (pk, pv)]
-            outs += [helper.make_tensor_value_info(n, dt, ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]) for n in (nk, nv)]
+            past = ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]
+            total = ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]
+            ins += [helper.make_tensor_value_info(n, dt, past) for n in (pk, pv)]
+            outs += [helper.make_tensor_value_info(n, dt, total) for n in (nk, nv)]
         return ins, outs
 
 

@@ -219,7 +219,8 @@ def read_back(layout: dict[str, Any], get: Callable[[str], np.ndarray]) -> dict[
 def compare(qt: QuantizedTensor, layout: dict[str, Any], got: dict[str, np.ndarray]) -> dict[str, Any]:
     """Bit-for-bit comparison of the read-back data with the fold's QuantizedTensor."""
     def same(a: np.ndarray, b: np.ndarray) -> bool:
-        return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
+        bytes_a, bytes_b = np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
+        return a.shape == b.shape and np.array_equal(bytes_a, bytes_b)
 
     row: dict[str, Any] = {"tensor": qt.name, "shape": list(qt.shape), "form": layout["form"], "bits": qt.spec.bits}
     if layout["form"] == "dequantized":
