@@ -36,7 +36,7 @@ from ..errors import FidelityError, L4QInputError
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
 from . import gguf_pack as P
-from .gguf_vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch
+from .gguf_vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch, rope_freq_factors
 
 NAME = "gguf"
 GGUF_TYPES = ("auto", *P.LEGACY, *P.KQUANTS)
@@ -212,6 +212,10 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             del arr, t
         if n_vocab is None:
             raise L4QInputError(f"{model_dir}: base model has no model.embed_tokens.weight")
+        freqs = rope_freq_factors(cfg)
+        if freqs is not None:
+            scratch.write(freqs.tobytes())
+            infos.append(("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes, None))
         tensor_report = {r["gguf"]: {"type": r["type"], "max_abs_error": r["max_abs_error"], "exact": r["exact"]} for r in rows}
         w = gguf.GGUFWriter(tmp, arch)
         add_hparams(w, cfg, arch, n_vocab, model_dir.name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from ..errors import L4QInputError
 
@@ -55,15 +56,40 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return rs
 
 
+def rope_freq_factors(cfg: dict[str, Any]) -> np.ndarray | None:
+    """LLaMA 3.1-style RoPE scaling as llama.cpp holds it: a `rope_freqs.weight` F32 tensor of per-frequency divisors.
+
+    llama.cpp rotates with theta_i / factor_i, transformers with its llama3 inverse frequencies. Taking the factors
+    as default_inv_freq / llama3_inv_freq from transformers' own rope init (the reference that verify compares
+    against) keeps one definition of the llama3 ramp instead of a second copy here. None when not llama3-scaled.
+    """
+    rs = _rope_scaling(cfg)
+    if rs is None or rs.get("rope_type", rs.get("type")) != "llama3":
+        return None
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    dim = head_dim(cfg)
+    default = 1.0 / (rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (default / scaled).numpy().astype(np.float32)
+
+
 def add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, n_vocab: int, name: str) -> None:
     """Every hyper-parameter key llama.cpp's loader reads for llama / qwen2."""
     rs = _rope_scaling(cfg)
     if rs is not None:
         kind = rs.get("rope_type", rs.get("type"))
-        if kind != "linear":
-            raise L4QInputError(f"rope scaling {kind!r} in config.json is not supported by the GGUF exporter (only linear)")
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+        elif not (kind == "llama3" and arch == "llama"):  # llama3: the per-frequency factors go in rope_freqs.weight
+            raise L4QInputError(
+                f"rope scaling {kind!r} in config.json is not supported by the GGUF exporter for {arch} "
+                "(supported: linear; llama3 for LLaMA 3.1+)"
+            )
     hd = head_dim(cfg)
     w.add_name(name)
     w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
