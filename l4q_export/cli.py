@@ -183,6 +183,14 @@ def _export_command() -> click.Command:
 
     def run(to: str, model_dir: Path, output: Path | None, json_path: Path | None, **options: Any) -> None:
         fmt = get_format(to)
+        ctx = click.get_current_context()
+        foreign = [
+            f"--{k.replace('_', '-')} ({owners[k]})"
+            for k in options
+            if owners.get(k) not in (to, None) and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if foreign:  # a silently ignored option would export something other than what the user asked for
+            _fail(L4QInputError(f"option(s) {', '.join(foreign)} do not apply to --to {to}"))
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
         try:
             report = fmt.export(model_dir, output, **mine)

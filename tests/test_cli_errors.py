@@ -176,3 +176,15 @@ def test_fold_streams_qwen2_bias_as_float(tiny_qwen2, checkpoint_factory):
     assert isinstance(items["model.layers.0.self_attn.q_proj.weight"], QuantizedTensor)
     assert isinstance(items["model.layers.0.self_attn.q_proj.bias"], torch.Tensor)
     assert _verify(str(ck)).exit_code == 0
+
+
+def test_export_refuses_options_of_another_target(tmp_path, tiny_base, checkpoint_factory):
+    """`--to onnx --gguf-type q4_0` would otherwise be silently ignored; nothing is written."""
+    from l4q_export.cli import _export_command
+
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32)
+    out = tmp_path / "onnx_out"
+    res = CliRunner().invoke(_export_command(), ["--to", "onnx", str(ck), "-o", str(out), "--gguf-type", "q4_0"])
+    assert res.exit_code == 2
+    assert "--gguf-type (gguf) do not apply to --to onnx" in res.output
+    assert not out.exists()
