@@ -358,6 +358,7 @@ def test_external_data_and_genai_config(odd_base, tmp_path):
     assert [i.name for i in m.graph.input[:3]] == ["input_ids", "attention_mask", "position_ids"]
     assert m.graph.input[3].name == "past_key_values.0.key" and m.graph.output[1].name == "present.0.key"
     cfg = json.loads((out / "genai_config.json").read_text())
+    assert set(cfg) == {"model", "search"}  # onnxruntime-genai's parser rejects unknown keys
     dec = cfg["model"]["decoder"]
     base_cfg = json.loads((odd_base / "config.json").read_text())
     assert dec["filename"] == "model.onnx" and dec["num_hidden_layers"] == base_cfg["num_hidden_layers"]

@@ -44,7 +44,8 @@ def build_checkpoint(work: Path, a: argparse.Namespace) -> Path:
     data = work / "data.json"
     data.write_text(json.dumps(instruction_records(16)))
     out = work / "ck"
-    train(TrainArgs(model=base, data=data, out=out, method="rtn", bits=a.bits, group_size=a.group_size, init="minmax",
+    train(TrainArgs(model=base, data=data, out=out, method="rtn", bits=a.bits, group_size=a.group_size,
+                    zero_point=a.zero_point, init="minmax" if a.zero_point != "symmetric" else "l4q",
                     steps=0, batch_size=1, grad_accum=1, seq_len=64, save_every=0, eval_examples=0))
     return out
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--zero-point", choices=("float", "integer", "symmetric"), default="float",
+                   help="float offsets cost one extra small MatMul per linear (docs/onnx.md); integer/symmetric do not")
     p.add_argument("--prompt", type=int, default=128, help="prefill length (tokens)")
     p.add_argument("--decode", type=int, default=64, help="greedy decode steps timed")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")

@@ -60,8 +60,11 @@ def _default_output(model_dir: Path, form: str, dtype: str) -> Path:
     return model_dir.parent / f"{model_dir.name}-onnx-{form}-{dtype}"
 
 
-def genai_config(spec: DecoderSpec, cfg: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The onnxruntime-genai description of this graph (decomposed attention: no shared KV buffer)."""
+def genai_config(spec: DecoderSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The onnxruntime-genai description of this graph (decomposed attention: no shared KV buffer).
+
+    Only keys onnxruntime-genai knows: its parser rejects unknown ones (our metadata lives in model.onnx).
+    """
     eos = cfg.get("eos_token_id", 2)
     pad = cfg.get("pad_token_id")
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
@@ -82,7 +85,6 @@ def genai_config(spec: DecoderSpec, cfg: dict[str, Any], dtype: str) -> dict[str
                    "max_length": spec.max_positions, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
-        "l4q_export": {"dtype": dtype},
     }
 
 
@@ -131,7 +133,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
         model = make_model(g, ins, outs, {META_KEY: json.dumps(meta)}, uses_ms=onnx_form == "matmulnbits")
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg, dtype), indent=2) + "\n")
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg), indent=2) + "\n")
         for f in TOKENIZER_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)
