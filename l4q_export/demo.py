@@ -166,9 +166,15 @@ def _run(cmd: list[str], log: list[dict[str, Any]], what: str) -> subprocess.Com
     return proc
 
 
-# Per target: (training zero-point mode, extra export options).  Integer-zero formats get a run trained with
-# integer zero points -- the exact path -- instead of a lossy rounding of L4Q's float offsets.
-TARGET_RUNS = {"gguf": ("float", []), "onnx": ("float", []), "safetensors": ("integer", [])}
+# (label, target, zero-point mode of the checkpoint it exports, extra l4q-export options).  L4Q's float offsets
+# are exact in GGUF and ONNX; compressed-tensors / GPTQ hold integer zero points only, so they get that checkpoint.
+EXPORT_RUNS: list[tuple[str, str, str, list[str]]] = [
+    ("gguf", "gguf", "float", []),
+    ("onnx-matmulnbits", "onnx", "float", ["--onnx-form", "matmulnbits"]),
+    ("onnx-qdq", "onnx", "float", ["--onnx-form", "qdq"]),
+    ("safetensors-ct", "safetensors", "integer", ["--flavor", "compressed-tensors"]),
+    ("safetensors-gptq", "safetensors", "integer", ["--flavor", "gptq"]),
+]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,8 +196,8 @@ def main(work: Path, steps: int, bits: int) -> None:
     data = work / "instruct.json"
     data.write_text(json.dumps(instruction_records(), indent=1))
     results = []
-    targets = available()
-    for zp in sorted({TARGET_RUNS.get(t, ("float", []))[0] for t in targets} | {"float"}):
+    runs = [r for r in EXPORT_RUNS if r[1] in available()]
+    for zp in sorted({r[2] for r in runs} | {"float"}):
         ck = work / f"l4q_{zp}"
         _run(
             [
@@ -240,32 +246,20 @@ def main(work: Path, steps: int, bits: int) -> None:
                 f"{fold['n_bit_identical']}/{fold['n_layers']} layers bit-identical",
             )
         )
-        for t in [t for t in targets if TARGET_RUNS.get(t, ("float", []))[0] == zp]:
-            out = work / f"export_{t}" / ("model.gguf" if t == "gguf" else "")
-            report = work / f"export_{t}.json"
-            _run(
-                [bin_("l4q-export"), "--to", t, str(ck), "-o", str(out), "--json", str(report), *TARGET_RUNS[t][1]],
-                log,
-                f"export {t}",
-            )
+        for label, t, _, extra in [r for r in runs if r[2] == zp]:
+            out = work / f"export_{label}" / ("model.gguf" if t == "gguf" else "")
+            report = work / f"export_{label}.json"
+            cmd = [bin_("l4q-export"), "--to", t, str(ck), "-o", str(out), "--json", str(report), *extra]
+            _run(cmd, log, f"export {label}")
             artifact = json.loads(report.read_text())["artifact"]
+            verdict = work / f"verify_{label}.json"
             _run(
-                [
-                    py,
-                    "-m",
-                    "l4q_export.verify",
-                    str(artifact),
-                    "--model",
-                    str(ck),
-                    "--json",
-                    str(work / f"verify_{t}.json"),
-                    "--quiet",
-                ],
+                [py, "-m", "l4q_export.verify", artifact, "--model", str(ck), "--json", str(verdict), "--quiet"],
                 log,
-                f"verify {t}",
+                f"verify {label}",
             )
-            v = json.loads((work / f"verify_{t}.json").read_text())
-            results.append((f"{t}", v.get("summary", "PASS" if v.get("passed") else "FAIL")))
+            v = json.loads(verdict.read_text())
+            results.append((label, v.get("summary", "PASS" if v.get("passed") else "FAIL")))
     click.echo("\n" + "=" * 100 + "\nl4q-export demo summary\n" + "=" * 100)
     for what, res in results:
         click.echo(f"{what:<24} {res}")
