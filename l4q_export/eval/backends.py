@@ -114,8 +114,9 @@ class LlamaCppBackend:
         train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", n_ctx or 2048))
         probe.close()
         self.max_length = min(n_ctx or train_ctx, train_ctx)
+        n = threads or os.cpu_count() or 1  # prompt processing uses n_threads_batch (default: every CPU): set both
         self.llm = Llama(model_path=str(path), n_ctx=self.max_length, n_batch=self.max_length, n_ubatch=self.max_length,
-                         logits_all=True, type_k=0, type_v=0, n_threads=threads or os.cpu_count() or 1, verbose=False)
+                         logits_all=True, type_k=0, type_v=0, n_threads=n, n_threads_batch=n, verbose=False)
         self.name = "llama.cpp"
         self.bos_id = int(self.llm.token_bos())
         self.eot_id = int(self.llm.token_eos())
