@@ -274,3 +274,112 @@ def test_float_stories_perplexity_pytorch_vs_llamacpp_f32(stories_dir, tmp_path)
     # and each runtime's own tokenizer agrees on this text (llama.cpp reads the vocab we embedded)
     sample = text.read_text()[:2000]
     assert cpp_b.encode(sample) == torch_b.encode(sample)
+
+
+# ------------------------------------------------------------------------------------- hand-checked additions
+
+
+def test_stderr_is_the_harness_sample_standard_error():
+    # acc = 1/3 over 3 docs: lm-evaluation-harness's mean_stderr = sqrt(var_sample / n) = sqrt(p (1 - p) / (n - 1)).
+    b = CharBackend(_char_logprob_table({" ": 0.0, "a": -1.0, "b": -2.0}))
+    good, bad = Doc(["Q:"] * 2, [" a", " b"], ["a", "b"], gold=0), Doc(["Q:"] * 2, [" a", " b"], ["a", "b"], gold=1)
+    r = score_docs(b, [good, bad, bad])
+    assert r["acc"] == pytest.approx(1 / 3, abs=1e-15)
+    assert r["acc_stderr"] == pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2), rel=1e-12)
+    assert math.isnan(score_docs(b, [good])["acc_stderr"])  # one sample has no sample variance
+
+
+def test_acc_norm_divides_by_choice_characters_not_tokens_and_first_maximum_wins():
+    # Choices "ab" (2 chars, 2 tokens) and "c" (1 char).  ll(" ab") = -1 + -1 = -2 -> -1/char; ll(" c") = -1 -> -1/char:
+    # a tie under acc_norm goes to the first choice (numpy argmax), and acc picks " c" (-1 > -2).
+    b = CharBackend(_char_logprob_table({" ": 0.0, "a": -1.0, "b": -1.0, "c": -1.0}))
+    r = score_docs(b, [Doc(["Q:"] * 2, [" ab", " c"], ["ab", "c"], gold=0)])
+    assert r["acc"] == 0.0 and r["acc_norm"] == 1.0
+
+
+def test_mmlu_zero_and_five_shot_prompts_are_the_harness_format(tmp_path):
+    root = tmp_path / "mmlu"
+    (root / "dev").mkdir(parents=True)
+    (root / "test").mkdir()
+    dev = [[f"d{i}?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(6)]
+    (root / "dev" / "high_school_physics_dev.csv").write_text("".join(",".join(r) + "\n" for r in dev))
+    (root / "test" / "high_school_physics_test.csv").write_text(" What is g? ,9.8,8.9,1,0,A\n")
+    row = [" What is g? ", "9.8", "8.9", "1", "0", "A"]
+    zero = ("The following are multiple choice questions (with answers) about high school physics.\n\n"
+            "What is g?\nA. 9.8\nB. 8.9\nC. 1\nD. 0\nAnswer:")
+    assert mmlu_prompt("high school physics", [], row) == zero
+    five = mmlu_prompt("high school physics", dev[:5], row)
+    shots = "".join(f"d{i}?\nA. w\nB. x\nC. y\nD. z\nAnswer: {'ABCD'[i % 4]}\n\n" for i in range(5))
+    assert five == zero.replace("physics.\n\n", "physics.\n\n" + shots, 1)
+
+    seen: list[str] = []
+
+    class Recorder(CharBackend):
+        def logprobs(self, ids):
+            seen.append("".join(chr(i) for i in ids))
+            return super().logprobs(ids)
+
+    b = Recorder(_char_logprob_table({}), max_length=4096)
+    for shots_n, want in ((0, zero), (5, five)):
+        seen.clear()
+        r = mmlu(b, tmp_path, shots=shots_n)
+        # the model reads the prompt plus " X" minus the last token: exactly the prompt and the space
+        assert seen == [want + " "] and r["n"] == 1 and r["shots"] == shots_n
+        assert r["acc"] == 1.0  # equal log-likelihoods: the first choice (A, the gold) wins
+
+
+@pytest.mark.runtime
+def test_multiple_choice_on_real_model_matches_independent_computation(stories_dir):
+    """loglikelihood(context, continuation) on stories260K vs a from-scratch computation: SentencePiece ids,
+    transformers logits, torch log_softmax, summed over the continuation tokens (harness rules: no BOS, the
+    continuation tokens are what the whole string adds after the context's own encoding)."""
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from l4q_export.eval.backends import TorchBackend
+
+    sp = spm.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+
+    def ll(context: str, cont: str) -> float:
+        ctx_ids = sp.encode(context)
+        whole = sp.encode(context + cont)
+        assert whole[: len(ctx_ids)] == ctx_ids  # true for these strings, so the split is unambiguous
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+        return float(sum(lp[len(ctx_ids) - 1 + i, t] for i, t in enumerate(whole[len(ctx_ids):])))
+
+    context = "Question: Where did the little cat sleep?\nAnswer:"
+    choices = ["in a warm basket", "on the moon", "under the big tree by the house"]
+    want = [ll(context, " " + c) for c in choices]
+    sc = Scorer(TorchBackend(stories_dir))
+    got = [sc.loglikelihood(context, " " + c) for c in choices]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    gold = 2
+    r = score_docs(sc.b, [Doc([context] * 3, [" " + c for c in choices], choices, gold)])
+    assert r["acc"] == float(int(np.argmax(want)) == gold)
+    assert r["acc_norm"] == float(int(np.argmax(np.array(want) / [len(c) for c in choices])) == gold)
+
+
+@pytest.mark.runtime
+def test_perplexity_equals_transformers_own_loss_in_one_window(stories_dir, tmp_path):
+    """With the whole text inside one window, ppl = exp(transformers' mean causal-LM loss over the same ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from l4q_export.eval.backends import TorchBackend
+    from l4q_export.eval.perplexity import text_ids
+
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. "
+                    "One day, she saw a big red ball in the park.")
+    b = TorchBackend(stories_dir)
+    ids = text_ids(b, text)
+    assert ids[0] == b.bos_id and len(ids) < b.max_length
+    r = perplexity(b, text)
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert (r["windows"], r["tokens_scored"]) == (1, len(ids) - 1)
+    assert r["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
