@@ -8,7 +8,8 @@
     the DQ->MatMulNBits fusion is pinned to accuracy level 0 so the check measures the export, not an
     int8-activation approximation;
 (c) graph: the ORT-optimized graph (ORT_ENABLE_EXTENDED, saved to disk) has one MatMulNBits per
-    quantized linear, i.e. the QDQ form really fuses and the MatMulNBits form keeps its kernels.
+    quantized linear, i.e. the QDQ form really fuses and the MatMulNBits form keeps its kernels (QDQ linears
+    whose group has no power-of-two block >= 16 cannot fuse: they are reported as `unfusible`, not expected).
 """
 
 from __future__ import annotations
