@@ -80,6 +80,23 @@ def score(target: Path, held: Path, a: argparse.Namespace, forward: str = "fold"
     return {"alpaca": response_ppl(b, examples), "wiki": perplexity(b, WIKI, max_tokens=a.ppl_tokens)["ppl"]}
 
 
+def method_reference_model(ck: Any) -> Any:
+    """gguf verify's PyTorch reference built from the checkpoint's own method layers.
+
+    `formats.gguf_check.reference_model` rebuilds L4Q layers only, so its runtime check fails to load a qalora /
+    dlqat / qat-lora / lora checkpoint ("adapter tensor ...offset missing").  Until it calls
+    `training.methods.apply_checkpoint(model, ck, "train")` itself, the bench substitutes this.
+    """
+    import torch
+
+    from l4q_export.training.methods import apply_checkpoint
+    from l4q_export.training.surgery import load_base_model
+
+    model = load_base_model(ck.base_dir, dtype=torch.float32)
+    apply_checkpoint(model, ck, "train")
+    return model.eval()
+
+
 def one(a: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration and evaluate it (runs in a child process)."""
     import torch
@@ -106,25 +123,30 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
     row["ppl_fold"] = score(out, held, a)
     if a.method in ("lora", "qat-lora"):
         row["ppl_train"] = score(out, held, a, "train")
-    from l4q_export.formats import gguf
+    from l4q_export.formats import gguf, gguf_check
 
     try:
         exp = gguf.export(out, out / "model.gguf")
-        row["gguf_types"] = sorted({r["type"] for r in exp.get("tensors", []) if isinstance(r, dict) and "type" in r})
+    except Exception as e:  # report, never hide, why the shipped file could not be written
+        row["gguf_error"] = f"{type(e).__name__}: {e}"
+        return row
+    gg = Path(exp["artifact"])
+    row["gguf_types"] = sorted({r["type"] for r in exp.get("tensors", []) if isinstance(r, dict) and "type" in r})
+    row["ppl_gguf"] = score(gg, held, a)
+    gguf_check.reference_model = method_reference_model
+    try:
         if a.group in a.full_verify_groups and a.seed == 0:
-            v = gguf.verify(Path(exp["artifact"]), out)
+            v = gguf.verify(gg, out)
             row["gguf_verify"] = {"passed": v["passed"], "summary": v["summary"], "level": "full"}
         else:  # levels (a) codes and (b) bound only: llama.cpp's runtime check costs ~30 s a run on the shared CPU
             from l4q_export.checkpoint import load_checkpoint
-            from l4q_export.formats.gguf_check import check_tensors
 
-            v = check_tensors(Path(exp["artifact"]), load_checkpoint(out))
+            v = gguf_check.check_tensors(gg, load_checkpoint(out))
             row["gguf_verify"] = {"passed": v["passed"], "level": "tensors",
                                   "summary": f"{v['n_codes_identical']}/{v['n_quantized']} codes identical, "
                                              f"{v['n_within_bound']}/{v['n_quantized']} within bound"}
-        row["ppl_gguf"] = score(Path(exp["artifact"]), held, a)
-    except Exception as e:  # report, never hide, why the shipped file could not be scored
-        row["gguf_error"] = f"{type(e).__name__}: {e}"
+    except Exception as e:
+        row["gguf_verify"] = {"passed": False, "level": "error", "summary": f"{type(e).__name__}: {e}"}
     return row
 
 
@@ -203,7 +225,7 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, float], a: argparse.Nam
         if "gguf_error" in r:
             gv, types = "error", "–"
         else:
-            level = "" if r["gguf_verify"]["level"] == "full" else " (a,b)"
+            level = {"full": "", "tensors": " (a,b)"}.get(r["gguf_verify"]["level"], " (verify error)")
             gv = ("pass" if r["gguf_verify"]["passed"] else "FAIL") + level
             types = "+".join(r.get("gguf_types", []))
         lines.append(
