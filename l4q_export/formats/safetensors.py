@@ -81,7 +81,9 @@ def _check_flavor(flavor: str, ck: Checkpoint) -> None:
                             f"{ck.spec.bits}-bit -- use --flavor compressed-tensors (1-8 bits)")
 
 
-def _encode(flavor: str, qt: QuantizedTensor, allow_lossy: bool, model_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode(
+    flavor: str, qt: QuantizedTensor, allow_lossy: bool, model_dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors (by suffix) and the report row of one packable quantized layer; refuses what is not exact."""
     res = resolve_zero(qt)
     if not res.exact and not allow_lossy:
@@ -138,7 +140,8 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
         if flavor == "compressed-tensors":
             qcfg = ct_quantization_config(spec, dense)
         else:
-            qcfg = gptq_quantization_config(spec, flavor == "gptq-v1", dense, __version__)
+            packed_modules = [r["tensor"][: -len(".weight")] for r in rows if r["encoding"] == "packed"]
+            qcfg = gptq_quantization_config(spec, flavor == "gptq-v1", dense, packed_modules, __version__)
             (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
         model_config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps({**model_config, "quantization_config": qcfg}, indent=2) + "\n")

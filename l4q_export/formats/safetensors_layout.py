@@ -17,12 +17,14 @@ All packing goes through `quant.pack_int32` (the one bitstream convention); noth
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import FidelityError
 from ..quant import QuantizedTensor, QuantSpec, pack_int32
 
 FLAVORS = ("compressed-tensors", "gptq", "gptq-v1")
@@ -53,6 +55,9 @@ def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> s
     g = spec.group_len(k)
     if k % g:
         return f"in_features {k} is not a multiple of group_size {g} (partial last group)"
+    if flavor == "compressed-tensors" and spec.bits == 4 and spec.zero_point != "symmetric" and n <= 8 and k > g:
+        # its 4-bit unpacker views a one-word-wide transposed zero-point tensor as bytes and raises
+        return f"compressed-tensors cannot unpack 4-bit zero points of a layer with {n} <= 8 outputs and several groups"
     if flavor.startswith("gptq") and ((k * spec.bits) % 32 or (n * spec.bits) % 32):
         return f"GPTQ packs whole int32 words: {n}x{k} at {spec.bits} bits needs both dims x bits divisible by 32"
     return None
@@ -142,12 +147,21 @@ def ct_quantization_config(spec: QuantSpec, ignore: list[str]) -> dict[str, Any]
     }
 
 
-def gptq_quantization_config(spec: QuantSpec, v1: bool, dense: list[str], version: str) -> dict[str, Any]:
+def block_suffix(module: str) -> str:
+    """`model.layers.3.mlp.down_proj` -> `mlp.down_proj` (the module's name inside its decoder block)."""
+    m = re.match(r"^.*?\.layers\.\d+\.(.+)$", module)
+    return m.group(1) if m else module
+
+
+def gptq_quantization_config(spec: QuantSpec, v1: bool, dense: list[str], packed: list[str], version: str) -> dict[str, Any]:
     """GPTQ config read by transformers/optimum (`checkpoint_format`) and GPTQModel (`format`).
 
-    Layers stored dense are excluded with GPTQModel's negative `dynamic` rules (GPTQModel is the loader behind
-    transformers' GPTQ path).  `modules_in_block_to_quantize` is not written: GPTQConfig only accepts it when
-    optimum is installed, which would make the config fail to validate elsewhere.
+    Layers stored dense must be excluded twice, because the two loaders read different keys: GPTQModel (and
+    vLLM) honour negative `dynamic` rules, while transformers' GPTQ path (optimum's GPTQQuantizer) ignores
+    `dynamic` and replaces every Linear of every block unless `modules_in_block_to_quantize` lists the quantized
+    ones (it matches by suffix, the same list for every block -- which holds here because the dense/packed choice
+    depends only on the layer shape).  Without it transformers loads the dense layers as empty GPTQ modules.
+    Note: transformers' GPTQConfig needs optimum installed to accept `modules_in_block_to_quantize`.
     """
     fmt = "gptq" if v1 else "gptq_v2"
     cfg: dict[str, Any] = {
@@ -158,5 +172,11 @@ def gptq_quantization_config(spec: QuantSpec, v1: bool, dense: list[str], versio
     }
     if dense:
         cfg["dynamic"] = {f"-:^{m.replace('.', '[.]')}$": {} for m in dense}
+        keep = list(dict.fromkeys(block_suffix(m) for m in packed))
+        mixed = set(keep) & {block_suffix(m) for m in dense}
+        if mixed:
+            raise FidelityError(f"GPTQ: {sorted(mixed)} are packed in some blocks and dense in others; transformers' "
+                                "GPTQ loader cannot express that -- use --flavor compressed-tensors")
+        cfg["modules_in_block_to_quantize"] = [keep]
     return cfg
 

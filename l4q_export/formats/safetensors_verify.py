@@ -169,7 +169,8 @@ def verify_artifact(artifact: Path, model_dir: Path, **_: Any) -> dict[str, Any]
             w = reader.get(name)
             expected[module] = t.dequantize()
             ok = _bit_equal(w, expected[module])
-            rows.append({"tensor": name, "encoding": "dense", "codes_identical": ok, "zero_identical": ok, "library_decode_bit_exact": ok})
+            rows.append({"tensor": name, "encoding": "dense", "codes_identical": ok, "zero_identical": ok,
+                         "library_decode_bit_exact": ok})
             continue
         zero, want = expected_layer(t, rounded)
         dec = decode_ct(reader, module, scheme, bits) if scheme is not None else decode_gptq(reader, module, bits, v1)
@@ -194,13 +195,14 @@ def verify_artifact(artifact: Path, model_dir: Path, **_: Any) -> dict[str, Any]
         w = params.get(row["tensor"])
         row["loader_bit_exact"] = w is not None and _bit_equal(w.detach(), expected[row["tensor"][: -len(".weight")]])
     cmp = compare_models(loaded, ref, artifact)
-    n_exact = sum(r["codes_identical"] and r["zero_identical"] and r["library_decode_bit_exact"] and r["loader_bit_exact"] for r in rows)
+    checks = ("codes_identical", "zero_identical", "library_decode_bit_exact", "loader_bit_exact")
+    n_exact = sum(all(r[c] for c in checks) for r in rows)
     passed = bool(rows) and n_exact == len(rows) and floats_ok and cmp["greedy_identical"]
     flavor = method if method == "compressed-tensors" else ("gptq-v1" if v1 else "gptq_v2")
     max_err = max((r.get("max_abs_err_vs_training", 0.0) for r in rows), default=0.0)
     lossy_note = f" [LOSSY rounded zero points: max |dW| {max_err:.3g}]" if rounded else ""
-    summary = (f"{flavor} {bits}-bit: {n_exact}/{len(rows)} layers bit-exact (codes, zeros, library decode, {loader.split(' ')[0]} load)"
-               f"{lossy_note}; "
+    summary = (f"{flavor} {bits}-bit: {n_exact}/{len(rows)} layers bit-exact "
+               f"(codes, zeros, library decode, {loader.split(' ')[0]} load){lossy_note}; "
                f"logits max|d| {cmp['logits_max_abs_diff']:.3g}; greedy {'identical' if cmp['greedy_identical'] else 'DIFFERS'}")
     return {"check": f"safetensors/{flavor}", "artifact": str(artifact), "loader": loader, "passed": passed, "summary": summary,
             "n_layers": len(rows), "n_bit_exact": n_exact, "float_tensors_identical": floats_ok, "lossy": rounded,
