@@ -1,0 +1,328 @@
+"""Packed safetensors export (compressed-tensors pack-quantized, GPTQ v2 / v1): golden values from the real libraries.
+
+Independent sides: compressed-tensors' own `pack_to_int32` / `unpack_from_int32` / decompressor and pydantic
+config model, transformers' `from_pretrained` + `CompressedTensorsConfig` / `GPTQConfig`, the safetensors
+library, published GPTQ qzeros constants, and the fold (the training forward's integers, checked bit-identical
+to the training model by the core tests).  GPTQModel itself is checked outside CI with tools/bench_safetensors.py
+(it pins another torch); see docs/safetensors.md for those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from conftest import require_shared
+from safetensors import safe_open
+
+from l4q_export.errors import FidelityError, L4QInputError
+from l4q_export.fold import fold
+from l4q_export.formats import safetensors as ST
+from l4q_export.formats import safetensors_layout as L
+from l4q_export.quant import SUPPORTED_BITS, QuantizedTensor, QuantSpec
+
+pytestmark = pytest.mark.runtime
+CT_BITS = SUPPORTED_BITS  # every width training produces
+
+
+def _qt(bits: int, n: int, k: int, g: int, zero_point: str = "integer", seed: int = 0, zero=None) -> QuantizedTensor:
+    """A QuantizedTensor with random codes/zeros and fp16-representable scales."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits, g, zero_point)
+    groups = -(-k // spec.group_len(k))
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, groups, generator=gen) * 0.02 + 1e-3).half().float()
+    if zero is None:
+        zero = (torch.full((n, groups), float(1 << (bits - 1))) if zero_point == "symmetric"
+                else torch.randint(0, 1 << bits, (n, groups), generator=gen).float())
+    return QuantizedTensor("model.layers.0.mlp.up_proj.weight", spec, codes, scale, -(scale * zero), zero)
+
+
+def _signed(u: torch.Tensor, bits: int) -> torch.Tensor:
+    return (u.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
+
+
+# ---------------------------------------------------------------- packing vectors (libraries' own packers)
+
+@pytest.mark.parametrize("bits", CT_BITS)
+@pytest.mark.parametrize("k", [64, 172])  # 172: the stories260K MLP width, not a whole number of 32-value runs
+def test_ct_packing_equals_compressed_tensors(bits, k):
+    qt = _qt(bits, 24, k, -1, seed=bits)
+    out = L.ct_tensors(qt, qt.zero, torch.float16)
+    assert torch.equal(out["weight_packed"], pack_to_int32(_signed(qt.codes, bits), bits))
+    assert torch.equal(out["weight_zero_point"], pack_to_int32(_signed(qt.zero, bits), bits, packed_dim=0))
+    assert torch.equal(unpack_from_int32(out["weight_packed"], bits, torch.Size([24, k])), _signed(qt.codes, bits))
+    assert out["weight_shape"].tolist() == [24, k] and out["weight_scale"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits", L.GPTQ_BITS)
+def test_gptq_packing_is_the_dense_bitstream_along_k_and_n(bits):
+    """qweight [K*b/32, N] packed along K, qzeros [G, N*b/32] along N: the same LSB-first stream compressed-tensors
+    packs (its packer, applied on the GPTQ axes, is the independent side)."""
+    qt = _qt(bits, 64, 128, 32, seed=bits)
+    out = L.gptq_tensors(qt, qt.zero, v1=False)
+    assert torch.equal(out["qweight"], pack_to_int32(_signed(qt.codes, bits).T.contiguous(), bits, packed_dim=0))
+    assert torch.equal(out["qzeros"], pack_to_int32(_signed(qt.zero, bits).T.contiguous(), bits, packed_dim=1))
+    assert out["scales"].dtype == torch.float16 and torch.equal(out["scales"].float(), qt.scale.T)
+    assert out["g_idx"].tolist() == [i // 32 for i in range(128)]
+
+
+def _u32(words: torch.Tensor) -> list[int]:
+    return [int(w) & 0xFFFFFFFF for w in words.flatten()]
+
+
+@pytest.mark.parametrize(("bits", "v1", "words"), [
+    # symmetric zero points 2^(b-1) in every field: v2 stores z, v1 stores z - 1 (0x77777777 is the well-known
+    # 4-bit symmetric GPTQ qzeros word; GPTQModel's v1<->v2 converters add/subtract 0x55555555, 0x11111111,
+    # 0x01010101 = "1 in every field" for 2/4/8 bits)
+    (4, False, [0x88888888]), (4, True, [0x77777777]),
+    (8, False, [0x80808080]), (8, True, [0x7F7F7F7F]),
+    (2, False, [0xAAAAAAAA]), (2, True, [0x55555555]),
+    # 3-bit, GPTQ's 10 | 1 straddling | 10 | 1 | 10 layout: z - 1 = 3 in all 32 fields
+    (3, True, [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]),
+])
+def test_gptq_symmetric_qzeros_words(bits, v1, words):
+    qt = _qt(bits, 32, 64, 32, zero_point="symmetric")
+    qz = L.gptq_tensors(qt, qt.zero, v1=v1)["qzeros"]
+    n_words = len(words)
+    assert _u32(qz[:, :n_words]) == words * qz.shape[0]
+
+
+def test_gptq_3bit_straddling_fields():
+    """Values 0..7 repeated: v10 is split over words 0/1 (low 2 bits at 30-31), v21 over words 1/2."""
+    vals = torch.tensor([i % 8 for i in range(32)], dtype=torch.uint8)
+    qt = QuantizedTensor("x.weight", QuantSpec(3, -1, "integer"), vals.repeat(32, 1), torch.ones(32, 1),
+                         torch.zeros(32, 1), torch.zeros(32, 1))
+    w = _u32(L.gptq_tensors(qt, qt.zero, v1=False)["qweight"][:, 0])  # the 3 words of output row 0
+    v = vals.tolist()
+    assert (w[0] >> 30) & 3 == v[10] & 3 and w[1] & 1 == v[10] >> 2
+    assert (w[1] >> 31) & 1 == v[21] & 1 and w[2] & 3 == v[21] >> 1
+    assert [(w[0] >> 3 * i) & 7 for i in range(10)] == v[:10]
+    assert [(w[1] >> (1 + 3 * i)) & 7 for i in range(10)] == v[11:21]
+    assert [(w[2] >> (2 + 3 * i)) & 7 for i in range(10)] == v[22:]
+
+
+# ---------------------------------------------------------------- zero points: v1 / v2, z = 0
+
+def test_zero_point_zero_survives_v2_and_ct_and_is_refused_by_v1():
+    zero = torch.zeros(64, 4)
+    zero[1::2] = 15  # z = 0 next to z = 15: a v1 borrow would corrupt the neighbour
+    qt = _qt(4, 64, 128, 32, zero=zero)
+    qz = L.gptq_tensors(qt, qt.zero, v1=False)["qzeros"]
+    got = unpack_from_int32(qz, 4, torch.Size([4, 64]), packed_dim=1).to(torch.int32) + 8
+    assert torch.equal(got, zero.T.to(torch.int32))
+    zp = L.ct_tensors(qt, qt.zero, torch.float32)["weight_zero_point"]
+    assert torch.equal(unpack_from_int32(zp, 4, torch.Size([64, 4]), packed_dim=0).to(torch.int32) + 8, zero.to(torch.int32))
+    with pytest.raises(FidelityError, match="zero point 0"):
+        ST._encode("gptq-v1", qt, False, torch.float32)
+
+
+def test_v1_asymmetric_with_all_zero_points_at_least_one_is_exact():
+    qt = _qt(4, 64, 128, 32, zero=torch.randint(1, 16, (64, 4)).float())
+    qz = L.gptq_tensors(qt, qt.zero, v1=True)["qzeros"]
+    got = unpack_from_int32(qz, 4, torch.Size([4, 64]), packed_dim=1).to(torch.int32) + 8 + 1  # loaders add 1 back
+    assert torch.equal(got, qt.zero.T.to(torch.int32))
+
+
+# ---------------------------------------------------------------- configs validate against the real schemas
+
+@pytest.fixture(scope="module")
+def int4_ck(tmp_path_factory, tiny_base):
+    from conftest import make_checkpoint
+
+    return make_checkpoint(tiny_base, tmp_path_factory.mktemp("st") / "ck", bits=4, group_size=32, zero_point="integer",
+                           fp16_grid=True)
+
+
+@pytest.mark.parametrize(("bits", "zp", "g"), [(4, "integer", 32), (8, "integer", -1), (3, "symmetric", 64)])
+def test_ct_config_validates_against_compressed_tensors_and_transformers(bits, zp, g):
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import CompressedTensorsConfig
+
+    cfg = L.ct_quantization_config(QuantSpec(bits, g, zp), ["model.layers.0.mlp.down_proj"])
+    parsed = QuantizationConfig.model_validate(cfg)
+    w = parsed.config_groups["group_0"].weights
+    assert (w.num_bits, w.symmetric, w.group_size) == (bits, zp == "symmetric", None if g == -1 else g)
+    assert str(getattr(w.strategy, "value", w.strategy)) == ("channel" if g == -1 else "group")
+    assert str(getattr(parsed.quantization_status, "value", parsed.quantization_status)) == "compressed"
+    assert CompressedTensorsConfig.from_dict(cfg).quantization_config.format == "pack-quantized"
+
+
+@pytest.mark.parametrize("v1", [False, True])
+def test_gptq_config_validates_against_transformers(v1):
+    from transformers import GPTQConfig
+
+    cfg = L.gptq_quantization_config(QuantSpec(3, 32, "symmetric"), v1, [], ["model.layers.0.mlp.up_proj"], "0")
+    parsed = GPTQConfig.from_dict(cfg)
+    assert (parsed.bits, parsed.group_size, parsed.desc_act, parsed.sym) == (3, 32, False, True)
+    assert parsed.to_dict()["checkpoint_format"] == ("gptq" if v1 else "gptq_v2")
+
+
+def test_gptq_config_excludes_dense_layers_for_both_loaders():
+    dense = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    packed = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")]
+    cfg = L.gptq_quantization_config(QuantSpec(4, 32, "integer"), False, dense, packed, "0")
+    assert cfg["modules_in_block_to_quantize"] == [["self_attn.q_proj", "mlp.up_proj"]]
+    assert set(cfg["dynamic"]) == {"-:^model[.]layers[.]0[.]mlp[.]down_proj$", "-:^model[.]layers[.]1[.]mlp[.]down_proj$"}
+    with pytest.raises(FidelityError, match="packed in some blocks"):
+        L.gptq_quantization_config(QuantSpec(4, 32, "integer"), False, dense[:1], [*packed, dense[1]], "0")
+
+
+# ---------------------------------------------------------------- end to end on the tiny model (transformers CPU)
+
+def _fold_weights(ck: Path) -> dict[str, torch.Tensor]:
+    return {n: t.dequantize() for n, t in fold(ck) if isinstance(t, QuantizedTensor)}
+
+
+def test_ct_round_trip_through_transformers_is_bit_exact(int4_ck, tmp_path):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    rep = ST.export(int4_ck, tmp_path / "ct")
+    assert rep["exact"] and rep["n_packed"] == rep["n_quantized"] == 14 and rep["n_dense"] == 0
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32, local_files_only=True,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True))
+    params = dict(m.named_parameters())
+    for name, w in _fold_weights(int4_ck).items():
+        assert torch.equal(params[name].detach(), w), name
+    v = ST.verify(tmp_path / "ct", int4_ck)
+    assert v["passed"] and v["n_bit_exact"] == 14 and v["logits_max_abs_diff"] == 0.0 and v["greedy_identical"], v["summary"]
+    assert ST.detect(tmp_path / "ct") and not ST.detect(tmp_path)
+
+
+@pytest.mark.parametrize(("bits", "zp", "flavor"), [(8, "integer", "gptq"), (3, "symmetric", "gptq-v1"),
+                                                    (2, "integer", "compressed-tensors")])
+def test_other_widths_and_flavors_verify(tiny_base, checkpoint_factory, tmp_path, bits, zp, flavor):
+    ck = checkpoint_factory(tiny_base, bits=bits, group_size=32, zero_point=zp, fp16_grid=True)
+    rep = ST.export(ck, tmp_path / "out", flavor=flavor)
+    assert rep["exact"] and rep["n_packed"] == 14, rep
+    v = ST.verify(Path(rep["artifact"]), ck)
+    assert v["passed"] and v["n_bit_exact"] == 14 and v["logits_max_abs_diff"] == 0.0, v["summary"]
+    qcfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    if flavor.startswith("gptq"):
+        assert qcfg["checkpoint_format"] == ("gptq" if flavor == "gptq-v1" else "gptq_v2") and not qcfg["desc_act"]
+        assert json.loads((tmp_path / "out" / "quantize_config.json").read_text()) == qcfg
+
+
+# ---------------------------------------------------------------- shards, atomicity
+
+def test_small_shard_size_gives_a_consistent_index(int4_ck, tmp_path):
+    out = tmp_path / "sharded"
+    rep = ST.export(int4_ck, out, shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert n == rep["n_shards"] >= 3
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    seen: dict[str, str] = {}
+    total = 0
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                assert key not in seen, f"{key} in {seen.get(key)} and {shard}"
+                seen[key] = shard
+                t = f.get_tensor(key)
+                total += t.numel() * t.element_size()
+    assert seen == index["weight_map"] and total == index["metadata"]["total_size"]
+    assert not list(out.glob(".shard-*"))
+    assert ST.verify(out, int4_ck)["passed"]
+
+
+def test_failure_midway_leaves_nothing(int4_ck, tmp_path, monkeypatch):
+    real = ST.fold_checkpoint
+
+    def broken(ck):
+        for i, item in enumerate(real(ck)):
+            if i == 6:
+                raise L4QInputError("simulated failure while folding")
+            yield item
+
+    monkeypatch.setattr(ST, "fold_checkpoint", broken)
+    with pytest.raises(L4QInputError, match="simulated"):
+        ST.export(int4_ck, tmp_path / "out", shard_size="10KB")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- refusals and bad input (API and CLI)
+
+def _cli(*args: str):
+    from l4q_export.cli import _export_command
+
+    return CliRunner().invoke(_export_command(), ["--to", "safetensors", *args])
+
+
+def test_float_offsets_refused_with_choices_then_lossy_reports_error(tiny_base, checkpoint_factory, tmp_path):
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="float", fp16_grid=True)
+    res = _cli(str(ck), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
+    for choice in ("--zero-point integer", "GGUF or ONNX", "--allow-lossy-zero-point"):
+        assert choice in res.output
+    rep = ST.export(ck, tmp_path / "lossy", allow_lossy_st=True)
+    assert not rep["exact"] and rep["zero_point"] == "rounded"
+    assert any(r["max_abs_err"] > 0 for r in rep["layers"]) and rep["max_abs_err"] == max(r["max_abs_err"] for r in rep["layers"])
+    v = ST.verify(tmp_path / "lossy", ck)
+    assert v["lossy"] and "LOSSY" in v["summary"]
+    assert all(r["codes_identical"] and r["zero_identical"] and r["library_decode_bit_exact"] for r in v["layers"])
+    errs = {r["tensor"]: r["max_abs_err_vs_training"] for r in v["layers"]}
+    assert errs == pytest.approx({r["tensor"]: r["max_abs_err"] for r in rep["layers"]})
+    assert set(errs) == set(_fold_weights(ck))
+
+
+def test_gptq_refuses_unsupported_bits_and_fp32_scales(tiny_base, checkpoint_factory, tmp_path):
+    ck5 = checkpoint_factory(tiny_base, bits=5, group_size=32, zero_point="integer", fp16_grid=True)
+    res = _cli(str(ck5), "-o", str(tmp_path / "g5"), "--flavor", "gptq")
+    assert res.exit_code == 2 and "GPTQ holds 2/3/4/8-bit" in res.output and not (tmp_path / "g5").exists()
+    ck32 = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="integer", fp16_grid=False)
+    with pytest.raises(FidelityError, match="fp16 grid"):
+        ST.export(ck32, tmp_path / "g4", flavor="gptq")
+    assert not (tmp_path / "g4").exists()
+    # compressed-tensors keeps fp32 scales exactly instead
+    assert ST.export(ck32, tmp_path / "ct", flavor="compressed-tensors")["exact"]
+
+
+def test_bad_input(int4_ck, tmp_path):
+    res = _cli(str(tmp_path / "missing"), "-o", str(tmp_path / "o1"))
+    assert res.exit_code == 2 and res.output.startswith("error:") and not (tmp_path / "o1").exists()
+    res = _cli(str(int4_ck), "-o", str(tmp_path / "o2"), "--shard-size", "lots")
+    assert res.exit_code == 2 and "--shard-size" in res.output and not (tmp_path / "o2").exists()
+    ST.export(int4_ck, tmp_path / "ok")
+    shard = next((tmp_path / "ok").glob("model-*.safetensors"))
+    shard.write_bytes(b"\x00" * 7)
+    with pytest.raises(L4QInputError, match="corrupt safetensors"):
+        ST.verify(tmp_path / "ok", int4_ck)
+    shard.unlink()
+    with pytest.raises(L4QInputError, match="missing"):
+        ST.verify(tmp_path / "ok", int4_ck)
+
+
+def test_corrupt_adapter_is_input_error(tiny_base, checkpoint_factory, tmp_path):
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="integer")
+    (ck / "l4q_adapter.safetensors").write_bytes(b"not a safetensors file")
+    res = _cli(str(ck), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the real stories260K model
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_stories260k_integer_zero_points(tmp_path):
+    """stories260K really trained with integer zero points: MLP width 172 is not a multiple of group 32, so down_proj
+    is stored dense (exact) and excluded in the config; everything else is packed and loads bit-exactly."""
+    from l4q_export.training.trainer import TrainArgs, train
+
+    ck = tmp_path / "ck"
+    train(TrainArgs(model=require_shared("models", "stories260K"), data=require_shared("instruct", "alpaca_en_demo.json"),
+                    out=ck, bits=4, group_size=32, zero_point="integer", steps=6, batch_size=4, grad_accum=1, seq_len=128,
+                    lr=2e-3, scale_grid="fp16", save_every=0, eval_examples=8))
+    rep = ST.export(ck, tmp_path / "ct")
+    assert rep["exact"] and (rep["n_packed"], rep["n_dense"]) == (30, 5)
+    v = ST.verify(tmp_path / "ct", ck)
+    assert v["passed"] and v["n_bit_exact"] == 35 and v["logits_max_abs_diff"] == 0.0 and v["greedy_identical"], v["summary"]
+    rep = ST.export(ck, tmp_path / "gptq", flavor="gptq")
+    assert rep["exact"] and (rep["n_packed"], rep["n_dense"]) == (20, 15)  # 172 x 4 bits is not whole int32 words
+    v = ST.verify(tmp_path / "gptq", ck)
+    assert v["passed"] and v["n_bit_exact"] == 35 and v["logits_max_abs_diff"] == 0.0, v["summary"]
