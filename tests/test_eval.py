@@ -187,12 +187,13 @@ def test_cli_on_checkpoint_fold_equals_train_forward(stories_checkpoint, tmp_pat
     text = require_shared("text", "wikitext2_test.txt")
     data = require_shared("eval")
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(main, [str(stories_checkpoint), "--tasks", "ppl,arc_easy,winogrande", "--text", str(text),
+    res = CliRunner().invoke(main, [str(stories_checkpoint), "--tasks", "ppl,arc_easy,winogrande,boolq", "--text", str(text),
                                     "--data-dir", str(data), "--limit", "4", "--max-tokens", "700", "--json", str(out)])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert rep["backend"] == "torch[l4q, fold]" and "| perplexity |" in res.output
-    assert rep["results"]["arc_easy"]["n"] == 4 and "acc_norm" not in rep["results"]["winogrande"]
+    assert rep["results"]["arc_easy"]["n"] == 4 and "acc_norm" in rep["results"]["arc_easy"]
+    assert "acc_norm" not in rep["results"]["winogrande"] and "acc_norm" not in rep["results"]["boolq"]  # harness: acc only
     train = run_eval(stories_checkpoint, ["ppl"], text=text, max_tokens=700, forward="train")
     assert train["results"]["ppl"]["ppl"] == pytest.approx(rep["results"]["ppl"]["ppl"], rel=1e-5)
     bad = CliRunner().invoke(main, [str(stories_checkpoint), "--tasks", "ppl"])

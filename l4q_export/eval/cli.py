@@ -18,7 +18,7 @@ import click
 from ..errors import L4QInputError
 from .backends import open_backend
 from .perplexity import perplexity
-from .tasks import MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
+from .tasks import ACC_ONLY, MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,7 +58,7 @@ def run_eval(target: Path, tasks: list[str], text: Path | None = None, data_dir:
         elif t in MMLU_TASKS:
             r = mmlu(backend, data_dir, shots=0 if t == "mmlu_0shot" else 5, limit=limit)  # type: ignore[arg-type]
         else:
-            r = score_docs(backend, mc_docs(t, data_dir, limit), norm=t != "winogrande")  # type: ignore[arg-type]
+            r = score_docs(backend, mc_docs(t, data_dir, limit), norm=t not in ACC_ONLY)  # type: ignore[arg-type]
         r["seconds"] = time.time() - t0
         results[t] = r
     return {"target": str(target), "backend": backend.name, "ctx": backend.max_length, "limit": limit, "results": results}

@@ -11,7 +11,7 @@ No BOS is added (the harness's default for causal HF models).
 
 Prompts follow the harness's task configs, adapted to the local MosaicML-gauntlet files (`query`/`choices`/`gold`):
   arc_easy, arc_challenge  "{query}\\nAnswer:"  + " {choice}"     (query is already "Question: ...")
-  boolq                    "{query}\\nAnswer:"  + " no" / " yes" (the file's query starts "Passage: ...")
+  boolq                    "{query}\\nAnswer:"  + " no" / " yes" (the file's query starts "Passage: ..."; acc only)
   piqa                     "{query}\\nAnswer:"  + " {choice}"     (query "Question: {goal}")
   openbook_qa              "{query}"           + " {choice}"
   hellaswag                preprocess(ctx)     + " " + preprocess(ending)   (harness's preprocess)
@@ -38,6 +38,7 @@ from .backends import Backend
 
 MC_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbook_qa")
 MMLU_TASKS = ("mmlu_0shot", "mmlu_5shot")
+ACC_ONLY = ("boolq", "winogrande")  # the harness's configs report acc only for these (and for MMLU)
 FILES = {"boolq": "boolq.jsonl", "piqa": "piqa.jsonl", "hellaswag": "hellaswag_val.jsonl", "winogrande": "winogrande.jsonl",
          "arc_easy": "arc_easy.jsonl", "arc_challenge": "arc_challenge.jsonl", "openbook_qa": "openbook_qa.jsonl"}
 
