@@ -1,15 +1,23 @@
-"""Check a GPTQ export with GPTQModel itself (the GPTQ reference loader), outside the project's environment.
+"""Evidence for the packed-safetensors target that CI cannot gather (docs/safetensors.md quotes its output).
 
-gptqmodel is not a project dependency: it pins a newer torch and pulls CUDA wheels.  Install it in a separate
-venv that can also see the project (e.g. a .pth file pointing at the project venv's site-packages) and run
+    zero-points CKPT      Can a float-offset (L4Q) checkpoint be written with *integer* zero points exactly in any
+                          container up to 8 bits?  Runs in the project venv.
+    gptqmodel OUT --model CKPT [--transformers] [--json r.json]
+                          Check a GPTQ export with GPTQModel itself (the reference GPTQ loader).  gptqmodel is not a
+                          project dependency (it pins a newer torch and pulls CUDA wheels): install it in a separate
+                          venv that also sees the project, e.g. `PYTHONPATH=. /tmp/gq/bin/python tools/bench_safetensors.py ...`.
 
-    PYTHONPATH=. /tmp/gq/bin/python tools/bench_safetensors.py OUT_DIR --model MODEL_DIR [--transformers] [--json r.json]
+zero-points: an exact integer encoding (q', z', s') of a group's weights u*d + m, u = 0..umax, must reproduce the
+step d between consecutive codes, so q' = k*u + c and s' = d/k for an integer k >= 1; then z' = c - k*m/d must be
+an integer with k*umax + z' <= 255 (8-bit container at most).  For every group the smallest such k is searched with
+exact rational arithmetic on the stored floats, and a candidate is accepted only if it reproduces the fold's fp32
+weights bit for bit.  A tensor is exportable only if every one of its groups is.
 
-For every quantized Linear, GPTQModel's TorchLinear (CPU, torch backend) `dequantize_weight()` must equal the
-fold's W_q rounded once to the loader dtype (fp16: an fp16 scale times an integer |q - z| < 256 is exact in
-fp32, so one rounding to fp16 is what any correct decoder produces).  `--transformers` also loads the
-directory with `AutoModelForCausalLM.from_pretrained` (transformers -> optimum -> gptqmodel on CPU) and
-compares its logits and greedy text with the PyTorch training model.
+gptqmodel: for every quantized Linear, GPTQModel's TorchLinear (CPU, torch backend) `dequantize_weight()` must
+equal the fold's W_q rounded once to fp16 (an fp16 scale times an integer |q - z| < 256 is exact in fp32, so one
+rounding to fp16 is what any correct decoder produces).  `--transformers` also loads the directory with
+`AutoModelForCausalLM.from_pretrained` (transformers -> optimum -> gptqmodel on CPU), checks its weights the same
+way and compares its logits and greedy text with the PyTorch training model.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -73,23 +82,63 @@ def check_transformers(artifact: Path, model_dir: Path, expected: dict[str, torc
             "n_bit_exact": exact, "n_layers": len(expected), **cmp}
 
 
+def zero_point_encodings(model_dir: Path) -> dict:
+    groups = exact_groups = 0
+    tensors_ok: list[str] = []
+    k_hist: dict[int, int] = {}
+    n_tensors = 0
+    for name, t in fold_checkpoint(load_checkpoint(model_dir)):
+        if not isinstance(t, QuantizedTensor) or t.zero is not None:
+            continue
+        n_tensors += 1
+        umax, before = t.spec.umax, exact_groups
+        u = torch.arange(umax + 1, dtype=torch.float32)
+        for d, m in zip(t.scale.flatten().tolist(), t.minimum.flatten().tolist(), strict=True):
+            groups += 1
+            z = -Fraction(m) / Fraction(d)  # exact: both are binary floats
+            for k in range(1, 255 // umax + 1):
+                zk = z * k
+                if zk.denominator != 1 or not 0 <= zk <= 255 - k * umax:
+                    continue
+                s2 = torch.tensor(d / k, dtype=torch.float32)
+                ref = u * torch.tensor(d) + torch.tensor(m)
+                if float(s2) * k == d and torch.equal((k * u - float(zk)) * s2, ref):
+                    exact_groups += 1
+                    k_hist[k] = k_hist.get(k, 0) + 1
+                break
+        if exact_groups - before == t.scale.numel():
+            tensors_ok.append(name)
+    return {"checkpoint": str(model_dir), "float_offset_tensors": n_tensors, "groups": groups,
+            "groups_with_exact_integer_encoding": exact_groups, "smallest_k_histogram": dict(sorted(k_hist.items())),
+            "tensors_fully_encodable": tensors_ok,
+            "summary": f"{exact_groups}/{groups} groups and {len(tensors_ok)}/{n_tensors} tensors have an exact "
+                       f"integer-zero-point encoding in <= 8 bits (k histogram {dict(sorted(k_hist.items()))})"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", type=Path)
-    ap.add_argument("--model", type=Path, required=True, help="the L4Q checkpoint the artifact was exported from")
-    ap.add_argument("--transformers", action="store_true", help="also load through transformers' GPTQ integration")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    zp = sub.add_parser("zero-points", help="exact integer encodings of a float-offset checkpoint")
+    zp.add_argument("checkpoint", type=Path)
+    gq = sub.add_parser("gptqmodel", help="load a GPTQ export with GPTQModel (and transformers)")
+    gq.add_argument("artifact", type=Path)
+    gq.add_argument("--model", type=Path, required=True, help="the L4Q checkpoint the artifact was exported from")
+    gq.add_argument("--transformers", action="store_true", help="also load through transformers' GPTQ integration")
     ap.add_argument("--json", type=Path, default=None, help="write the full report here (GPTQModel logs to stdout)")
     args = ap.parse_args()
-    expected = expected_weights(args.model)
-    report = {"gptqmodel": check_gptqmodel(args.artifact, expected)}
-    if args.transformers:
-        try:
-            report["transformers"] = check_transformers(args.artifact, args.model, expected)
-        except Exception as e:  # noqa: BLE001 -- report whatever the integration raises
-            report["transformers"] = {"error": f"{type(e).__name__}: {e}"}
-    g = report["gptqmodel"]
-    report["summary"] = (f"GPTQModel TorchLinear: {g['n_bit_exact']}/{g['n_layers']} layers bit-exact in fp16 "
-                         f"({g['n_packed']} packed)")
+    if args.cmd == "zero-points":
+        report = zero_point_encodings(args.checkpoint)
+    else:
+        expected = expected_weights(args.model)
+        report = {"gptqmodel": check_gptqmodel(args.artifact, expected)}
+        if args.transformers:
+            try:
+                report["transformers"] = check_transformers(args.artifact, args.model, expected)
+            except Exception as e:  # noqa: BLE001 -- report whatever the integration raises
+                report["transformers"] = {"error": f"{type(e).__name__}: {e}"}
+        g = report["gptqmodel"]
+        report["summary"] = (f"GPTQModel TorchLinear: {g['n_bit_exact']}/{g['n_layers']} layers bit-exact in fp16 "
+                             f"({g['n_packed']} packed)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(report["summary"])

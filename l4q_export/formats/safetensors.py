@@ -30,7 +30,7 @@ from .. import __version__
 from ..checkpoint import TOKENIZER_FILES, AtomicDir, Checkpoint, load_checkpoint
 from ..errors import FidelityError, L4QInputError
 from ..fold import fold_checkpoint
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, QuantSpec
 from .safetensors_io import ShardWriter, parse_size
 from .safetensors_layout import (
     FLAVORS,
@@ -66,6 +66,20 @@ REFUSE_FLOAT = (
     "exactly; (2) export to GGUF or ONNX, which hold float offsets exactly; (3) pass --allow-lossy-zero-point "
     "to round the zero points and get the per-tensor error in the report."
 )
+
+
+def serving_note(flavor: str, spec: QuantSpec) -> str:
+    """Which known loaders take this artifact (all of them read it exactly; the limits are kernels', not the file's)."""
+    sym = spec.zero_point == "symmetric"
+    if flavor == "compressed-tensors":
+        if sym or spec.bits in (4, 8):
+            return "transformers (CPU decompress); vLLM/SGLang WNA16 kernels"
+        return (f"transformers (CPU decompress); vLLM/SGLang serve asymmetric compressed-tensors only at 4/8 bits, "
+                f"not {spec.bits}")
+    if sym and spec.bits in (4, 8):
+        return "GPTQModel, transformers+optimum+gptqmodel (CPU); vLLM GPTQ-Marlin"
+    return ("GPTQModel, transformers+optimum+gptqmodel (CPU); current vLLM serves GPTQ only symmetric 4/8-bit "
+            "(older vLLM: gptq_gemm)")
 
 
 def _model_dtype(model_config: dict[str, Any]) -> torch.dtype:
@@ -158,7 +172,8 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
         "artifact": str(output), "format": NAME, "flavor": flavor, "bits": spec.bits, "group_size": spec.group_size,
         "zero_point": info["zero_point"], "n_quantized": len(rows), "n_packed": len(packed), "n_dense": len(dense),
         "n_shards": len(set(index["weight_map"].values())), "total_bytes": index["metadata"]["total_size"],
-        "exact": not lossy, "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0), "layers": rows,
+        "exact": not lossy, "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0),
+        "loaders": serving_note(flavor, spec), "layers": rows,
     }
 
 
