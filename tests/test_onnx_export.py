@@ -228,6 +228,27 @@ def count_fused(path: Path, tmp: Path) -> int:
     return sum(n.op_type == "MatMulNBits" for n in onnx.load(str(tmp / "opt.onnx"), load_external_data=False).graph.node)
 
 
+def op_counts(out: Path) -> dict[str, int]:
+    """Node count per op type in the exported model.onnx."""
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def assert_fused_ops(out: Path, n_layers: int, rotary: bool) -> None:
+    """The fused graph really uses ORT's contrib ops: one GroupQueryAttention per layer (RoPE inside when `rotary`),
+    a SkipSimplifiedLayerNormalization for every norm after a residual add, and no decomposed attention left."""
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    counts = op_counts(out)
+    assert counts.get("GroupQueryAttention") == n_layers and counts.get("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    assert "Softmax" not in counts and "Where" not in counts  # no decomposed attention/mask
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.domain == "com.microsoft" for n in gqa)
+    assert {helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "do_rotary"} == {int(rotary)}
+    assert ("Cos" in counts) != rotary  # RoPE tables computed in the graph only when the op cannot rotate
+
+
 def assert_exact_export(ck: Path, out: Path, tmp: Path, form: str) -> dict[str, Any]:
     rows = check_storage(out, ck)
     bad = {k: v for k, v in rows.items() if not all(v.values())}
@@ -314,6 +335,8 @@ def test_gqa_qwen2_bias(qwen_base, tmp_path):
         O.export(ck, out, onnx_form=form)
         inits = {t.name for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
         assert {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"} <= inits
+        if form == "matmulnbits":
+            assert_fused_ops(out, cfg["num_hidden_layers"], rotary=True)
         assert_exact_export(ck, out, tmp_path, form)
 
 
@@ -367,6 +390,68 @@ def test_external_data_and_genai_config(odd_base, tmp_path):
     assert dec["outputs"]["present_value_names"] % 1 == "present.1.value"
     assert cfg["model"]["vocab_size"] == base_cfg["vocab_size"]
     assert (out / "tokenizer.model").is_file() or (out / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# ORT's fused contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization): the matmulnbits default
+# --------------------------------------------------------------------------------------------------------
+
+def test_fused_is_the_matmulnbits_default_and_unfused_stays_exact(odd_base, tmp_path):
+    """Default matmulnbits = fused contrib ops (RoPE inside GQA at head_dim 16); --no-onnx-fused = the decomposed
+    graph; both pass (a)/(b)/(c).  The fused graph honours caller position_ids (HF with the same offset)."""
+    ck = make_checkpoint(odd_base, tmp_path / "ck", bits=4, group_size=32, zero_point="float")
+    rep = O.export(ck, tmp_path / "fused")
+    assert rep["fused"] and rep["form"] == "matmulnbits"
+    assert_fused_ops(tmp_path / "fused", 2, rotary=True)
+    assert_exact_export(ck, tmp_path / "fused", tmp_path, "matmulnbits")
+    assert not O.export(ck, tmp_path / "plain", onnx_fused=False)["fused"]
+    counts = op_counts(tmp_path / "plain")
+    assert "GroupQueryAttention" not in counts and "SkipSimplifiedLayerNormalization" not in counts and counts["Softmax"] == 2
+    assert_exact_export(ck, tmp_path / "plain", tmp_path, "matmulnbits")
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(odd_base), dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        for name, qt in _quantized(ck).items():
+            model.get_submodule(name.removesuffix(".weight")).weight.copy_(qt.dequantize())
+        ids = np.random.default_rng(3).integers(3, model.config.vocab_size, (1, 6))
+        pos = np.arange(5, 11)[None]
+        ref = model(torch.tensor(ids), position_ids=torch.tensor(pos)).logits[0].numpy()
+    sess = ort.InferenceSession(str(tmp_path / "fused" / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = {f"past_key_values.{i}.{x}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for x in ("key", "value")}
+    got = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64), "position_ids": pos, **past})[0]
+    assert np.abs(got[0] - ref).max() <= LOGIT_TOL
+
+
+def test_fused_sliding_window_mistral(tmp_path):
+    """Mistral with a 5-token sliding window (shorter than prefill 8 + 16 decode steps): GQA's local_window_size
+    reproduces HF's window mask (window - 1 would not: the logits move by O(1))."""
+    from l4q_export.demo import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "raw", arch="mistral", heads=4, kv_heads=2, seed=5)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["sliding_window"] = 5
+    (base / "config.json").write_text(json.dumps(cfg))
+    base = _sharpen(base, tmp_path / "base")
+    ck = make_checkpoint(base, tmp_path / "ck", bits=4, group_size=32, zero_point="integer")
+    O.export(ck, tmp_path / "out")
+    m = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    windows = {helper.get_attribute_value(a) for n in m.graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size"}
+    assert windows == {5}
+    assert_exact_export(ck, tmp_path / "out", tmp_path, "matmulnbits")
+
+
+def test_qdq_refuses_fused(exported, tmp_path):
+    ck, _ = exported
+    with pytest.raises(L4QInputError, match="standard ONNX ops"):
+        O.export(ck, tmp_path / "o", onnx_form="qdq", onnx_fused=True)
+    res = _cli(str(ck), "-o", str(tmp_path / "o"), "--onnx-form", "qdq", "--onnx-fused")
+    assert res.exit_code == 2 and "--onnx-fused" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+    counts = op_counts(exported[1])  # the default qdq export: standard ops only
+    assert "GroupQueryAttention" not in counts and "MatMulNBits" not in counts
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -564,5 +649,7 @@ def test_stories260k_trained(stories_checkpoint, tmp_path, form):
     """stories260K really L4Q-trained (4-bit g32 float offsets; MLP 172 -> partial last group; tied embeddings)."""
     out = tmp_path / "out"
     O.export(stories_checkpoint, out, onnx_form=form)
+    if form == "matmulnbits":  # fused by default; head_dim 8 is too small for GQA's rotary kernel: RoPE in the graph
+        assert_fused_ops(out, 5, rotary=False)
     res = assert_exact_export(stories_checkpoint, out, tmp_path, form)
     assert len(res["rows"]) == 35 and res["run"]["max_abs_logit"] > 1.0

@@ -6,10 +6,15 @@ Without --model a random LLaMA (default hidden 1024, MLP 2816, 4 layers, 16 q / 
 RTN L4Q checkpoint (`l4q-train --method rtn`, no training: speed does not depend on the values).  Every variant is
 written by our exporter from the same checkpoint, so the graphs are identical except for the linear layers:
 
-    fp32          plain fp32 MatMul on the dequantized weights (the "unquantized" baseline: same graph, fp32 weights)
-    matmulnbits   com.microsoft::MatMulNBits, accuracy_level 0 (exact fp32 compute; what verify checks)
+    fp32          plain fp32 MatMul on the dequantized weights (the "unquantized" baseline: same decomposed graph, fp32
+                  weights)
+    fp32-fused    the same with ORT's GroupQueryAttention + SkipSimplifiedLayerNormalization
+    matmulnbits   com.microsoft::MatMulNBits, accuracy_level 0 (exact fp32 compute; what verify checks), fused
+                  attention/norms (the export default)
+    matmulnbits-unfused  the same with decomposed attention/RMSNorm (--no-onnx-fused)
     qdq           standard DequantizeLinear + MatMul, which ORT fuses to MatMulNBits when the session is created
-    matmulnbits-acc4  accuracy_level 4 (int8 activations in MLAS; faster, ~5e-3 relative error per matmul)
+                  (decomposed attention/RMSNorm: standard ops only)
+    matmulnbits-acc4  accuracy_level 4 (int8 activations in MLAS; faster, ~5e-3 relative error per matmul), fused
 
 For each: file size (model.onnx + data), session creation, prefill time of a --prompt token prompt, and greedy decode
 tokens/s over --decode steps with the KV cache; ratios are against fp32.  CPU EP only unless onnxruntime-gpu sees
@@ -30,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = {"fp32": ("dequantized", 0), "matmulnbits": ("matmulnbits", 0), "qdq": ("qdq", 0),
-            "matmulnbits-acc4": ("matmulnbits", 4)}
+# name -> (onnx_form, accuracy_level, fused contrib attention/norms)
+VARIANTS = {"fp32": ("dequantized", 0, False), "fp32-fused": ("dequantized", 0, True),
+            "matmulnbits": ("matmulnbits", 0, True), "matmulnbits-unfused": ("matmulnbits", 0, False),
+            "qdq": ("qdq", 0, False), "matmulnbits-acc4": ("matmulnbits", 4, True)}
 
 
 def build_checkpoint(work: Path, a: argparse.Namespace) -> Path:
@@ -125,16 +132,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             else [])
     rows = []
     for name in a.variants.split(","):
-        form, level = VARIANTS[name]
+        form, level, fused = VARIANTS[name]
         t0 = time.perf_counter()
-        rep = O.export(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level)
+        rep = O.export(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level, onnx_fused=fused)
         export_s = time.perf_counter() - t0
         for prov in providers:
             r = bench_variant(Path(rep["artifact"]), spec, prov, a)
             rows.append({"variant": name, "provider": prov.removesuffix("ExecutionProvider"), "bytes": rep["total_bytes"],
                          "export_s": export_s, **r})
     for r in rows:
-        ref = next(x for x in rows if x["variant"] == "fp32" and x["provider"] == r["provider"]) if "fp32" in a.variants else r
+        ref = next((x for x in rows if x["variant"] == "fp32" and x["provider"] == r["provider"]), r)
         r["size_ratio"] = r["bytes"] / ref["bytes"]
         r["prefill_speedup"] = ref["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = r["decode_tok_s"] / ref["decode_tok_s"]
@@ -149,10 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"vocab {spec.vocab}, {n_linear / 1e6:.1f}M linear weights; {ck.spec.bits}-bit g{ck.spec.group_size} "
           f"{ck.spec.zero_point}; ORT {ort.__version__}, "
           f"{a.threads} threads; prompt {a.prompt}, decode {a.decode}, median of {a.repeats}")
-    print(f"{'variant':<17}{'EP':<5}{'size MB':>9}{'x fp32':>8}{'prefill ms':>12}{'x':>6}{'decode tok/s':>14}{'x':>6}"
+    print(f"{'variant':<20}{'EP':<5}{'size MB':>9}{'x fp32':>8}{'prefill ms':>12}{'x':>6}{'decode tok/s':>14}{'x':>6}"
           f"{'same tokens':>13}")
     for r in rows:
-        print(f"{r['variant']:<17}{r['provider']:<5}{r['bytes'] / 1e6:>9.1f}{r['size_ratio']:>8.3f}{r['prefill_s'] * 1e3:>12.1f}"
+        print(f"{r['variant']:<20}{r['provider']:<5}{r['bytes'] / 1e6:>9.1f}{r['size_ratio']:>8.3f}{r['prefill_s'] * 1e3:>12.1f}"
               f"{r['prefill_speedup']:>6.2f}{r['decode_tok_s']:>14.1f}{r['decode_speedup']:>6.2f}{str(r['same_tokens_as_fp32']):>13}")
     result = {"info": info, "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}
     if a.json:

@@ -24,7 +24,17 @@ from ..checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint
 from ..errors import L4QInputError
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
-from .onnx_graph import DATA_FILE, DTYPES, DecoderGraph, DecoderSpec, ExternalData, GraphBuilder, make_model
+from .onnx_graph import (
+    DATA_FILE,
+    DTYPES,
+    DecoderGraph,
+    DecoderSpec,
+    ExternalData,
+    GraphBuilder,
+    add_rope_cache,
+    gqa_rotary,
+    make_model,
+)
 from .onnx_linear import FORMS, LinearWriter
 
 NAME = "onnx"
@@ -37,6 +47,9 @@ CLI_OPTIONS = [
                  help="ONNX: matmulnbits (com.microsoft::MatMulNBits) or qdq (standard DequantizeLinear + MatMul)."),
     click.Option(["--dtype", "dtype"], type=click.Choice(tuple(DTYPES)), default="fp32", show_default=True,
                  help="ONNX: activation/scale dtype of the graph (fp16 needs scales/offsets on the fp16 grid)."),
+    click.Option(["--onnx-fused/--no-onnx-fused", "onnx_fused"], default=None,
+                 help="ONNX: ORT's fused GroupQueryAttention + SkipSimplifiedLayerNormalization contrib ops "
+                      "[default: on for matmulnbits; qdq stays standard ops only]."),
     click.Option(["--onnx-accuracy-level", "onnx_accuracy_level"], type=click.IntRange(0, 4), default=0, show_default=True,
                  help="ONNX: MatMulNBits accuracy_level (0 = exact fp compute; 4 = int8 activations, faster, ~5e-3 error)."),
 ]
@@ -89,14 +102,19 @@ def genai_config(spec: DecoderSpec, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmulnbits", dtype: str = "fp32",
-           onnx_accuracy_level: int = 0, **_: Any) -> dict[str, Any]:
+           onnx_accuracy_level: int = 0, onnx_fused: bool | None = None, **_: Any) -> dict[str, Any]:
     """Fold the checkpoint and write OUT_DIR/model.onnx (+ external data) atomically; returns the report.
 
     onnx_form may also be "dequantized" (plain fp MatMul on the exact W_q; used as the unquantized
-    baseline by tools/bench_onnx.py).
+    baseline by tools/bench_onnx.py).  onnx_fused (default: on for matmulnbits only) uses ORT's
+    GroupQueryAttention and SkipSimplifiedLayerNormalization; the qdq form refuses it (standard ops only).
     """
     if onnx_form not in FORMS:
         raise L4QInputError(f"onnx_form={onnx_form!r}; choose one of {', '.join(FORMS)}")
+    fused = onnx_form == "matmulnbits" if onnx_fused is None else bool(onnx_fused)
+    if fused and onnx_form == "qdq":
+        raise L4QInputError("--onnx-fused does not apply to --onnx-form qdq, which uses standard ONNX ops only; "
+                            "use --onnx-form matmulnbits or drop --onnx-fused")
     if dtype not in DTYPES:
         raise L4QInputError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
     if not 0 <= int(onnx_accuracy_level) <= 4:
@@ -124,13 +142,15 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                     raise L4QInputError(f"tensor {name} in the base model is not part of a LLaMA/Mistral/Qwen2 decoder; "
                                         "cannot export it to ONNX")
                 writer.add_float(name, t, transpose=role == "matrix")
+            rope_cache = add_rope_cache(spec, g, data) if fused and gqa_rotary(spec) else None
         finally:
             data.close()
-        DecoderGraph(spec, g, writer, writer.floats).build()
-        ins, outs = DecoderGraph(spec, g, writer, writer.floats).io()
-        meta = {"version": 1, "form": onnx_form, "dtype": dtype, "accuracy_level": int(onnx_accuracy_level),
+        graph = DecoderGraph(spec, g, writer, writer.floats, fused, rope_cache)
+        graph.build()
+        ins, outs = graph.io()
+        meta = {"version": 1, "form": onnx_form, "dtype": dtype, "fused": fused, "accuracy_level": int(onnx_accuracy_level),
                 "spec": ck.spec.to_dict(), "layers": {k: v.to_json() for k, v in writer.layouts.items()}}
-        model = make_model(g, ins, outs, {META_KEY: json.dumps(meta)}, uses_ms=onnx_form == "matmulnbits")
+        model = make_model(g, ins, outs, {META_KEY: json.dumps(meta)}, uses_ms=onnx_form == "matmulnbits" or fused)
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg), indent=2) + "\n")
@@ -144,7 +164,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                ("integer zero point" if v.form != "dequantized" else "dequantized fp weight")}
               for k, v in writer.layouts.items()]
     return {"format": NAME, "artifact": str(out / MODEL_FILE), "output_dir": str(out), "form": onnx_form, "dtype": dtype,
-            "accuracy_level": int(onnx_accuracy_level), "opset": 21, "n_quantized": len(layers), "bytes": sizes,
+            "fused": fused, "accuracy_level": int(onnx_accuracy_level), "opset": 21, "n_quantized": len(layers), "bytes": sizes,
             "total_bytes": sum(sizes.values()), "spec": ck.spec.to_dict(), "layers": layers}
 
 

@@ -6,6 +6,11 @@ fold's integers.  Attention, RMSNorm, RoPE and SiLU are decomposed into standard
 graph body serves every form; ONNX Runtime's optimizer fuses the norm and the (DQ +) MatMul patterns
 itself.  Initializers go to one external data file as they arrive (`ExternalData`), so peak memory
 stays around one tensor, whatever the model size.
+
+`fused=True` (the MatMulNBits form's default) swaps the decomposed attention for ORT's
+`com.microsoft::GroupQueryAttention` (RoPE inside, from a cos/sin cache computed by transformers' own
+math) and every residual-add + RMSNorm for `com.microsoft::SkipSimplifiedLayerNormalization`; these are
+exact up to fp32 summation order (docs/onnx.md measures it) and ORT never fuses the decomposed forms itself.
 """
 
 from __future__ import annotations
@@ -173,6 +178,29 @@ class GraphBuilder:
         return self._consts[key]
 
 
+def gqa_rotary(spec: DecoderSpec) -> bool:
+    """Whether ORT's GroupQueryAttention can apply RoPE itself: its CPU rotary kernel needs head_size % 16 == 0
+    ("head_size shall be a multiple of 16", onnxruntime 1.32; stories260K has head_dim 8)."""
+    return spec.head_dim % 16 == 0
+
+
+def add_rope_cache(spec: DecoderSpec, g: GraphBuilder, data: ExternalData) -> tuple[str, str]:
+    """GroupQueryAttention's cos/sin caches [max_positions, head_dim/2], computed with torch as HF does.
+
+    HF: freqs = position * inv_freq in fp32 (one exact product), cos/sin of it, times attention_scaling,
+    cast to the activation dtype.  Rows are positions, so the cache covers the model's context length.
+    """
+    import torch
+
+    pos = torch.arange(spec.max_positions, dtype=torch.float32)[:, None]
+    freqs = pos * torch.from_numpy(spec.inv_freq)[None, :]
+    out = []
+    for name, fn in (("rope.cos_cache", torch.cos), ("rope.sin_cache", torch.sin)):
+        t = fn(freqs) * spec.rope_scale if spec.rope_scale != 1.0 else fn(freqs)
+        out.append(g.add_initializer(data.tensor(name, t.numpy().astype(g.np_dtype))))
+    return out[0], out[1]
+
+
 def kv_names(i: int) -> tuple[str, str, str, str]:
     return f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value"
 
@@ -185,8 +213,12 @@ class DecoderGraph:
     KV cache, SiLU MLP, lm_head) is built here.
     """
 
-    def __init__(self, spec: DecoderSpec, g: GraphBuilder, linear: Any, floats: dict[str, str]) -> None:
+    def __init__(self, spec: DecoderSpec, g: GraphBuilder, linear: Any, floats: dict[str, str], fused: bool = False,
+                 rope_cache: tuple[str, str] | None = None) -> None:
+        """fused: build the contrib-op graph; rope_cache: the (cos, sin) initializers from `add_rope_cache` when
+        GroupQueryAttention applies RoPE itself (`gqa_rotary`), else RoPE stays decomposed in front of it."""
         self.s, self.g, self.linear, self.floats = spec, g, linear, floats
+        self.fused, self.rope_cache = fused, rope_cache
 
     def weight(self, name: str) -> str:
         if name not in self.floats:
@@ -204,8 +236,9 @@ class DecoderGraph:
             y = g.op("Cast", [y], hint, to=g.onnx_dtype)
         return g.op("Mul", [self.weight(weight), y], hint)
 
-    def rope_tables(self) -> tuple[str, str]:
-        """cos/sin [B,1,S,D] from position_ids: freqs = pos * inv_freq (one exact fp32 product, as HF)."""
+    def rope_tables(self, axis: int = 1) -> tuple[str, str]:
+        """cos/sin [B,1,S,D] (or [B,S,1,D] with axis=2) from position_ids: freqs = pos * inv_freq (one exact fp32
+        product, as HF)."""
         g, s = self.g, self.s
         pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "rope", to=TensorProto.FLOAT), g.const([-1])], "rope")
         freqs = g.op("Mul", [pos, g.const(s.inv_freq, np.float32)], "rope")
@@ -217,7 +250,7 @@ class DecoderGraph:
                 t = g.op("Mul", [t, g.const(s.rope_scale, np.float32)], "rope")
             if g.onnx_dtype != TensorProto.FLOAT:
                 t = g.op("Cast", [t], "rope", to=g.onnx_dtype)
-            out.append(g.op("Unsqueeze", [t, g.const([1])], "rope"))
+            out.append(g.op("Unsqueeze", [t, g.const([axis])], "rope"))
         return out[0], out[1]
 
     def mask(self, window: int | None) -> str:
@@ -271,6 +304,51 @@ class DecoderGraph:
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), g.const([0, 0, hq * d])], hint)
         return self.linear(g, ctx, f"{p}.o_proj", s.hidden)
 
+    def skip_norm(self, h: str, delta: str, weight: str, hint: str) -> tuple[str, str]:
+        """(RMSNorm(h + delta), h + delta) in one com.microsoft::SkipSimplifiedLayerNormalization.
+
+        ORT's kernel forms the sum in the graph dtype (as the residual Add does), accumulates the mean square
+        of the fp32 sum, and scales by 1/sqrt(ms + eps) then gamma: HF's math up to summation order.
+        """
+        y, h_sum = self.g.op("SkipSimplifiedLayerNormalization", [h, delta, self.weight(weight)], hint,
+                             outputs=[self.g.fresh(f"{hint}/ssln_out"), "", "", self.g.fresh(f"{hint}/residual")],
+                             domain=MS_DOMAIN, epsilon=self.s.eps)[::3]
+        return y, h_sum
+
+    def gqa_lengths(self) -> tuple[str, str]:
+        """GroupQueryAttention's seqlens_k (int32 [B] = keys per row - 1) and total_sequence_length (int32 scalar)."""
+        g = self.g
+        seqlens = g.op("Sub", [g.op("ReduceSum", ["attention_mask", g.const([1])], "gqa", keepdims=0), g.const(1)], "gqa")
+        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "gqa"), g.const(1)], "gqa", axis=0)
+        return g.op("Cast", [seqlens], "gqa", to=TensorProto.INT32), g.op("Cast", [total], "gqa", to=TensorProto.INT32)
+
+    def fused_attention(self, i: int, x: str, lengths: tuple[str, str], tables: tuple[str, str] | None) -> str:
+        """q/k/v linears -> com.microsoft::GroupQueryAttention (BNSH cache, no repeated KV) -> o_proj.
+
+        RoPE runs inside the op from the cos/sin cache, or, when `tables` ([B,S,1,D] cos/sin) are given
+        (head sizes ORT's rotary kernel rejects), decomposed on [B,S,n,D] views of q and k in front of it.
+        """
+        g, s = self.g, self.s
+        p, hint = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
+        q, k, v = (self.linear(g, x, f"{p}.{proj}_proj", n * s.head_dim)
+                   for proj, n in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)))
+        rotary: list[str] = []
+        if tables is not None:
+            q, k = (g.op("Reshape", [self.rotate(g.op("Reshape", [t, g.const([0, 0, n, s.head_dim])], hint), *tables, hint),
+                                     g.const([0, 0, n * s.head_dim])], hint) for t, n in ((q, s.heads), (k, s.kv_heads)))
+        else:
+            rotary = [*self.rope_cache, "position_ids"]  # type: ignore[misc]
+        past_k, past_v, present_k, present_v = kv_names(i)
+        window = s.windows[i]
+        ctx = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *rotary], hint,
+                   outputs=[g.fresh(f"{hint}/gqa"), present_k, present_v], domain=MS_DOMAIN,
+                   num_heads=s.heads, kv_num_heads=s.kv_heads, do_rotary=int(tables is None), rotary_interleaved=0,
+                   scale=float(s.head_dim ** -0.5),
+                   # same key set as HF's sliding window (kpos > qpos - window); measured against HF on a
+                   # window-5 Mistral (tests): window - 1 would drop one key
+                   local_window_size=window if window is not None else -1)[0]
+        return self.linear(g, ctx, f"{p}.o_proj", s.hidden)
+
     def mlp(self, i: int, x: str) -> str:
         g, s = self.g, self.s
         p, hint = f"model.layers.{i}.mlp", f"layers.{i}.mlp"
@@ -282,6 +360,9 @@ class DecoderGraph:
     def build(self) -> None:
         g, s = self.g, self.s
         h = g.op("Gather", [self.weight("model.embed_tokens.weight"), "input_ids"], "embed", axis=0)
+        if self.fused:
+            self.build_fused(h)
+            return
         cos, sin = self.rope_tables()
         masks: dict[int | None, str] = {}
         for i in range(s.layers):
@@ -293,7 +374,26 @@ class DecoderGraph:
             h = g.op("Add", [h, a], f"layers.{i}")
             m = self.mlp(i, self.rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2"))
             h = g.op("Add", [h, m], f"layers.{i}")
-        h = self.rms_norm(h, "model.norm.weight", "final_norm")
+        self.lm_head(self.rms_norm(h, "model.norm.weight", "final_norm"))
+
+    def build_fused(self, h: str) -> None:
+        """Residual stream through SkipSimplifiedLayerNormalization: each norm also emits the residual sum."""
+        s = self.s
+        lengths = self.gqa_lengths()
+        tables = self.rope_tables(axis=2) if self.rope_cache is None else None
+        # the first norm has no residual to add: SimplifiedLayerNormalization lives in ONNX's own domain,
+        # which onnx.checker cannot validate at opset 21, so it stays decomposed (1 of 2L+1 norms)
+        x = self.rms_norm(h, "model.layers.0.input_layernorm.weight", "layers.0.norm1")
+        for i in range(s.layers):
+            a = self.fused_attention(i, x, lengths, tables)
+            x, h = self.skip_norm(h, a, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2")
+            m = self.mlp(i, x)
+            nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < s.layers else "model.norm.weight"
+            x, h = self.skip_norm(h, m, nxt, f"layers.{i + 1}.norm1" if i + 1 < s.layers else "final_norm")
+        self.lm_head(x)
+
+    def lm_head(self, h: str) -> None:
+        g, s = self.g, self.s
         if s.tied:
             head = g.op("Transpose", [self.weight("model.embed_tokens.weight")], "lm_head", perm=[1, 0])
         else:
