@@ -5,6 +5,7 @@ Every bad-input condition becomes one `error: ...` line and exit code 2; nothing
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -181,9 +182,15 @@ def _export_command() -> click.Command:
             extra.append(opt)
             owners[opt.name] = t  # type: ignore[index]
 
-    def run(to: str, model_dir: Path, output: Path | None, json_path: Path | None, **options: Any) -> None:
+    lossy_targets = [t for t in targets if "allow_lossy" in inspect.signature(get_format(t).export).parameters]
+
+    def run(
+        to: str, model_dir: Path, output: Path | None, json_path: Path | None, allow_lossy: bool, **options: Any
+    ) -> None:
         fmt = get_format(to)
         ctx = click.get_current_context()
+        if allow_lossy and to not in lossy_targets:
+            _fail(L4QInputError(f"--allow-lossy does not apply to --to {to}: it has no lossy path"))
         foreign = [
             f"--{k.replace('_', '-')} ({owners[k]})"
             for k in options
@@ -192,6 +199,8 @@ def _export_command() -> click.Command:
         if foreign:  # a silently ignored option would export something other than what the user asked for
             _fail(L4QInputError(f"option(s) {', '.join(foreign)} do not apply to --to {to}"))
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
+        if to in lossy_targets:
+            mine["allow_lossy"] = allow_lossy
         try:
             report = fmt.export(model_dir, output, **mine)
         except L4QInputError as e:
@@ -217,6 +226,14 @@ def _export_command() -> click.Command:
             type=click.Path(path_type=Path),
             default=None,
             help="Write the export report (per-tensor types and error bounds) as JSON.",
+        ),
+        click.Option(
+            ["--allow-lossy", "allow_lossy"],
+            is_flag=True,
+            default=False,
+            help="Accept an encoding that cannot hold the trained grid exactly instead of refusing: GGUF K-quants "
+            "(re-encoded group scales), safetensors rounding of L4Q float offsets to integer zero points. "
+            "The per-tensor error is measured and reported.",
         ),
         *extra,
     ]

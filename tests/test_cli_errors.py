@@ -188,3 +188,22 @@ def test_export_refuses_options_of_another_target(tmp_path, tiny_base, checkpoin
     assert res.exit_code == 2
     assert "--gguf-type (gguf) do not apply to --to onnx" in res.output
     assert not out.exists()
+
+
+def test_allow_lossy_is_one_flag_for_every_target(tmp_path, tiny_base, checkpoint_factory):
+    """Float offsets into compressed-tensors: refused (exit 1, nothing written) unless --allow-lossy; ONNX has no
+    lossy path, so the flag is an error there rather than silently ignored."""
+    from l4q_export.cli import _export_command
+
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="float")
+    out = tmp_path / "st"
+    refused = CliRunner().invoke(_export_command(), ["--to", "safetensors", str(ck), "-o", str(out)])
+    assert refused.exit_code == 1 and "--allow-lossy" in refused.output and not out.exists()
+    report = tmp_path / "r.json"
+    ok = CliRunner().invoke(
+        _export_command(), ["--to", "safetensors", str(ck), "-o", str(out), "--allow-lossy", "--json", str(report)]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert (out / "config.json").is_file() and json.loads(report.read_text())["artifact"]
+    onnx = CliRunner().invoke(_export_command(), ["--to", "onnx", str(ck), "-o", str(tmp_path / "o"), "--allow-lossy"])
+    assert onnx.exit_code == 2 and "--allow-lossy does not apply" in onnx.output and not (tmp_path / "o").exists()

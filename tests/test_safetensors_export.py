@@ -258,9 +258,9 @@ def test_float_offsets_refused_with_choices_then_lossy_reports_error(tiny_base, 
     ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="float", fp16_grid=True)
     res = _cli(str(ck), "-o", str(tmp_path / "out"))
     assert res.exit_code == 1 and not (tmp_path / "out").exists()
-    for choice in ("--zero-point integer", "GGUF or ONNX", "--allow-lossy-zero-point"):
+    for choice in ("--zero-point integer", "GGUF or ONNX", "--allow-lossy"):
         assert choice in res.output
-    rep = ST.export(ck, tmp_path / "lossy", allow_lossy_st=True)
+    rep = ST.export(ck, tmp_path / "lossy", allow_lossy=True)
     assert not rep["exact"] and rep["zero_point"] == "rounded"
     assert any(r["max_abs_err"] > 0 for r in rep["layers"]) and rep["max_abs_err"] == max(r["max_abs_err"] for r in rep["layers"])
     v = ST.verify(tmp_path / "lossy", ck)

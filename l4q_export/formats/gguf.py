@@ -49,8 +49,6 @@ CLI_OPTIONS: list[click.Option] = [
                       "K-quants re-encode the learned scales (lossy) and need --allow-lossy."),
     click.Option(["--embed-type", "embed_type"], type=click.Choice(EMBED_TYPES), default="f16", show_default=True,
                  help="GGUF type of the token embeddings and output head (never quantization-aware trained)."),
-    click.Option(["--allow-lossy", "allow_lossy"], is_flag=True, default=False,
-                 help="Allow GGUF types that cannot hold the learned grid exactly (K-quants); the per-tensor error is reported."),
 ]
 
 _AUTO_ORDER = {  # (zero-point kind, bits) -> candidate types, smallest first

@@ -10,7 +10,7 @@ Flavors (`--flavor`):
 The integers come straight from the fold (codes u, integer zero z, scale d: W = (u - z)*d); nothing is
 re-quantized.  L4Q's float offsets (W = d*u + m) have no exact integer zero point in general -- see
 docs/safetensors.md for the proof -- so such checkpoints are refused unless every offset happens to be an
-exact integer zero point, or `--allow-lossy-zero-point` rounds z = round(-m/d) and reports the error.
+exact integer zero point, or `--allow-lossy` rounds z = round(-m/d) and reports the error.
 
 Layers whose shape a flavor cannot pack (partial last group, GPTQ word alignment) are stored dense as the
 fold's fp32 dequantized weight -- still exact -- and listed in the config's ignore / dynamic rules.
@@ -51,10 +51,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CLI_OPTIONS: list[click.Option] = [
     click.Option(["--flavor", "flavor"], type=click.Choice(FLAVORS), default="compressed-tensors", show_default=True,
                  help="safetensors target: compressed-tensors pack-quantized, GPTQ gptq_v2, or legacy GPTQ v1 (z >= 1 only)."),
-    click.Option(["--allow-lossy-zero-point", "allow_lossy_st"], is_flag=True,
-                 help="safetensors: round L4Q float offsets to integer zero points z = round(-m/d) and report the "
-                      "per-tensor weight error, instead of refusing (better: train with --zero-point integer).")
-    ,
     click.Option(["--shard-size", "shard_size"], default="5GB", show_default=True,
                  help="safetensors: maximum shard size (e.g. 5GB, 500MB); also bounds the exporter's memory."),
 ]
@@ -63,7 +59,7 @@ REFUSE_FLOAT = (
     "{tensor}: this checkpoint was trained with float zero points (L4Q offsets, W = d*u + m), which "
     "{flavor} cannot store exactly -- its zero points are integers and -m/d is not (rounding it moves the weights "
     "by up to {err:.3g}). Choices: (1) retrain with --zero-point integer or --zero-point symmetric and export "
-    "exactly; (2) export to GGUF or ONNX, which hold float offsets exactly; (3) pass --allow-lossy-zero-point "
+    "exactly; (2) export to GGUF or ONNX, which hold float offsets exactly; (3) pass --allow-lossy "
     "to round the zero points and get the per-tensor error in the report."
 )
 
@@ -119,7 +115,7 @@ def _encode(
     return gptq_tensors(qt, res.zero, v1=flavor == "gptq-v1"), row
 
 
-def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tensors", allow_lossy_st: bool = False,
+def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tensors", allow_lossy: bool = False,
            shard_size: str | int = "5GB") -> dict[str, Any]:
     """Stream the fold into a sharded HF model directory (atomically); returns the per-tensor report."""
     model_dir = Path(model_dir)
@@ -146,7 +142,7 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
                 dense.append(module)
                 rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_err": 0.0, "reason": reason})
                 continue
-            tensors, row = _encode(flavor, t, allow_lossy_st, model_dtype)
+            tensors, row = _encode(flavor, t, allow_lossy, model_dtype)
             for suffix, v in tensors.items():
                 writer.add(f"{module}.{suffix}", v)
             rows.append({**base_row, **row})

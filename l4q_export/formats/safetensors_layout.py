@@ -69,7 +69,7 @@ class ZeroResolution:
 
     exact:        (u - zero)*d equals the fold's dequantized weight bit for bit.
     max_abs_err:  max |(u - zero)*d - W_fold| (0.0 when exact).
-    rounded:      zero came from rounding a float offset (--allow-lossy-zero-point).
+    rounded:      zero came from rounding a float offset (--allow-lossy).
     """
 
     zero: torch.Tensor
