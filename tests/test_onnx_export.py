@@ -382,6 +382,7 @@ def test_external_data_and_genai_config(odd_base, tmp_path):
     assert m.graph.input[3].name == "past_key_values.0.key" and m.graph.output[1].name == "present.0.key"
     cfg = json.loads((out / "genai_config.json").read_text())
     assert set(cfg) == {"model", "search"}  # onnxruntime-genai's parser rejects unknown keys
+    assert cfg["search"]["past_present_share_buffer"] is True  # fused default: GQA updates a shared KV buffer in place
     dec = cfg["model"]["decoder"]
     base_cfg = json.loads((odd_base / "config.json").read_text())
     assert dec["filename"] == "model.onnx" and dec["num_hidden_layers"] == base_cfg["num_hidden_layers"]
@@ -403,10 +404,13 @@ def test_fused_is_the_matmulnbits_default_and_unfused_stays_exact(odd_base, tmp_
     rep = O.export(ck, tmp_path / "fused")
     assert rep["fused"] and rep["form"] == "matmulnbits"
     assert_fused_ops(tmp_path / "fused", 2, rotary=True)
-    assert_exact_export(ck, tmp_path / "fused", tmp_path, "matmulnbits")
+    v = assert_exact_export(ck, tmp_path / "fused", tmp_path, "matmulnbits")["verify"]
+    assert v["fused"] and v["ops_after_optimization"] == {"MatMulNBits": 14, "GroupQueryAttention": 2,
+                                                          "SkipSimplifiedLayerNormalization": 4}, v
     assert not O.export(ck, tmp_path / "plain", onnx_fused=False)["fused"]
     counts = op_counts(tmp_path / "plain")
     assert "GroupQueryAttention" not in counts and "SkipSimplifiedLayerNormalization" not in counts and counts["Softmax"] == 2
+    assert json.loads((tmp_path / "plain" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
     assert_exact_export(ck, tmp_path / "plain", tmp_path, "matmulnbits")
 
     from transformers import AutoModelForCausalLM

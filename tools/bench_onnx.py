@@ -17,8 +17,8 @@ written by our exporter from the same checkpoint, so the graphs are identical ex
     matmulnbits-acc4  accuracy_level 4 (int8 activations in MLAS; faster, ~5e-3 relative error per matmul), fused
 
 For each: file size (model.onnx + data), session creation, prefill time of a --prompt token prompt, and greedy decode
-tokens/s over --decode steps with the KV cache; ratios are against fp32.  CPU EP only unless onnxruntime-gpu sees
-a GPU (then the CUDA EP rows are added).
+tokens/s over --decode steps with the KV cache (variants timed round-robin); ratios are against fp32.  CPU EP only
+unless onnxruntime-gpu sees a GPU (then the CUDA EP rows are added).
 """
 
 from __future__ import annotations
@@ -82,17 +82,27 @@ def run_once(sess: Any, spec: Any, prompt: np.ndarray, decode: int) -> tuple[flo
     return t1 - t0, time.perf_counter() - t1, tokens
 
 
-def bench_variant(artifact: Path, spec: Any, provider: str, a: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    sess = session(artifact, provider, a.threads)
-    create = time.perf_counter() - t0
+def bench_variants(artifacts: dict[str, Path], spec: Any, provider: str, a: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Time every variant round-robin (one run of each per repeat): on a shared machine, load changes then hit all
+    variants alike instead of whichever ran during a busy minute, so the ratios stay meaningful."""
     prompt = np.random.default_rng(0).integers(3, spec.vocab, a.prompt)
-    run_once(sess, spec, prompt, 2)  # warm-up (kernel selection, allocator arenas)
-    runs = [run_once(sess, spec, prompt, a.decode) for _ in range(a.repeats)]
-    prefill = statistics.median(r[0] for r in runs)
-    decode = statistics.median(r[1] for r in runs)
-    return {"session_s": create, "prefill_s": prefill, "prefill_tok_s": a.prompt / prefill, "decode_tok_s": a.decode / decode,
-            "tokens": runs[0][2]}
+    sessions, created = {}, {}
+    for name, path in artifacts.items():
+        t0 = time.perf_counter()
+        sessions[name] = session(path, provider, a.threads)
+        created[name] = time.perf_counter() - t0
+        run_once(sessions[name], spec, prompt, 2)  # warm-up (kernel selection, allocator arenas)
+    runs: dict[str, list] = {name: [] for name in artifacts}
+    for _ in range(a.repeats):
+        for name, sess in sessions.items():
+            runs[name].append(run_once(sess, spec, prompt, a.decode))
+    out = {}
+    for name, rs in runs.items():
+        prefill = statistics.median(r[0] for r in rs)
+        decode = statistics.median(r[1] for r in rs)
+        out[name] = {"session_s": created[name], "prefill_s": prefill, "prefill_tok_s": a.prompt / prefill,
+                     "decode_tok_s": a.decode / decode, "tokens": rs[0][2]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,16 +140,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = DecoderSpec.from_config(ck.model_config(), ck.architecture)
     providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers()
                                             else [])
-    rows = []
+    reports, export_s = {}, {}
     for name in a.variants.split(","):
         form, level, fused = VARIANTS[name]
         t0 = time.perf_counter()
-        rep = O.export(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level, onnx_fused=fused)
-        export_s = time.perf_counter() - t0
-        for prov in providers:
-            r = bench_variant(Path(rep["artifact"]), spec, prov, a)
-            rows.append({"variant": name, "provider": prov.removesuffix("ExecutionProvider"), "bytes": rep["total_bytes"],
-                         "export_s": export_s, **r})
+        reports[name] = O.export(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level, onnx_fused=fused)
+        export_s[name] = time.perf_counter() - t0
+    rows = []
+    for prov in providers:
+        timed = bench_variants({n: Path(r["artifact"]) for n, r in reports.items()}, spec, prov, a)
+        rows += [{"variant": n, "provider": prov.removesuffix("ExecutionProvider"), "bytes": reports[n]["total_bytes"],
+                  "export_s": export_s[n], **timed[n]} for n in reports]
+    rep = next(iter(reports.values()))
     for r in rows:
         ref = next((x for x in rows if x["variant"] == "fp32" and x["provider"] == r["provider"]), r)
         r["size_ratio"] = r["bytes"] / ref["bytes"]

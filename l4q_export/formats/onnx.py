@@ -73,10 +73,13 @@ def _default_output(model_dir: Path, form: str, dtype: str) -> Path:
     return model_dir.parent / f"{model_dir.name}-onnx-{form}-{dtype}"
 
 
-def genai_config(spec: DecoderSpec, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The onnxruntime-genai description of this graph (decomposed attention: no shared KV buffer).
+def genai_config(spec: DecoderSpec, cfg: dict[str, Any], fused: bool) -> dict[str, Any]:
+    """The onnxruntime-genai description of this graph.
 
-    Only keys onnxruntime-genai knows: its parser rejects unknown ones (our metadata lives in model.onnx).
+    past_present_share_buffer: GroupQueryAttention (fused graphs) writes the new keys into a max-length cache
+    buffer in place, so genai can bind past and present to one buffer; the decomposed graph grows its cache by
+    Concat and needs separate buffers.  Only keys onnxruntime-genai knows: its parser rejects unknown ones (our
+    metadata lives in model.onnx).
     """
     eos = cfg.get("eos_token_id", 2)
     pad = cfg.get("pad_token_id")
@@ -96,7 +99,7 @@ def genai_config(spec: DecoderSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": spec.max_positions, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": fused, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 
@@ -153,7 +156,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
         model = make_model(g, ins, outs, {META_KEY: json.dumps(meta)}, uses_ms=onnx_form == "matmulnbits" or fused)
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg), indent=2) + "\n")
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg, fused), indent=2) + "\n")
         for f in TOKENIZER_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)

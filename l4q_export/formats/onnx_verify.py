@@ -9,7 +9,8 @@
     int8-activation approximation;
 (c) graph: the ORT-optimized graph (ORT_ENABLE_EXTENDED, saved to disk) has one MatMulNBits per
     quantized linear, i.e. the QDQ form really fuses and the MatMulNBits form keeps its kernels (QDQ linears
-    whose group has no power-of-two block >= 16 cannot fuse: they are reported as `unfusible`, not expected).
+    whose group has no power-of-two block >= 16 cannot fuse: they are reported as `unfusible`, not expected);
+    a fused export also keeps one GroupQueryAttention per layer and 2 SkipSimplifiedLayerNormalization per layer.
 """
 
 from __future__ import annotations
@@ -185,14 +186,17 @@ def fusible(layout: dict[str, Any]) -> bool:
     return layout["form"] == "matmulnbits" or (b >= 16 and b & (b - 1) == 0)
 
 
-def count_matmulnbits(path: Path, tmp: Path) -> int:
-    """Optimize at ORT_ENABLE_EXTENDED on the CPU EP, save the graph and count MatMulNBits nodes in it."""
+FUSED_OPS = ("MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+
+
+def count_fused_ops(path: Path, tmp: Path) -> dict[str, int]:
+    """Optimize at ORT_ENABLE_EXTENDED on the CPU EP, save the graph and count its ORT kernels (FUSED_OPS)."""
     import onnxruntime as ort
 
     opt = tmp / "optimized.onnx"
     ort_session(path, "CPUExecutionProvider", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, opt)
     graph = onnx.load(str(opt), load_external_data=False).graph
-    return sum(n.op_type == "MatMulNBits" for n in graph.node)
+    return {op: sum(n.op_type == op for n in graph.node) for op in FUSED_OPS}
 
 
 def verify_onnx(path: Path, model_dir: Path, decode_steps: int = 16, prompt_len: int = 8, seed: int = 0) -> dict[str, Any]:
@@ -233,10 +237,14 @@ def verify_onnx(path: Path, model_dir: Path, decode_steps: int = 16, prompt_len:
                 raise
             runs[prov] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     with tempfile.TemporaryDirectory() as tmp:
-        fused = count_matmulnbits(path, Path(tmp))
+        ops = count_fused_ops(path, Path(tmp))
+    fused = ops["MatMulNBits"]
     expected = sum(fusible(v) for v in meta["layers"].values())
     unfusible = 0 if meta["form"] == "dequantized" else len(meta["layers"]) - expected
-    graph_ok = fused == expected
+    contrib = bool(meta.get("fused"))
+    want_contrib = {"GroupQueryAttention": spec.layers if contrib else 0,
+                    "SkipSimplifiedLayerNormalization": 2 * spec.layers if contrib else 0}
+    graph_ok = fused == expected and all(ops[k] == v for k, v in want_contrib.items())
     runtime_ok = all(r.get("passed", True) for r in runs.values())
     cpu = runs["CPUExecutionProvider"]
     cuda = runs.get("CUDAExecutionProvider")
@@ -244,6 +252,9 @@ def verify_onnx(path: Path, model_dir: Path, decode_steps: int = 16, prompt_len:
                f"ORT CPU max|dlogits| {cpu['max_abs_dlogits']:.2e} over prefill+{decode_steps} decode steps, "
                f"greedy tokens {'identical' if cpu['tokens_identical'] else 'DIFFERENT'}; "
                f"{fused}/{expected} MatMulNBits after ORT optimization")
+    if contrib:
+        summary += (f", fused attention/norms: {ops['GroupQueryAttention']}/{spec.layers} GroupQueryAttention, "
+                    f"{ops['SkipSimplifiedLayerNormalization']}/{2 * spec.layers} SkipSimplifiedLayerNormalization")
     if unfusible:
         summary += f" ({unfusible} QDQ linears have a group with no power-of-two block >= 16: ORT runs them unfused)"
     if cuda is not None:
@@ -253,5 +264,6 @@ def verify_onnx(path: Path, model_dir: Path, decode_steps: int = 16, prompt_len:
             "passed": storage_ok and runtime_ok and graph_ok, "summary": summary, "storage_bit_identical": storage_ok,
             "n_layers": len(rows), "n_bit_identical": sum(r["ok"] for r in rows), "runtime": runs,
             "matmulnbits_after_optimization": fused, "matmulnbits_expected": expected, "unfusible": unfusible,
+            "fused": contrib, "ops_after_optimization": ops,
             "prompt": prompt.tolist(),
             "reference_tokens": ref[1], "onnxruntime": ort.__version__, "layers": rows}
