@@ -1,6 +1,7 @@
 """`--to onnx`: a full decoder with KV cache as ONNX, in two forms sharing one graph body.
 
-    matmulnbits  com.microsoft::MatMulNBits (ONNX Runtime's 4/8-bit kernel), accuracy_level 0 by default
+    matmulnbits  com.microsoft::MatMulNBits (ONNX Runtime's 4/8-bit kernel), accuracy_level 0 by default, with
+                 ORT's GroupQueryAttention + SkipSimplifiedLayerNormalization (--no-onnx-fused: decomposed)
     qdq          standard ops only: UINT4/UINT8 [K,N] + blocked DequantizeLinear(axis=0) -> MatMul,
                  which ORT fuses into MatMulNBits at ORT_ENABLE_EXTENDED and above
 
