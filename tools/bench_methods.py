@@ -158,8 +158,8 @@ def _p(r: dict[str, Any], key: str, metric: str) -> float | None:
     return (r.get(key) or {}).get(metric)
 
 
-def comparison(rows: list[dict[str, Any]], bits_list: list[int], groups: list[int]) -> list[str]:
-    """L4Q vs each other method on held-out Alpaca ppl of the exported weights, per seed and on the seed mean."""
+def comparison(rows: list[dict[str, Any]], bits_list: list[int], groups: list[int], metric: str) -> list[str]:
+    """L4Q vs each other method on one perplexity of the exported weights, per seed."""
     lines = []
     by: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -175,8 +175,8 @@ def comparison(rows: list[dict[str, Any]], bits_list: list[int], groups: list[in
                 seeds = sorted(set(l4q) & set(o))
                 if not seeds:
                     continue
-                mine = [l4q[s]["ppl_fold"]["alpaca"] for s in seeds]
-                theirs = [o[s]["ppl_fold"]["alpaca"] for s in seeds]
+                mine = [l4q[s]["ppl_fold"][metric] for s in seeds]
+                theirs = [o[s]["ppl_fold"][metric] for s in seeds]
                 wins = sum(x <= y for x, y in zip(mine, theirs, strict=True))
                 verdict = "holds" if wins == len(seeds) else "**does not hold**" if wins == 0 else "**mixed**"
                 vals = ", ".join(f"{x:.2f} vs {y:.2f}" for x, y in zip(mine, theirs, strict=True))
@@ -233,8 +233,9 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, float], a: argparse.Nam
             f"{_f(_p(r, 'ppl_train', 'alpaca'))} | {_f(_p(r, 'ppl_gguf', 'alpaca'))} | {_f(_p(r, 'ppl_fold', 'wiki'))} | "
             f"{_f(_p(r, 'ppl_gguf', 'wiki'))} | {fold_s} | {gv} | {types} | {r['train_s']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{_f(r['last_loss'], 3)} |")
-    lines += ["", "## Does L4Q <= QA-LoRA and <= LoRA->RTN hold? (held-out Alpaca ppl of the exported weights)", "",
-              *comparison(rows, bits_list, groups)]
+    for metric, title in (("alpaca", "held-out Alpaca ppl"), ("wiki", "WikiText-2 ppl")):
+        lines += ["", f"## Does L4Q <= QA-LoRA and <= LoRA->RTN hold? ({title} of the exported weights)", "",
+                  *comparison(rows, bits_list, groups, metric)]
     errs = [r for r in rows if "gguf_error" in r]
     fails = [r for r in rows if "gguf_verify" in r and not r["gguf_verify"]["passed"]]
     if errs or fails:
