@@ -124,7 +124,7 @@ def test_mmlu_prompt_and_scoring(tmp_path):
     b = CharBackend(_char_logprob_table({"B": -0.1, " ": 0.0}), max_length=4096)
     r = mmlu(b, tmp_path, shots=1)
     assert r["n"] == 4 and r["acc"] == 0.5 and r["subjects"]["toy_topic"]["acc"] == 0.5
-    assert r["acc_macro"] == 0.5
+    assert r["acc_macro"] == 0.5 and r["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 3), rel=1e-12)
     r2 = mmlu(b, tmp_path, shots=0, limit=1)
     assert r2["n"] == 1 and r2["acc"] == 1.0
 

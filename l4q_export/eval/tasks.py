@@ -189,4 +189,7 @@ def mmlu(backend: Backend, data_dir: Path, shots: int, limit: int | None = None,
         correct += round(res["acc"] * res["n"])
         total += res["n"]
     macro = sum(r["acc"] for r in per_subject.values()) / len(per_subject)
-    return {"n": total, "acc": correct / total, "acc_macro": macro, "shots": shots, "subjects": per_subject}
+    # stderr of all questions as one sample; the harness's group stderr pools within-subject variances instead
+    # (it leaves out the between-subject spread), so the two differ slightly
+    micro = _metric("acc", [1.0] * correct + [0.0] * (total - correct))
+    return {"n": total, **micro, "acc_macro": macro, "shots": shots, "subjects": per_subject}
