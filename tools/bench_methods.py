@@ -80,23 +80,6 @@ def score(target: Path, held: Path, a: argparse.Namespace, forward: str = "fold"
     return {"alpaca": response_ppl(b, examples), "wiki": perplexity(b, WIKI, max_tokens=a.ppl_tokens)["ppl"]}
 
 
-def method_reference_model(ck: Any) -> Any:
-    """gguf verify's PyTorch reference built from the checkpoint's own method layers.
-
-    `formats.gguf_check.reference_model` rebuilds L4Q layers only, so its runtime check fails to load a qalora /
-    dlqat / qat-lora / lora checkpoint ("adapter tensor ...offset missing").  Until it calls
-    `training.methods.apply_checkpoint(model, ck, "train")` itself, the bench substitutes this.
-    """
-    import torch
-
-    from l4q_export.training.methods import apply_checkpoint
-    from l4q_export.training.surgery import load_base_model
-
-    model = load_base_model(ck.base_dir, dtype=torch.float32)
-    apply_checkpoint(model, ck, "train")
-    return model.eval()
-
-
 def one(a: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration and evaluate it (runs in a child process)."""
     import torch
@@ -133,7 +116,6 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
     gg = Path(exp["artifact"])
     row["gguf_types"] = sorted({r["type"] for r in exp.get("tensors", []) if isinstance(r, dict) and "type" in r})
     row["ppl_gguf"] = score(gg, held, a)
-    gguf_check.reference_model = method_reference_model
     try:
         if a.group in a.full_verify_groups and a.seed == 0:
             v = gguf.verify(gg, out)
@@ -210,7 +192,8 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, float], a: argparse.Nam
         "*fold* = layers whose exported weights are bit-identical to the training forward (lora / qat-lora re-quantize "
         "a merge: lossy by design).  *GGUF verify* = `l4q_export.verify` on the GGUF: (a) codes identical to the fold, "
         "(b) decoded weights within the declared bound, (c) llama.cpp logits/greedy/tokenizer vs the "
-        "PyTorch reference; rows marked (a,b) ran (a) and "
+        "PyTorch reference (the method's training forward; for lora / qat-lora, whose export is a re-quantized merge "
+        "by design, the fold); rows marked (a,b) ran (a) and "
         "(b) only (the runtime check (c) is run on the seed-0 group-32 rows).  "
         "Peak RSS = the whole training process (includes ~0.4 GB of Python/torch runtime).", "",
         f"**Float stories260K (no quantization): Alpaca {base['alpaca']:.2f}, Wiki {base['wiki']:.2f}.**", "",

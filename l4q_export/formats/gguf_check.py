@@ -22,9 +22,10 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import ADAPTER_FILE, Checkpoint
+from ..checkpoint import Checkpoint
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
+from ..training.methods import reference_model
 from . import gguf_pack as P
 
 # (c) tolerances, set from measurement on stories260K and the tiny test models (see docs/gguf.md).
@@ -112,19 +113,6 @@ def check_tensors(artifact: Path, ck: Checkpoint) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 # (c) llama.cpp vs the PyTorch reference
 # --------------------------------------------------------------------------------------------------------
-
-def reference_model(ck: Checkpoint) -> torch.nn.Module:
-    """The trained model exactly as training runs it (fake quantization, fp32), rebuilt from the checkpoint."""
-    from safetensors.torch import load_file
-
-    from ..training.surgery import load_adapter_state, load_base_model, quantize_model
-
-    model = load_base_model(ck.base_dir, dtype=torch.float32)
-    lora = ck.config["lora"]
-    quantize_model(model, ck.spec, int(lora["rank"]), float(lora["alpha"]), fp16_grid=ck.fp16_grid)
-    load_adapter_state(model, load_file(str(ck.dir / ADAPTER_FILE)))
-    return model.eval()
-
 
 def load_llama(artifact: Path, n_ctx: int = 512, vocab_only: bool = False):
     from llama_cpp import Llama

@@ -31,6 +31,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import L4QInputError
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
+from ..training.methods import reference_model
 from .onnx_graph import kv_names
 from .onnx_linear import compare, read_back
 
@@ -77,21 +78,6 @@ def check_storage(model: onnx.ModelProto, path: Path, ck: Any, meta: dict[str, A
             continue
         rows.append(compare(t, layout, read_back(layout, get)))
     return rows
-
-
-def reference_model(ck: Any) -> torch.nn.Module:
-    """The training model: fp32 base with each target linear replaced by the method's own training layer.
-
-    Methods whose export is a re-quantized merge by design (lora, qat-lora) are compared with the fold
-    instead: their training forward is not what any exporter can write, and `verify` on the checkpoint
-    already reports that distance.
-    """
-    from ..training.methods import LOSSY_BY_DESIGN, apply_checkpoint
-    from ..training.surgery import load_base_model
-
-    model = load_base_model(ck.base_dir, dtype=torch.float32)
-    apply_checkpoint(model, ck, forward="fold" if ck.method in LOSSY_BY_DESIGN else "train")
-    return model.eval()
 
 
 def ort_session(path: Path, provider: str, level: Any = None, optimized: Path | None = None) -> Any:

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import ADAPTER_FILE, Checkpoint, load_checkpoint, read_json
+from ..checkpoint import Checkpoint, load_checkpoint, read_json
 from ..errors import L4QInputError
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
+from ..training.methods import reference_model
 from .safetensors_io import ShardReader
 from .safetensors_layout import resolve_zero
 
@@ -80,20 +81,6 @@ def decode_gptq(reader: ShardReader, module: str, bits: int, v1: bool) -> dict[s
     z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int32) + half + int(v1)
     w = (q - z[g_idx]).float() * scales.float()[g_idx]
     return {"codes": q.T, "zero": z.T, "weight": w.T.contiguous(), "scale_dtype": scales.dtype}
-
-
-def reference_model(ck: Checkpoint):
-    """The PyTorch training model: base + L4QLinear fake quant (fp32) with the trained adapter."""
-    from safetensors.torch import load_file
-
-    from ..training.surgery import load_adapter_state, load_base_model, quantize_model
-
-    model = load_base_model(ck.base_dir, dtype=torch.float32)
-    lora = ck.config["lora"]
-    quantize_model(model, ck.spec, int(lora["rank"]), float(lora["alpha"]), fp16_grid=ck.fp16_grid,
-                   lsq_grad_scale=bool(ck.config.get("lsq_grad_scale", True)))
-    load_adapter_state(model, load_file(str(ck.dir / ADAPTER_FILE)))
-    return model.eval()
 
 
 def load_ct_model(artifact: Path):

@@ -16,34 +16,15 @@ Neither baseline has an exact integer export, by definition:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_params, init_params, quantize
-from .layer import L4QFunction, LayerConfig
-
-
-def _lora_init(rank: int, in_features: int, out_features: int, generator: torch.Generator | None,
-               dev: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
-    """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0."""
-    a = torch.empty(rank, in_features)
-    bound = 1.0 / math.sqrt(in_features)
-    a.uniform_(-bound, bound, generator=generator)
-    return nn.Parameter(a.to(dev)), nn.Parameter(torch.zeros(out_features, rank, device=dev))
+from .layer import L4QFunction, LayerConfig, adopt_frozen_base, lora_init
 
 
 class _FrozenBase(nn.Module):
-    def _adopt(self, base: nn.Linear) -> None:
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.alpha
 
@@ -60,10 +41,10 @@ class QATLoRALinear(_FrozenBase):
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str = "l4q",
                  fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self._adopt(base)
+        adopt_frozen_base(self, base)
         self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
-        self.lora_A, self.lora_B = _lora_init(rank, self.in_features, self.out_features, generator, dev)
+        self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
         with torch.no_grad():
             s, off = init_params(self.weight.detach(), spec, init)
         self.scale = nn.Parameter(s.to(dev))
@@ -112,9 +93,9 @@ class FloatLoRALinear(_FrozenBase):
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self._adopt(base)
+        adopt_frozen_base(self, base)
         self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
-        self.lora_A, self.lora_B = _lora_init(rank, self.in_features, self.out_features, generator, self.weight.device)
+        self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, self.weight.device)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The float training forward x @ W0^T + alpha*(x@A^T)@B^T (nothing is quantized while training)."""

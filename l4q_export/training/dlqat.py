@@ -21,8 +21,6 @@ STE is written so its value is exactly `round(clamp(v))`; hence dequant(fold) ==
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -38,6 +36,7 @@ from ..quant import (
     round_codes,
     shifted_input,
 )
+from .layer import adopt_frozen_base, lora_init
 from .qalora import grid_ste
 
 
@@ -67,12 +66,7 @@ class DLQATLinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError("DL-QAT needs rank >= 1")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base)
         self.spec = int_spec(spec)
         self.rank, self.lora_alpha, self.alpha, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
@@ -84,11 +78,7 @@ class DLQATLinear(nn.Module):
         self.register_buffer("scale", s.to(dev))
         self.register_buffer("zero", z.to(dev))
         self.magnitude = nn.Parameter(torch.ones_like(s, device=dev))
-        a = torch.empty(rank, self.in_features)
-        bound = 1.0 / math.sqrt(self.in_features)  # PEFT's default Kaiming-uniform(a=sqrt(5))
-        a.uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a.to(dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

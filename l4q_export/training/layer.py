@@ -172,6 +172,33 @@ class L4QFunction(torch.autograd.Function):
         )
 
 
+def adopt_frozen_base(layer: nn.Module, base: nn.Linear) -> None:
+    """Take over `base`'s weight and bias, frozen and in their stored dtype (the fold reads the same shard and
+    must see the same numbers, so W0 is never silently down-cast).  Shared by every method's layer."""
+    layer.in_features, layer.out_features = base.in_features, base.out_features
+    layer.weight = base.weight
+    layer.weight.requires_grad_(False)
+    layer.bias = base.bias
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+
+
+def lora_init(
+    rank: int,
+    in_features: int,
+    out_features: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+    bound: float | None = None,
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA A ~ U(-bound, bound) drawn in fp32 on CPU from `generator` (so a seed gives the same A on any device),
+    B = 0.  Default bound 1/sqrt(in): PEFT's Kaiming-uniform with a = sqrt(5)."""
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    bound = 1.0 / math.sqrt(in_features) if bound is None else bound
+    a.uniform_(-bound, bound, generator=generator)
+    return nn.Parameter(a.to(device)), nn.Parameter(torch.zeros(out_features, rank, device=device))
+
+
 class L4QLinear(nn.Module):
     """A frozen base linear whose effective weight is the L4Q-quantized W0 + alpha*B@A.
 
@@ -193,24 +220,13 @@ class L4QLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base)
         self.spec = spec
         self.rank = rank
         self.lora_alpha = lora_alpha
         dev = self.weight.device
         if rank > 0:
-            a = torch.empty(rank, self.in_features, dtype=torch.float32)
-            # PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
-            bound = 1.0 / math.sqrt(self.in_features)
-            a.uniform_(-bound, bound, generator=generator)
-            self.lora_A = nn.Parameter(a.to(dev))
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+            self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
         else:
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)

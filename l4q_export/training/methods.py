@@ -27,7 +27,7 @@ from .baselines import FloatLoRALinear, QATLoRALinear
 from .dlqat import DLQATLinear, fold_dlqat_tensors, int_spec
 from .layer import L4QLinear, layer_from_tensors
 from .qalora import QALoRALinear, float_spec, fold_qalora_tensors
-from .surgery import check_model, quantize_model, quantized_layers, target_linears
+from .surgery import check_model, load_base_model, quantize_model, quantized_layers, target_linears
 
 METHODS = ("l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn")
 LOSSY_BY_DESIGN = ("qat-lora", "lora")  # their export is a re-quantization; verify reports the deviation
@@ -223,3 +223,15 @@ def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") ->
         layer.bias = orig.bias
         parent, child = module.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
+
+
+def reference_model(ck: Checkpoint) -> nn.Module:
+    """The fp32 PyTorch model every runtime check (GGUF, ONNX, safetensors) compares an artifact against.
+
+    Exact methods get their own training layers -- the forward the loss saw, which the export must reproduce.
+    lora / qat-lora export a re-quantized merge by design, so no file can match their training forward; they
+    are compared with the fold (the weights written), and `verify` on the checkpoint reports the merge's distance.
+    """
+    model = load_base_model(ck.base_dir, dtype=torch.float32)
+    apply_checkpoint(model, ck, forward="fold" if ck.method in LOSSY_BY_DESIGN else "train")
+    return model.eval()

@@ -38,6 +38,7 @@ from ..quant import (
     quantize,
 )
 from ..quant.core import to_grid
+from .layer import adopt_frozen_base, lora_init
 
 
 def grid_ste(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
@@ -101,12 +102,7 @@ class QALoRALinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError("QA-LoRA needs rank >= 1")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base)
         self.spec = float_spec(spec)
         self.rank, self.lora_alpha, self.alpha, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
@@ -117,11 +113,8 @@ class QALoRALinear(nn.Module):
         self.register_buffer("codes", base_codes(self.weight, d, z, spec).to(dev))
         self.register_buffer("lens", group_lengths(spec, self.in_features).to(dev))
         n_groups = spec.n_groups(self.in_features)
-        a = torch.empty(rank, n_groups)
-        bound = math.sqrt(6.0 / (n_groups + rank))  # xavier_uniform_ on the [r, G] lora_A, as the official repo
-        a.uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a.to(dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        xavier = math.sqrt(6.0 / (n_groups + rank))  # xavier_uniform_ on the [r, G] lora_A, as the official repo
+        self.lora_A, self.lora_B = lora_init(rank, n_groups, self.out_features, generator, dev, xavier)
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         """Adopt saved (scale, zero, lora_A, lora_B) and re-derive the base codes from them."""
