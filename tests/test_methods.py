@@ -218,3 +218,5 @@ def test_gguf_export_of_every_method(tiny_base, text_data, work, tmp_path, metho
     top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
     assert kl < 1e-3 and top1 > 0.95, (kl, top1)
     assert math.isfinite(kl)
+    verdict = gguf.verify(Path(rep["artifact"]), ck)  # the user's command: its reference is the method's own forward
+    assert verdict["passed"], verdict["summary"]
