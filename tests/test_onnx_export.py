@@ -391,6 +391,10 @@ def test_external_data_and_genai_config(odd_base, tmp_path):
     assert dec["outputs"]["present_value_names"] % 1 == "present.1.value"
     assert cfg["model"]["vocab_size"] == base_cfg["vocab_size"]
     assert (out / "tokenizer.model").is_file() or (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == base_cfg["max_position_embeddings"]
+    from l4q_export.eval.backends import OrtBackend
+
+    assert OrtBackend(out).max_length == base_cfg["max_position_embeddings"]  # l4q-eval windows fit the model
 
 
 # --------------------------------------------------------------------------------------------------------

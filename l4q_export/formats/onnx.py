@@ -158,6 +158,10 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(spec, cfg, fused), indent=2) + "\n")
+        # the HF config beside the graph, as optimum's exports have it: loaders and l4q-eval read the context length
+        # and vocab from it (no quantization_config: this directory is not a transformers checkpoint)
+        hf_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for f in TOKENIZER_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)
