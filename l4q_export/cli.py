@@ -53,7 +53,8 @@ def _fail(e: Exception) -> None:
     type=click.Choice(["l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn"]),
     default="l4q",
     show_default=True,
-    help="l4q; qalora (frozen RTN base + group-pooled LoRA in float zeros); dlqat (frozen s/z, per-group magnitude, "
+    help="l4q; qalora (frozen RTN or --qalora-base GPTQ base + group-pooled LoRA in float zeros); "
+    "dlqat (frozen s/z, per-group magnitude, "
     "integer-space LoRA); baselines qat-lora (LSQ+ W0 + float LoRA), lora (float; export = merge then RTN), "
     "rtn (no training). See docs/methods.md.",
 )
@@ -64,6 +65,14 @@ def _fail(e: Exception) -> None:
     show_default=True,
     help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
     "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).",
+)
+@click.option(
+    "--qalora-base",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="qalora only: HF GPTQ directory (safetensors; desc_act=false; same --bits/--group-size) whose codes, "
+    "integer zeros and scales are the frozen base instead of RTN of --model; every target layer must be GPTQ-quantized "
+    "there. --model still supplies the float model.",
 )
 @click.option(
     "--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True, help="Weight bit width."
@@ -153,7 +162,8 @@ def train_cmd(**kw: Any) -> None:
 
     kw["bits"] = int(kw["bits"])
     kw["lsq_grad_scale"] = not kw.pop("no_lsq_grad_scale")
-    kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export")}
+    qalora_base = kw.pop("qalora_base")
+    kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export"), **({"qalora_base": str(qalora_base)} if qalora_base else {})}
     try:
         report = train(TrainArgs(**kw))
     except L4QInputError as e:

@@ -1,7 +1,7 @@
 """`l4q-train --method ...`: one table of training methods, each with its layer, its fold and its rebuild.
 
     l4q       LoRA merged inside a learned LSQ+ quantizer (layer.py)              exact, float offsets
-    qalora    frozen RTN base + group-pooled LoRA merged into float minima (qalora.py)   exact
+    qalora    frozen RTN (or GPTQ) base + group-pooled LoRA merged into float minima (qalora.py)   exact
     dlqat     frozen (s, z), per-group magnitude, LoRA in the integer space (dlqat.py)    exact, integer zeros
     qat-lora  LSQ+ on W0 + separate float LoRA (baselines.py)      refuses export unless merge is accepted
     lora      float LoRA; export = merge then RTN (baselines.py)   lossy by design (LoRA-then-PTQ)
@@ -26,7 +26,7 @@ from ..quant import SCALE_FLOOR, QuantizedTensor, QuantSpec, combined_weight, ef
 from .baselines import FloatLoRALinear, QATLoRALinear
 from .dlqat import DLQATLinear, fold_dlqat_tensors, int_spec
 from .layer import L4QLinear, layer_from_tensors
-from .qalora import QALoRALinear, float_spec, fold_qalora_tensors
+from .qalora import GPTQBase, QALoRALinear, float_spec, fold_qalora_tensors
 from .surgery import check_model, load_base_model, quantize_model, quantized_layers, target_linears
 
 METHODS = ("l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn")
@@ -40,6 +40,8 @@ def check_args(args: Any) -> None:
         raise L4QInputError(f"method {args.method!r} is not available; choose one of {', '.join(METHODS)}")
     if args.method != "rtn" and args.rank < 1:
         raise L4QInputError("--rank must be >= 1")
+    if args.extra.get("qalora_base") and args.method != "qalora":
+        raise L4QInputError("--qalora-base is a QA-LoRA option; use it with --method qalora")
     export = args.extra.get("qat_lora_export", "refuse")
     if export not in QAT_LORA_EXPORT:
         raise L4QInputError(f"--qat-lora-export must be one of {QAT_LORA_EXPORT}")
@@ -68,7 +70,12 @@ def checkpoint_extra(args: Any) -> dict[str, Any]:
     if args.method == "qat-lora":
         return {"qat_lora_export": args.extra.get("qat_lora_export", "refuse")}
     if args.method == "qalora":
-        return {"qalora": {"base": "rtn-minmax", "pool": "mean", "zeros": "fp16" if args.scale_grid == "fp16" else "fp32"}}
+        zeros = "fp16" if args.scale_grid == "fp16" else "fp32"
+        if args.extra.get("qalora_base"):
+            gptq = GPTQBase(args.extra["qalora_base"], args.spec()).record()
+            return {"qalora": {"base": "gptq", "gptq": gptq, "base_codes": "adapter <module>.base_codes (LSB-first bit-packed)",
+                               "pool": "mean", "zeros": zeros}}
+        return {"qalora": {"base": "rtn-minmax", "pool": "mean", "zeros": zeros}}
     if args.method == "dlqat":
         return {"dlqat": {"frozen": ["scale", "zero"], "lora": "integer-space, before rounding", "magnitude": "per (row, group)"}}
     return {}
@@ -87,12 +94,14 @@ def setup_model(model: nn.Module, args: Any) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(args.seed)
+    gptq = GPTQBase(args.extra["qalora_base"], spec) if args.method == "qalora" and args.extra.get("qalora_base") else None
     names = []
     for name, lin in list(target_linears(model)):
         if not torch.isfinite(lin.weight).all():
             raise L4QInputError(f"weight {name}.weight contains NaN/Inf; refusing to quantize")
         if args.method == "qalora":
-            layer: nn.Module = QALoRALinear(lin, spec, args.rank, args.alpha, fp16, generator=gen)
+            frozen = gptq.layer(name, tuple(lin.weight.shape)) if gptq is not None else None
+            layer: nn.Module = QALoRALinear(lin, spec, args.rank, args.alpha, fp16, generator=gen, frozen=frozen)
         elif args.method == "dlqat":
             layer = DLQATLinear(lin, spec, args.rank, args.alpha, fp16, generator=gen)
         elif args.method == "qat-lora":
