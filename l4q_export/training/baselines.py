@@ -21,22 +21,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_params, init_params, quantize
-from .layer import L4QFunction, LayerConfig, adopt_frozen_base, lora_init
+from .layer import L4QFunction, LayerConfig, MethodLinear, adapter_state, add_learned_grid, adopt_frozen_base, lora_init
 
 
-class _FrozenBase(nn.Module):
+class _FrozenBase(MethodLinear):
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.alpha
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quantized_matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class QATLoRALinear(_FrozenBase):
     """LSQ+ (learned scale and float offset, L4Q's Function with no LoRA inside) on W0 + a float LoRA branch."""
-
-    l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str = "l4q",
                  fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: torch.Generator | None = None) -> None:
@@ -45,13 +39,7 @@ class QATLoRALinear(_FrozenBase):
         self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
         self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
-        with torch.no_grad():
-            s, off = init_params(self.weight.detach(), spec, init)
-        self.scale = nn.Parameter(s.to(dev))
-        if off is None:
-            self.register_parameter("offset", None)
-        else:
-            self.offset = nn.Parameter(off.to(dev))
+        add_learned_grid(self, spec, init)
         # alpha=0 inside the Function: it quantizes W0 alone; LoRA is the separate branch.
         self.cfg = LayerConfig(spec=spec, alpha=0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
 
@@ -79,7 +67,7 @@ class QATLoRALinear(_FrozenBase):
         out = {"scale": self.scale, "lora_A": self.lora_A, "lora_B": self.lora_B}
         if self.offset is not None:
             out["offset"] = self.offset
-        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        return adapter_state(out)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.lora_A, self.lora_B], [p for p in (self.scale, self.offset) if p is not None]
@@ -87,8 +75,6 @@ class QATLoRALinear(_FrozenBase):
 
 class FloatLoRALinear(_FrozenBase):
     """Plain LoRA on a float base; quantization happens only at export (RTN of the merged weight)."""
-
-    l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
                  generator: torch.Generator | None = None) -> None:
@@ -118,7 +104,7 @@ class FloatLoRALinear(_FrozenBase):
         out = {"scale": s, "lora_A": self.lora_A, "lora_B": self.lora_B}
         if off is not None:
             out["offset"] = off
-        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        return adapter_state(out)
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..quant import (
     SCALE_FLOOR,
@@ -36,7 +35,7 @@ from ..quant import (
     round_codes,
     shifted_input,
 )
-from .layer import adopt_frozen_base, lora_init
+from .layer import MethodLinear, adapter_state, adopt_frozen_base, lora_init
 from .qalora import grid_ste
 
 
@@ -56,10 +55,8 @@ def dlqat_scale(s: torch.Tensor, magnitude: torch.Tensor, fp16_grid: bool) -> to
     return grid_ste(magnitude * s, fp16_grid).clamp_min(SCALE_FLOOR)
 
 
-class DLQATLinear(nn.Module):
+class DLQATLinear(MethodLinear):
     """Frozen (s, z); trained per-group magnitude and integer-space LoRA."""
-
-    l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
                  generator: torch.Generator | None = None) -> None:
@@ -93,20 +90,13 @@ class DLQATLinear(nn.Module):
         p = GroupParams(scale=dlqat_scale(self.scale, self.magnitude, self.fp16_grid), zero=self.zero)
         return dequantize_codes(u, p, self.spec)
 
-    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quantized_matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:
         return fold_dlqat_tensors(name, self.weight, self.spec, self.alpha, self.fp16_grid, self.adapter_tensors())
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scale": self.scale, "zero": self.zero, "magnitude": self.magnitude, "lora_A": self.lora_A, "lora_B": self.lora_B}
-        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        return adapter_state(out)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.lora_A, self.lora_B], [self.magnitude]

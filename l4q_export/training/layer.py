@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..quant import (
     GroupParams,
@@ -199,7 +200,40 @@ def lora_init(
     return nn.Parameter(a.to(device)), nn.Parameter(torch.zeros(out_features, rank, device=device))
 
 
-class L4QLinear(nn.Module):
+class MethodLinear(nn.Module):
+    """What every training method's layer shares: forward = the method's quantized_matmul (no bias) + the frozen
+    bias.  Layers that materialize W_q only define dequantized_weight(); L4Q overrides quantized_matmul with its
+    memory-lean Function.  Model surgery finds a model's method layers by this class."""
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quantized_matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def adapter_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached fp32 CPU copies: what l4q_adapter.safetensors stores, whatever device and dtype trained them."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def add_learned_grid(layer: nn.Module, spec: QuantSpec, init: str) -> None:
+    """Trainable LSQ+ `scale` and `offset` (None in symmetric mode) initialised from the layer's frozen W0."""
+    dev = layer.weight.device
+    with torch.no_grad():
+        s, off = init_params(layer.weight.detach(), spec, init)
+    layer.scale = nn.Parameter(s.to(dev))
+    if off is None:
+        layer.register_parameter("offset", None)
+    else:
+        layer.offset = nn.Parameter(off.to(dev))
+
+
+class L4QLinear(MethodLinear):
     """A frozen base linear whose effective weight is the L4Q-quantized W0 + alpha*B@A.
 
     Trainable: lora_A [r, in], lora_B [out, r], scale [out, G] and offset [out, G] (L4Q's float offset b,
@@ -230,20 +264,10 @@ class L4QLinear(nn.Module):
         else:
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
-        with torch.no_grad():
-            s, off = init_params(self.weight.detach(), spec, init)
-        self.scale = nn.Parameter(s.to(dev))
-        if off is None:
-            self.register_parameter("offset", None)
-        else:
-            self.offset = nn.Parameter(off.to(dev))
+        add_learned_grid(self, spec, init)
         self.cfg = LayerConfig(
             spec=spec, alpha=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quantized_matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_q^T through the custom autograd Function (no bias)."""
@@ -264,7 +288,7 @@ class L4QLinear(nn.Module):
         if self.lora_A is not None:
             out["lora_A"] = self.lora_A
             out["lora_B"] = self.lora_B
-        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        return adapter_state(out)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import L4QInputError
 from ..formats.safetensors_io import ShardReader
@@ -52,7 +51,7 @@ from ..quant import (
     unpack_bits,
 )
 from ..quant.core import to_grid
-from .layer import adopt_frozen_base, lora_init
+from .layer import MethodLinear, adapter_state, adopt_frozen_base, lora_init
 
 
 def grid_ste(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
@@ -209,10 +208,8 @@ def float_spec(spec: QuantSpec) -> QuantSpec:
     return QuantSpec(spec.bits, spec.group_size, "float")
 
 
-class QALoRALinear(nn.Module):
+class QALoRALinear(MethodLinear):
     """Frozen RTN base + group-pooled LoRA, trained through the exact merged weight."""
-
-    l4q_method_layer = True
 
     def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool = False,
                  generator: torch.Generator | None = None,
@@ -251,13 +248,6 @@ class QALoRALinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_codes(self.codes, GroupParams(scale=self.scale, minimum=self.minimum()), self.spec)
 
-    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quantized_matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:
         return QuantizedTensor(name=name, spec=self.spec, codes=self.codes.clone(), scale=self.scale.clone(),
@@ -265,7 +255,7 @@ class QALoRALinear(nn.Module):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scale": self.scale, "zero": self.zero, "lora_A": self.lora_A, "lora_B": self.lora_B}
-        out = {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+        out = adapter_state(out)
         if self.external_base:
             out["base_codes"] = pack_codes(self.codes, self.spec.bits)
         return out

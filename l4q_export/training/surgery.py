@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import SUPPORTED_ARCHITECTURES, check_architecture
 from ..errors import L4QInputError
 from ..quant import QuantSpec
-from .layer import L4QLinear
+from .layer import L4QLinear, MethodLinear
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,9 +62,9 @@ def quantize_model(
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """L4QLinear and every other method's layer (they set `l4q_method_layer = True`, see training/methods.py)."""
+    """L4QLinear and every other method's layer (all are MethodLinear, see training/methods.py)."""
     for name, mod in model.named_modules():
-        if isinstance(mod, L4QLinear) or getattr(mod, "l4q_method_layer", False):
+        if isinstance(mod, MethodLinear):
             yield name, mod
 
 
