@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..eval.backends import log_softmax
 from ..fold import fold_checkpoint
 from ..quant import QuantizedTensor
 from ..training.methods import reference_model
@@ -127,13 +128,8 @@ def llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    lp, lq = _log_softmax(ref), _log_softmax(got)
+    lp, lq = log_softmax(ref), log_softmax(got)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     rc, gc = ref - ref.mean(-1, keepdims=True), got - got.mean(-1, keepdims=True)
     rel = float(np.linalg.norm(gc - rc) / max(np.linalg.norm(rc), 1e-30))  # scale-free: tiny random models have tiny logits
