@@ -5,7 +5,6 @@ Every bad-input condition becomes one `error: ...` line and exit code 2; nothing
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -181,25 +180,24 @@ def train_cmd(**kw: Any) -> None:
 
 
 def _export_command() -> click.Command:
-    """Build `l4q-export` with each target's own options attached."""
-    from .formats import available, get_format
+    """Build `l4q-export` from the target registry: each target's own options, `--allow-lossy` where it has a lossy path."""
+    from .formats import available, get_target
 
     targets = available()
     extra: list[click.Option] = []
     owners: dict[str, str] = {}
     for t in targets:
-        for opt in getattr(get_format(t), "CLI_OPTIONS", []):
+        for opt in get_target(t).options:
             extra.append(opt)
             owners[opt.name] = t  # type: ignore[index]
-
-    lossy_targets = [t for t in targets if "allow_lossy" in inspect.signature(get_format(t).export).parameters]
+    lossy = {t: get_target(t).lossy for t in targets if get_target(t).lossy}
 
     def run(
         to: str, model_dir: Path, output: Path | None, json_path: Path | None, allow_lossy: bool, **options: Any
     ) -> None:
-        fmt = get_format(to)
+        target = get_target(to)
         ctx = click.get_current_context()
-        if allow_lossy and to not in lossy_targets:
+        if allow_lossy and to not in lossy:
             _fail(L4QInputError(f"--allow-lossy does not apply to --to {to}: it has no lossy path"))
         foreign = [
             f"--{k.replace('_', '-')} ({owners[k]})"
@@ -209,10 +207,8 @@ def _export_command() -> click.Command:
         if foreign:  # a silently ignored option would export something other than what the user asked for
             _fail(L4QInputError(f"option(s) {', '.join(foreign)} do not apply to --to {to}"))
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
-        if to in lossy_targets:
-            mine["allow_lossy"] = allow_lossy
         try:
-            report = fmt.export(model_dir, output, **mine)
+            report = target.write(model_dir, output, allow_lossy=allow_lossy, **mine).to_dict()
         except L4QInputError as e:
             _fail(e)
         except FidelityError as e:
@@ -241,9 +237,9 @@ def _export_command() -> click.Command:
             ["--allow-lossy", "allow_lossy"],
             is_flag=True,
             default=False,
-            help="Accept an encoding that cannot hold the trained grid exactly instead of refusing: GGUF K-quants "
-            "(re-encoded group scales), safetensors rounding of L4Q float offsets to integer zero points. "
-            "The per-tensor error is measured and reported.",
+            help="Accept an encoding that cannot hold the trained grid exactly instead of refusing: "
+            + "; ".join(lossy.values())
+            + ". The per-tensor error is measured and reported.",
         ),
         *extra,
     ]

@@ -166,15 +166,28 @@ def _run(cmd: list[str], log: list[dict[str, Any]], what: str) -> subprocess.Com
     return proc
 
 
-# (label, target, zero-point mode of the checkpoint it exports, extra l4q-export options).  L4Q's float offsets
-# are exact in GGUF and ONNX; compressed-tensors / GPTQ hold integer zero points only, so they get that checkpoint.
-EXPORT_RUNS: list[tuple[str, str, str, list[str]]] = [
-    ("gguf", "gguf", "float", []),
-    ("onnx-matmulnbits", "onnx", "float", ["--onnx-form", "matmulnbits"]),
-    ("onnx-qdq", "onnx", "float", ["--onnx-form", "qdq"]),
-    ("safetensors-ct", "safetensors", "integer", ["--flavor", "compressed-tensors"]),
-    ("safetensors-gptq", "safetensors", "integer", ["--flavor", "gptq"]),
+# (label, target, extra l4q-export options).  Which checkpoint each run exports is the target's answer to
+# `capability`: L4Q's float offsets where it holds them exactly, else the integer-zero-point checkpoint.
+EXPORT_RUNS: list[tuple[str, str, list[str]]] = [
+    ("gguf", "gguf", []),
+    ("onnx-matmulnbits", "onnx", ["--onnx-form", "matmulnbits"]),
+    ("onnx-qdq", "onnx", ["--onnx-form", "qdq"]),
+    ("safetensors-ct", "safetensors", ["--flavor", "compressed-tensors"]),
+    ("safetensors-gptq", "safetensors", ["--flavor", "gptq"]),
 ]
+GROUP_SIZE = 32
+
+
+def zero_point_for(target: str, bits: int, shape: tuple[int, int] = (64, 64)) -> str:
+    """The demo's L4Q float offsets if `target` holds them exactly (fp16 scale grid), else integer zero points."""
+    import torch
+
+    from .formats import get_target
+    from .formats.base import Exact
+    from .quant import QuantSpec
+
+    cap = get_target(target).capability(QuantSpec(bits, GROUP_SIZE, "float"), shape, torch.float16)
+    return "float" if isinstance(cap, Exact) else "integer"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,7 +209,7 @@ def main(work: Path, steps: int, bits: int) -> None:
     data = work / "instruct.json"
     data.write_text(json.dumps(instruction_records(), indent=1))
     results = []
-    runs = [r for r in EXPORT_RUNS if r[1] in available()]
+    runs = [(label, t, zero_point_for(t, bits), extra) for label, t, extra in EXPORT_RUNS if t in available()]
     for zp in sorted({r[2] for r in runs} | {"float"}):
         ck = work / f"l4q_{zp}"
         _run(
@@ -211,7 +224,7 @@ def main(work: Path, steps: int, bits: int) -> None:
                 "--bits",
                 str(bits),
                 "--group-size",
-                "32",
+                str(GROUP_SIZE),
                 "--zero-point",
                 zp,
                 "--steps",

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 
-from .checkpoint import CONFIG_FILE, load_checkpoint
+from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from .errors import FidelityError, L4QInputError
 from .fold import fold_checkpoint
+from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
+from .formats.runtime import Backend, HFTokenizer, log_softmax
 from .quant import QuantizedTensor
 from .training.methods import LOSSY_BY_DESIGN, build_layer
 
@@ -87,20 +91,172 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------------ artifacts
+#
+# One driver for every export target: (a) the stored fields of each quantized linear, decoded by the format's own
+# library (`Target.read_back`), equal the fold's; (b) the decoded weights are within the bound the target declared
+# of the training W_q; (c) the target's runtime (`Target.runtime`, the backend l4q-eval scores with) against the
+# PyTorch reference (`training.methods.reference_model`) on fixed prompts and a greedy continuation, with one
+# metric set and the target's declared `Tolerance`; then the target's own `checks` (tokenizer parity, op counts,
+# loaders).
+
+PROMPTS = (
+    "Once upon a time",
+    "The little girl went to the park and saw a big dog. She",
+    "Tom had a red ball. He liked to play with it every day, but one day",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+)
+GREEDY_PROMPT = "Once upon a time"
+GREEDY_TOKENS = 24
+MAX_PROMPT_TOKENS = 256
+
+
+def compare_tensor(qt: QuantizedTensor, got: Decoded | torch.Tensor | None) -> dict[str, Any]:
+    """Levels (a) and (b) for one quantized linear."""
+    row: dict[str, Any] = {"tensor": qt.name, "shape": list(qt.shape)}
+    if got is None:
+        return {**row, "stored": "missing", "codes_identical": False, "within_bound": False, "max_abs_error": float("inf")}
+    wq = qt.dequantize()
+    if isinstance(got, torch.Tensor):  # stored dense: must be the fold's W_q itself
+        ok = same_bits(got.float(), wq)
+        err = float((got.float() - wq).abs().max()) if got.shape == wq.shape else float("inf")
+        return {**row, "stored": "dense", "codes_identical": ok, "within_bound": ok, "max_abs_error": err, "declared_bound": 0.0}
+    want = got.expect(qt)
+    keys = sorted(set(got.fields) | set(want))  # a field missing on either side is a difference
+    differ = [k for k in keys if k not in got.fields or k not in want or not same_bits(got.fields[k], want[k])]
+    row.update(stored="quantized", **got.info, fields=keys, fields_differing=differ, codes_identical=not differ)
+    if got.weight is None:  # the fields define the weight exactly
+        err = 0.0 if not differ else float("inf")
+    else:  # the library computes in the artifact's dtype: compare with W_q rounded to it
+        w = got.weight
+        err = float((w.float() - wq.to(w.dtype).float()).abs().max()) if w.shape == wq.shape else float("inf")
+    row.update(max_abs_error=err, declared_bound=got.bound, within_bound=err <= got.bound)
+    return row
+
+
+def _margins(logits: np.ndarray) -> np.ndarray:
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def near_tie_greedy(ref_logits: np.ndarray, tokens: list[int], tie_margin: float) -> dict[str, Any]:
+    """Greedy agreement with a near-tie cut-off.
+
+    `tokens` is the runtime's greedy continuation; `ref_logits[i]` the reference's logits on the same context (the
+    runtime's own trajectory, teacher-forced), so position i compares like with like.  Where the reference's top-2
+    margin is below `tie_margin` the runtime may legitimately take either token (its logits differ from the
+    reference's by up to the declared tolerance, and which side a SIMD kernel lands on differs between CPUs); from
+    the first such position on, agreement is reported, not required.  Passes when no token differs before it.
+    """
+    ref_next = ref_logits.argmax(-1)
+    margins = _margins(ref_logits)
+    n = len(tokens)
+    tie = next((i for i in range(n) if margins[i] < tie_margin), None)
+    first_diff = next((i for i in range(n) if int(ref_next[i]) != tokens[i]), None)
+    upto = n if tie is None else tie
+    matched = upto if first_diff is None or first_diff >= upto else first_diff
+    rest = [int(ref_next[i]) == tokens[i] for i in range(upto, n)]
+    return {"tokens": n, "tie_margin": tie_margin, "tie_position": tie, "matched": matched, "first_difference": first_diff,
+            "required": upto, "after_tie_agreeing": int(sum(rest)), "after_tie_total": len(rest),
+            "min_margin_before_tie": float(margins[:upto].min()) if upto else None, "passed": matched == upto}
+
+
+def compare_runtime(backend: Backend, ck: Checkpoint, tol: Tolerance, prompts: tuple[str, ...] = PROMPTS,
+                    greedy_tokens: int = GREEDY_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Level (c): logits on `prompts` and on the runtime's greedy continuation vs the PyTorch reference."""
+    from .formats.runtime import tokenizer_truth
+    from .training.methods import reference_model
+
+    model = reference_model(ck)
+    _, truth = tokenizer_truth(ck.dir)
+
+    def ref(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].double().numpy()
+
+    refs, gots = [], []
+    for text in prompts:
+        ids = truth(text)[:MAX_PROMPT_TOKENS]
+        refs.append(ref(ids))
+        gots.append(np.asarray(backend.logits(ids), dtype=np.float64))
+    gids = truth(GREEDY_PROMPT)
+    tokens, rows = backend.greedy(gids, greedy_tokens)
+    g_ref = ref(gids + tokens[:-1])[len(gids) - 1:]
+    refs.append(g_ref)
+    gots.append(np.asarray(rows, dtype=np.float64))
+    r, g = np.concatenate(refs), np.concatenate(gots)
+    lp, lq = log_softmax(r), log_softmax(g)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    scale = max(1.0, float(np.abs(r).max())) if tol.relative else 1.0
+    rc, gc = r - r.mean(-1, keepdims=True), g - g.mean(-1, keepdims=True)
+    rel = float(np.linalg.norm(gc - rc) / max(np.linalg.norm(rc), 1e-30))  # scale-free: tiny random models, tiny logits
+    logits = {"positions": int(r.shape[0]), "top1_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()),
+              "mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "max_abs_dlogit": float(np.abs(r - g).max()),
+              "max_abs_logit": float(np.abs(r).max()), "rel_l2": rel, "dlogit_limit": tol.max_abs_dlogit * scale}
+    logits["passed"] = (logits["top1_agreement"] >= tol.min_top1 and logits["mean_kl"] <= tol.max_mean_kl
+                        and logits["max_abs_dlogit"] <= logits["dlogit_limit"])
+    greedy = near_tie_greedy(g_ref, tokens, tol.tie_margin * scale)
+    hf = HFTokenizer(ck.dir).tok
+    ref_tokens = [int(t) for t in g_ref.argmax(-1)]
+    greedy.update(prompt=GREEDY_PROMPT, runtime_text=hf.decode(tokens),
+                  reference_text=hf.decode(ref_tokens[: greedy["matched"] + 1]))
+    return logits, greedy
+
+
+def verify_tensors(target: Target, artifact: Path, model_dir: Path) -> dict[str, Any]:
+    """Levels (a) and (b) only (no runtime): per quantized linear of the fold, the artifact's decoded copy."""
+    ck = load_checkpoint(model_dir)
+    reader = target.read_back(artifact)
+    rows = [compare_tensor(t, reader.get(name)) for name, t in fold_checkpoint(ck) if isinstance(t, QuantizedTensor)]
+    return {"n_quantized": len(rows), "n_codes_identical": sum(bool(r["codes_identical"]) for r in rows),
+            "n_within_bound": sum(bool(r["within_bound"]) for r in rows), "layers": rows}
+
+
+def verify_artifact(target: Target, artifact: Path, model_dir: Path) -> dict[str, Any]:
+    """Every level for one artifact of `target`; the report has the same keys for every target."""
+    ck = load_checkpoint(model_dir)
+    rows = verify_tensors(target, artifact, model_dir)["layers"]
+    tol = target.tolerance(artifact)
+    backend = target.runtime(artifact)
+    checks = target.checks(artifact, ck, backend)
+    logits, greedy = compare_runtime(backend, ck, tol)
+    n_codes = sum(bool(r["codes_identical"]) for r in rows)
+    n_bound = sum(bool(r["within_bound"]) for r in rows)
+    n_exact = sum(bool(r["codes_identical"]) and r["max_abs_error"] == 0.0 for r in rows)
+    worst = max((r["max_abs_error"] for r in rows), default=0.0)
+    passed = bool(rows) and n_codes == len(rows) and n_bound == len(rows) and logits["passed"] and greedy["passed"] \
+        and all(c.get("passed", True) for c in checks.values())
+    tie = "" if greedy["tie_position"] is None else f" (near-tie at {greedy['tie_position']})"
+    lossy = max((r.get("declared_bound", 0.0) for r in rows), default=0.0)
+    summary = (f"{n_codes}/{len(rows)} quantized linears stored identically, {n_bound}/{len(rows)} within the declared bound "
+               f"(max err {worst:.3g}, {n_exact} exact); {backend.name}: top1 {logits['top1_agreement']:.3f}, "
+               f"KL {logits['mean_kl']:.2e}, max|dlogit| {logits['max_abs_dlogit']:.3g}; greedy {greedy['matched']}/"
+               f"{greedy['required']} required tokens{tie}")
+    if lossy > 0:
+        summary += f" [LOSSY export: declared bounds up to {lossy:.3g}]"
+    for name, c in checks.items():
+        summary += f"; {name} {'ok' if c.get('passed', True) else 'FAILED'}" + (f" ({c['summary']})" if "summary" in c else "")
+    return VerifyReport(
+        check=target.name, artifact=str(artifact), model_dir=str(model_dir), passed=passed, summary=summary,
+        runtime=backend.name, n_quantized=len(rows), n_exact=n_exact, n_codes_identical=n_codes, n_within_bound=n_bound,
+        n_dense=sum(r.get("stored") == "dense" for r in rows), max_abs_error=worst, logits=logits, greedy=greedy,
+        tolerance=asdict(tol), checks=checks, layers=rows,
+    ).to_dict()
+
+
 def run_verify(target: Path, model_dir: Path | None, options: dict[str, Any]) -> dict[str, Any]:
-    from .formats import available, get_format
+    from .formats import available, detect_target
 
     if target.is_dir() and (target / CONFIG_FILE).is_file():
         return verify_fold(target)
     if not target.exists():
         raise L4QInputError(f"verify target not found: {target}")
-    for name in available():
-        fmt = get_format(name)
-        if fmt.detect(target):
-            if model_dir is None:
-                raise L4QInputError(f"verifying a {name} artifact needs --model MODEL_DIR (the L4Q checkpoint it came from)")
-            return fmt.verify(target, model_dir, **options)
-    raise L4QInputError(f"{target} is neither an L4Q checkpoint nor an artifact of a known format ({', '.join(available())})")
+    fmt = detect_target(target)
+    if fmt is None:
+        raise L4QInputError(f"{target} is neither an L4Q checkpoint nor an artifact of a known format ({', '.join(available())})")
+    if model_dir is None:
+        raise L4QInputError(f"verifying a {fmt.name} artifact needs --model MODEL_DIR (the L4Q checkpoint it came from)")
+    return verify_artifact(fmt, target, model_dir)
 
 
 def print_report(report: dict[str, Any]) -> None:

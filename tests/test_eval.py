@@ -151,7 +151,7 @@ def test_onnx_backend_on_hand_built_graph(tmp_path, stories_dir):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from l4q_export.eval.backends import OrtBackend
+    from l4q_export.formats.onnx.runtime import OrtBackend
 
     rng = np.random.default_rng(0)
     V = 512
@@ -258,8 +258,9 @@ def write_f32_gguf(model_dir: Path, path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.runtime
 def test_float_stories_perplexity_pytorch_vs_llamacpp_f32(stories_dir, tmp_path):
-    from l4q_export.eval.backends import LlamaCppBackend, TorchBackend
+    from l4q_export.eval.backends import TorchBackend
     from l4q_export.eval.perplexity import text_ids
+    from l4q_export.formats.gguf.runtime import LlamaCppBackend
 
     text = require_shared("text", "wikitext2_test.txt")
     gg = tmp_path / "stories_f32.gguf"

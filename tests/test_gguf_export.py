@@ -17,8 +17,20 @@ from conftest import require_shared
 
 from l4q_export.checkpoint import load_checkpoint
 from l4q_export.errors import FidelityError, L4QInputError
-from l4q_export.formats import gguf as G
-from l4q_export.formats import gguf_check as C
+from l4q_export.formats import get_target
+from l4q_export.formats.gguf import check as C
+from l4q_export.formats.gguf import writer as G
+from l4q_export.verify import compare_runtime, verify_artifact
+
+TARGET = get_target("gguf")
+
+
+def export(model_dir: Path, out: Path, **kw):
+    return TARGET.write(model_dir, out, **kw).to_dict()
+
+
+def verify(artifact: Path, model_dir: Path):
+    return verify_artifact(TARGET, Path(artifact), Path(model_dir))
 
 pytestmark = pytest.mark.runtime
 
@@ -45,33 +57,28 @@ def llama_ck(tmp_path_factory, tiny_base):
 
 def test_gqa_llama_exact_and_llama_cpp_matches_pytorch(llama_ck, tmp_path):
     """tiny_base has 4 query / 2 KV heads: the Q/K row permutation must use n_kv for K."""
-    rep = G.export(llama_ck, tmp_path / "m.gguf")
+    rep = export(llama_ck, tmp_path / "m.gguf")
     assert rep["artifact"] == str(tmp_path / "m.gguf")
     assert rep["n_exact"] == rep["n_quantized"] == 14 and rep["main_type"] == "Q4_1"
-    assert {r["gguf"] for r in rep["tensors"] if r["permuted"]} == {f"blk.{i}.attn_{x}.weight" for i in (0, 1) for x in "qk"}
-    v = G.verify(Path(rep["artifact"]), llama_ck)
+    assert {r["gguf"] for r in rep["layers"] if r["permuted"]} == {f"blk.{i}.attn_{x}.weight" for i in (0, 1) for x in "qk"}
+    v = verify(Path(rep["artifact"]), llama_ck)
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == 14 and v["max_abs_error"] == 0.0
     lg = v["logits"]
     assert lg["top1_agreement"] >= 0.9 and lg["mean_kl"] < 5e-3 and lg["rel_l2"] < 0.1
-    assert v["tokenizer"]["truth"] == "sentencepiece" and v["tokenizer"]["passed"]
+    assert v["greedy"]["passed"] and v["greedy"]["matched"] == v["greedy"]["required"]
+    assert v["checks"]["tokenizer"]["truth"] == "sentencepiece" and v["checks"]["tokenizer"]["passed"]
 
 
 def test_without_permutation_llama_cpp_disagrees(llama_ck, tmp_path, monkeypatch):
     """Negative control: the logits check really sees the Q/K layout (so the test above can fail)."""
     monkeypatch.setattr(G, "qk_permutation", lambda *a, **k: None)
-    rep = G.export(llama_ck, tmp_path / "bad.gguf")
+    rep = export(llama_ck, tmp_path / "bad.gguf")
     monkeypatch.undo()
-    model = C.reference_model(load_checkpoint(llama_ck))
-    _, truth, _ = C.tokenizer_truth(load_checkpoint(llama_ck))
-    ids = truth(C.PROMPTS[2])
-    import torch
-
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = C.llama_logits(C.load_llama(Path(rep["artifact"])), ids)
-    bad = C.compare_logits(ref, got)  # measured: rel_l2 1.07, top1 0.09 (correct layout: 0.07, 0.94)
-    assert bad["rel_l2"] > 0.5 and bad["top1"] < 0.5
+    art = Path(rep["artifact"])
+    bad = compare_runtime(TARGET.runtime(art), load_checkpoint(llama_ck), TARGET.tolerance(art))[0]
+    # measured: rel_l2 1.07, top1 0.09 (correct layout: 0.07, 0.94)
+    assert bad["rel_l2"] > 0.5 and bad["top1_agreement"] < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +102,16 @@ def llama3_rope_ck(tmp_path_factory, llama_ck):
 def test_llama3_rope_scaling_matches_transformers(llama3_rope_ck, tmp_path, monkeypatch):
     """LLaMA 3.1 rope scaling: llama.cpp with our rope_freqs.weight reproduces transformers' llama3 RoPE, and the
     check sees the difference (negative control: the same file without the factors)."""
-    rep = G.export(llama3_rope_ck, tmp_path / "m.gguf")
+    rep = export(llama3_rope_ck, tmp_path / "m.gguf")
     names = [t.name for t in gguf.GGUFReader(rep["artifact"]).tensors]
     assert "rope_freqs.weight" in names
-    v = G.verify(Path(rep["artifact"]), llama3_rope_ck)
+    v = verify(Path(rep["artifact"]), llama3_rope_ck)
     assert v["passed"], v["summary"]
     good = v["logits"]
     monkeypatch.setattr(G, "rope_freq_factors", lambda cfg: None)
-    bad_rep = G.export(llama3_rope_ck, tmp_path / "no_factors.gguf")
+    bad_rep = export(llama3_rope_ck, tmp_path / "no_factors.gguf")
     monkeypatch.undo()
-    bad = G.verify(Path(bad_rep["artifact"]), llama3_rope_ck)["logits"]
+    bad = verify(Path(bad_rep["artifact"]), llama3_rope_ck)["logits"]
     assert good["mean_kl"] < 5e-3 and good["top1_agreement"] >= 0.9
     # measured: with the factors mean KL 5.0e-5, top-1 0.91; without them 1.2e-2, top-1 0.19
     assert bad["mean_kl"] > 10 * good["mean_kl"] and bad["top1_agreement"] < 0.5, (good, bad)
@@ -117,13 +124,13 @@ def test_unsupported_rope_scaling_is_refused(llama3_rope_ck, tmp_path):
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(L4QInputError, match="rope scaling 'yarn'"):
-        G.export(ck, tmp_path / "m.gguf")
+        export(ck, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 
 def test_two_exports_are_byte_identical(llama_ck, tmp_path):
-    a = G.export(llama_ck, tmp_path / "a.gguf")["artifact"]
-    b = G.export(llama_ck, tmp_path / "sub" / "b.gguf")["artifact"]
+    a = export(llama_ck, tmp_path / "a.gguf")["artifact"]
+    b = export(llama_ck, tmp_path / "sub" / "b.gguf")["artifact"]
     assert Path(a).read_bytes() == Path(b).read_bytes()
 
 
@@ -140,43 +147,43 @@ def test_failing_export_leaves_no_file(llama_ck, tmp_path, monkeypatch):
 
     monkeypatch.setattr(G.P, "pack", boom)
     with pytest.raises(RuntimeError):
-        G.export(llama_ck, dest)
+        export(llama_ck, dest)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []  # no temp or scratch file left behind
     dest.write_bytes(b"previous")
     calls["n"] = 0
     with pytest.raises(RuntimeError):
-        G.export(llama_ck, dest)
+        export(llama_ck, dest)
     assert dest.read_bytes() == b"previous"
 
 
 def test_lossy_types_refused_without_flag(llama_ck, tmp_path):
     for t in ("q4_k", "q2_k", "q6_k", "q3_k"):
         with pytest.raises(FidelityError, match="--allow-lossy"):
-            G.export(llama_ck, tmp_path / f"{t}.gguf", gguf_type=t)
+            export(llama_ck, tmp_path / f"{t}.gguf", gguf_type=t)
         assert not (tmp_path / f"{t}.gguf").exists()
     with pytest.raises(FidelityError, match="cannot hold"):  # float offsets have no place in Q4_0
-        G.export(llama_ck, tmp_path / "q40.gguf", gguf_type="q4_0")
+        export(llama_ck, tmp_path / "q40.gguf", gguf_type="q4_0")
     assert not (tmp_path / "q40.gguf").exists()
 
 
 def test_bad_input(tmp_path, llama_ck):
     with pytest.raises(L4QInputError):
-        G.export(tmp_path / "missing", tmp_path / "x.gguf")
+        export(tmp_path / "missing", tmp_path / "x.gguf")
     (tmp_path / "x.gguf").write_bytes(b"not gguf")
-    assert not G.detect(tmp_path / "x.gguf")
+    assert not TARGET.detect(tmp_path / "x.gguf")
     with pytest.raises(L4QInputError):
-        G.verify(tmp_path / "x.gguf", llama_ck)
+        verify(tmp_path / "x.gguf", llama_ck)
 
 
 def test_tampered_file_fails_verification(llama_ck, tmp_path):
-    art = Path(G.export(llama_ck, tmp_path / "m.gguf")["artifact"])
+    art = Path(export(llama_ck, tmp_path / "m.gguf")["artifact"])
     r = gguf.GGUFReader(str(art), "r+")
     t = next(t for t in r.tensors if t.name == "blk.0.attn_v.weight")
     t.data[0, 5] ^= 0x21  # two codes of the first block
     r.data.flush()
     del r
-    v = G.verify(art, llama_ck)
+    v = verify(art, llama_ck)
     assert not v["passed"] and v["n_codes_identical"] == 13
 
 
@@ -186,33 +193,33 @@ def test_lossy_kquant_with_flag_keeps_codes(tmp_path_factory, checkpoint_factory
 
     base = build_tiny_model(tmp_path_factory.mktemp("wide"), hidden=256, intermediate=512, heads=4, kv_heads=2, layers=1)
     ck = checkpoint_factory(base, bits=4, group_size=32, fp16_grid=True)
-    rep = G.export(ck, tmp_path_factory.mktemp("o") / "k.gguf", gguf_type="q4_k", allow_lossy=True)
-    rows = [r for r in rep["tensors"] if "lossy_scales" in r]
+    rep = export(ck, tmp_path_factory.mktemp("o") / "k.gguf", gguf_type="q4_k", allow_lossy=True)
+    rows = [r for r in rep["layers"] if "lossy_scales" in r]
     assert {r["type"] for r in rows} == {"Q4_K"}
     assert all(r["max_abs_error"] > 0 and not r["exact"] for r in rows)
-    v = G.verify(Path(rep["artifact"]), ck)
+    v = verify(Path(rep["artifact"]), ck)
     assert v["n_codes_identical"] == v["n_quantized"] == 7 and v["n_within_bound"] == 7
     assert v["logits"]["top1_agreement"] > 0.8
 
 
 def test_integer_zero_point_uses_offset_types_exactly(tiny_base, checkpoint_factory, tmp_path):
     ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="integer", fp16_grid=True)
-    rep = G.export(ck, tmp_path / "z.gguf")
-    assert {r["type"] for r in rep["tensors"] if "lossy_scales" in r} <= {"Q4_0", "Q5_0"}
+    rep = export(ck, tmp_path / "z.gguf")
+    assert {r["type"] for r in rep["layers"] if "lossy_scales" in r} <= {"Q4_0", "Q5_0"}
     assert rep["n_exact"] == rep["n_quantized"]
-    v = G.verify(Path(rep["artifact"]), ck)
+    v = verify(Path(rep["artifact"]), ck)
     assert v["passed"], v["summary"]
 
 
 def test_fp32_scale_grid_declares_a_bound(tiny_base, checkpoint_factory, tmp_path):
     ck = checkpoint_factory(tiny_base, bits=3, group_size=64, fp16_grid=False)
-    rep = G.export(ck, tmp_path / "f.gguf")
-    rows = [r for r in rep["tensors"] if "lossy_scales" in r]
+    rep = export(ck, tmp_path / "f.gguf")
+    rows = [r for r in rep["layers"] if "lossy_scales" in r]
     assert all(r["type"] == "Q4_1" and not r["exact"] and 0 < r["max_abs_error"] < 1e-3 for r in rows)
     declared = json.loads(_field(Path(rep["artifact"]), G.REPORT_KEY))
     assert all(declared[r["gguf"]]["max_abs_error"] == r["max_abs_error"] for r in rows)
-    v = G.verify(Path(rep["artifact"]), ck)
-    assert v["tensors_passed"] and v["n_codes_identical"] == len(rows)
+    v = verify(Path(rep["artifact"]), ck)
+    assert v["n_within_bound"] == v["n_quantized"] and v["n_codes_identical"] == len(rows)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ def _bpe_qwen2_dir(tmp: Path, tiny_qwen2: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from l4q_export.demo import _corpus, instruction_records
-    from l4q_export.formats.gguf_vocab import _QWEN2_RE
+    from l4q_export.formats.gguf.vocab import _QWEN2_RE
 
     d = tmp / "qwen2_bpe"
     shutil.copytree(tiny_qwen2, d)
@@ -252,19 +259,19 @@ def _bpe_qwen2_dir(tmp: Path, tiny_qwen2: Path) -> Path:
 def test_bpe_qwen2_tokenizer_and_biases(tmp_path, tiny_qwen2, checkpoint_factory):
     base = _bpe_qwen2_dir(tmp_path, tiny_qwen2)
     ck = checkpoint_factory(base, bits=4, group_size=32, fp16_grid=True)
-    rep = G.export(ck, tmp_path / "q.gguf")
+    rep = export(ck, tmp_path / "q.gguf")
     art = Path(rep["artifact"])
     assert rep["arch"] == "qwen2" and rep["tokenizer"]["tokenizer"] == "gpt2" and rep["tokenizer"]["pre"] == "qwen2"
-    assert not any(r["permuted"] for r in rep["tensors"])  # NEOX rope: no Q/K permutation
+    assert not any(r["permuted"] for r in rep["layers"])  # NEOX rope: no Q/K permutation
     names = {t.name for t in gguf.GGUFReader(str(art)).tensors}
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
     assert _field(art, "tokenizer.ggml.pre") == "qwen2" and "im_start" in _field(art, "tokenizer.chat_template")
-    v = G.verify(art, ck)
+    v = verify(art, ck)
     assert v["passed"], v["summary"]
-    assert v["tokenizer"]["truth"] == "hf" and v["tokenizer"]["n_match"] == v["tokenizer"]["n_texts"]
-    llm = C.load_llama(art)
+    tk = v["checks"]["tokenizer"]
+    assert tk["truth"] == "hf" and tk["n_match"] == tk["n_texts"]
     texts = require_shared("vocab", "ggml-vocab-gpt-2.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
-    par = C.tokenizer_parity(llm, load_checkpoint(ck), texts)
+    par = C.tokenizer_parity(art, load_checkpoint(ck), texts)
     assert par["passed"], par["mismatches"]
 
 
@@ -274,7 +281,7 @@ def test_spm_llama2_tokenizer_parity(tmp_path):
     import sentencepiece as spm
     from llama_cpp import Llama
 
-    from l4q_export.formats.gguf_vocab import add_hparams, add_tokenizer
+    from l4q_export.formats.gguf.vocab import add_hparams, add_tokenizer
 
     model = require_shared("tokenizers", "llama2_tokenizer.model")
     inp = require_shared("vocab", "ggml-vocab-llama-spm.gguf.inp")
@@ -305,14 +312,17 @@ def test_spm_llama2_tokenizer_parity(tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_stories260k_end_to_end(stories_checkpoint, tmp_path):
-    rep = G.export(stories_checkpoint, tmp_path / "s.gguf")
-    rows = {r["tensor"]: r for r in rep["tensors"]}
+    rep = export(stories_checkpoint, tmp_path / "s.gguf")
+    rows = {r["tensor"]: r for r in rep["layers"]}
     down = [r for n, r in rows.items() if n.endswith("down_proj.weight")]
     assert len(down) == 5 and all(r["type"] == "F32" and r["exact"] and "warning" in r for r in down)  # 172 % 32 != 0
     assert all(r["type"] == "Q4_1" for n, r in rows.items() if "lossy_scales" in r and not n.endswith("down_proj.weight"))
     assert rep["tied_embeddings"] and rep["n_exact"] == rep["n_quantized"] == 35 and len(rep["warnings"]) == 5
-    v = G.verify(Path(rep["artifact"]), stories_checkpoint)
+    v = verify(Path(rep["artifact"]), stories_checkpoint)
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == 35 and v["max_abs_error"] == 0.0
-    assert v["logits"]["top1_agreement"] >= 0.97 and v["logits"]["greedy_match"] >= 16
+    # greedy: every token before the first near-tie of the reference (issue 9: on AMD EPYC llama.cpp took the
+    # other side of a near-tie at token 5), and at least the first 4 -- the reference has no near-tie before them
+    g = v["greedy"]
+    assert v["logits"]["top1_agreement"] >= 0.97 and g["matched"] == g["required"] >= 4, g
     assert np.isfinite(v["logits"]["mean_kl"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from l4q_export.formats import gguf_pack as P
+from l4q_export.formats.gguf import pack as P
 from l4q_export.quant import QuantizedTensor, QuantSpec
 
 

@@ -203,14 +203,15 @@ def test_gguf_export_of_every_method(tiny_base, text_data, work, tmp_path, metho
     """GGUF holds each method's folded codes exactly, and llama.cpp runs it like PyTorch runs the fold."""
     import numpy as np
 
-    from l4q_export.eval.backends import LlamaCppBackend, TorchBackend
-    from l4q_export.formats import gguf
-    from l4q_export.formats.gguf_check import check_tensors
+    from l4q_export.eval.backends import TorchBackend
+    from l4q_export.formats import get_target
+    from l4q_export.formats.gguf.runtime import LlamaCppBackend
+    from l4q_export.verify import verify_artifact
+
+    gguf = get_target("gguf")
 
     ck = trained(tiny_base, text_data, work, method, bits=4, extra={"qat_lora_export": "merge"} if method == "qat-lora" else {})
-    rep = gguf.export(ck, tmp_path / "m.gguf")
-    tensors = check_tensors(Path(rep["artifact"]), load_checkpoint(ck))
-    assert tensors["passed"] and tensors["n_codes_identical"] == tensors["n_quantized"] == 14
+    rep = gguf.write(ck, tmp_path / "m.gguf").to_dict()
     ids = TorchBackend(ck).encode(TEXT[:300])[:96]
     ref = TorchBackend(ck).logprobs(ids)
     got = LlamaCppBackend(Path(rep["artifact"]), threads=2).logprobs(ids)
@@ -218,5 +219,6 @@ def test_gguf_export_of_every_method(tiny_base, text_data, work, tmp_path, metho
     top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
     assert kl < 1e-3 and top1 > 0.95, (kl, top1)
     assert math.isfinite(kl)
-    verdict = gguf.verify(Path(rep["artifact"]), ck)  # the user's command: its reference is the method's own forward
+    verdict = verify_artifact(gguf, Path(rep["artifact"]), ck)  # the user's command: the reference is the method's forward
     assert verdict["passed"], verdict["summary"]
+    assert verdict["n_codes_identical"] == verdict["n_within_bound"] == verdict["n_quantized"] == 14

@@ -38,7 +38,9 @@ def env(tiny_base, tmp_path_factory) -> dict[str, Path]:
     """An integer-zero L4Q checkpoint (fp16 scales, so GPTQ holds it exactly) and its GPTQ v2 and v1 exports."""
     from conftest import make_checkpoint
 
-    from l4q_export.formats import safetensors as st
+    from l4q_export.formats import get_target
+
+    st = get_target("safetensors")
 
     w = tmp_path_factory.mktemp("qalora_gptq")
     data = w / "train.txt"
@@ -46,7 +48,7 @@ def env(tiny_base, tmp_path_factory) -> dict[str, Path]:
     rtn = make_checkpoint(tiny_base, w / "src", bits=4, group_size=32, zero_point="integer", fp16_grid=True, lora_std=0.2)
     out = {"base": tiny_base, "data": data, "rtn": rtn, "work": w}
     for flavor in ("gptq", "gptq-v1"):
-        rep = st.export(rtn, w / flavor, flavor=flavor)
+        rep = st.write(rtn, w / flavor, flavor=flavor).to_dict()
         assert all(r["encoding"] == "packed" for r in rep["layers"]), rep["layers"]
         out[flavor] = Path(rep["artifact"])
     return out
@@ -104,7 +106,10 @@ def test_step0_fold_equals_gptq_dequantized_weights(env):
 
 def test_training_on_gptq_base_lowers_loss_and_folds_exactly(env, tmp_path):
     """A real run: held-out loss drops, the base codes stay the GPTQ ones, verify passes, GGUF verifies."""
-    from l4q_export.formats import gguf
+    from l4q_export.formats import get_target
+    from l4q_export.verify import verify_artifact
+
+    gguf = get_target("gguf")
 
     ck_dir = env["work"] / "qa"
     rep = _qalora(env, ck_dir, env["gptq-v1"], steps=12, lr=1e-2, eval_examples=4)
@@ -114,7 +119,7 @@ def test_training_on_gptq_base_lowers_loss_and_folds_exactly(env, tmp_path):
     assert all(torch.equal(got[m].codes, folded[m].codes) for m in folded)
     assert not torch.equal(got[MODULE].minimum, -(folded[MODULE].scale * folded[MODULE].zero))  # the adapter moved m'
     assert CliRunner().invoke(verify_main, [str(ck_dir), "--quiet"]).exit_code == 0
-    verdict = gguf.verify(Path(gguf.export(ck_dir, tmp_path / "m.gguf")["artifact"]), ck_dir)
+    verdict = verify_artifact(gguf, Path(gguf.write(ck_dir, tmp_path / "m.gguf").artifact), ck_dir)
     assert verdict["passed"], verdict["summary"]
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "data" / "models" / "stories260K"
@@ -143,24 +142,14 @@ def our_export(ck: Path, out: Path) -> dict[str, Any]:
 
 def fidelity(ck_dir: Path, gguf_path: Path) -> dict[str, float]:
     """KL(trained fake-quant reference || llama.cpp on this file) and top-1 agreement over EVAL_TEXTS."""
-    import torch
-
     from l4q_export.checkpoint import load_checkpoint
-    from l4q_export.formats.gguf_check import compare_logits, llama_logits, load_llama, reference_model, tokenizer_truth
+    from l4q_export.formats import get_target
+    from l4q_export.verify import compare_runtime
 
-    ck = load_checkpoint(ck_dir)
-    model = reference_model(ck)
-    _, truth, _ = tokenizer_truth(ck)
-    llm = load_llama(gguf_path)
-    refs, gots = [], []
-    with torch.no_grad():
-        for text in EVAL_TEXTS:
-            ids = truth(text)
-            refs.append(model(torch.tensor([ids])).logits[0].double().numpy())
-            gots.append(llama_logits(llm, ids))
-    llm.close()
-    c = compare_logits(np.concatenate(refs), np.concatenate(gots))
-    return {"mean_kl": c["mean_kl"], "top1": c["top1"], "max_abs_diff": c["max_abs_diff"]}
+    gguf = get_target("gguf")
+    c, _ = compare_runtime(gguf.runtime(gguf_path, threads=2), load_checkpoint(ck_dir), gguf.tolerance(gguf_path),
+                           prompts=tuple(EVAL_TEXTS))
+    return {"mean_kl": c["mean_kl"], "top1": c["top1_agreement"], "max_abs_diff": c["max_abs_dlogit"]}
 
 
 def rss_scaling(work: Path, converter: Path) -> list[dict[str, Any]]:

@@ -106,25 +106,26 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
     row["ppl_fold"] = score(out, held, a)
     if a.method in ("lora", "qat-lora"):
         row["ppl_train"] = score(out, held, a, "train")
-    from l4q_export.formats import gguf, gguf_check
+    from l4q_export.formats import get_target
+    from l4q_export.verify import verify_artifact, verify_tensors
 
+    gguf = get_target("gguf")
     try:
-        exp = gguf.export(out, out / "model.gguf")
+        exp = gguf.write(out, out / "model.gguf").to_dict()
     except Exception as e:  # report, never hide, why the shipped file could not be written
         row["gguf_error"] = f"{type(e).__name__}: {e}"
         return row
     gg = Path(exp["artifact"])
-    row["gguf_types"] = sorted({r["type"] for r in exp.get("tensors", []) if isinstance(r, dict) and "type" in r})
+    row["gguf_types"] = sorted({r["type"] for r in exp.get("layers", []) if isinstance(r, dict) and "type" in r})
     row["ppl_gguf"] = score(gg, held, a)
     try:
         if a.group in a.full_verify_groups and a.seed == 0:
-            v = gguf.verify(gg, out)
+            v = verify_artifact(gguf, gg, out)
             row["gguf_verify"] = {"passed": v["passed"], "summary": v["summary"], "level": "full"}
         else:  # levels (a) codes and (b) bound only: llama.cpp's runtime check costs ~30 s a run on the shared CPU
-            from l4q_export.checkpoint import load_checkpoint
-
-            v = gguf_check.check_tensors(gg, load_checkpoint(out))
-            row["gguf_verify"] = {"passed": v["passed"], "level": "tensors",
+            v = verify_tensors(gguf, gg, out)
+            row["gguf_verify"] = {"passed": v["n_codes_identical"] == v["n_within_bound"] == v["n_quantized"] > 0,
+                                  "level": "tensors",
                                   "summary": f"{v['n_codes_identical']}/{v['n_quantized']} codes identical, "
                                              f"{v['n_within_bound']}/{v['n_quantized']} within bound"}
     except Exception as e:

@@ -68,11 +68,29 @@ def session(path: Path, provider: str, threads: int) -> Any:
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
+def _stepper(sess: Any, spec: Any) -> Any:
+    """step(new_ids [1,S]) -> logits [S,V], carrying present -> past between calls (the decode loop being timed)."""
+    from l4q_export.formats.onnx.graph import kv_names
+
+    past = {n: np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32) for i in range(spec.layers) for n in kv_names(i)[:2]}
+    outputs = ["logits"] + [n for i in range(spec.layers) for n in kv_names(i)[2:]]
+    state = {"past": past, "total": 0}
+
+    def step(ids: np.ndarray) -> np.ndarray:
+        total = state["total"] + ids.shape[1]
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64),
+                 "position_ids": np.arange(state["total"], total, dtype=np.int64)[None], **state["past"]}
+        res = sess.run(outputs, feeds)
+        state["past"] = {n: res[1 + j] for j, n in enumerate(n for i in range(spec.layers) for n in kv_names(i)[:2])}
+        state["total"] = total
+        return res[0][0]
+
+    return step
+
+
 def run_once(sess: Any, spec: Any, prompt: np.ndarray, decode: int) -> tuple[float, float, list[int]]:
     """(prefill seconds, decode seconds for `decode` tokens, tokens) with the KV cache fed back each step."""
-    from l4q_export.formats.onnx_verify import ort_stepper
-
-    step = ort_stepper(sess, spec.layers, spec.kv_heads, spec.head_dim, np.float32)
+    step = _stepper(sess, spec)
     t0 = time.perf_counter()
     tok = int(step(prompt[None])[-1].argmax())
     t1 = time.perf_counter()
@@ -129,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime as ort
 
     from l4q_export.checkpoint import load_checkpoint
-    from l4q_export.formats import onnx as O
-    from l4q_export.formats.onnx_graph import DecoderSpec
+    from l4q_export.formats import get_target
+    from l4q_export.formats.onnx.graph import DecoderSpec
 
     tmp = tempfile.TemporaryDirectory() if a.work is None else None
     work = Path(tmp.name) if tmp else a.work
@@ -144,12 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in a.variants.split(","):
         form, level, fused = VARIANTS[name]
         t0 = time.perf_counter()
-        reports[name] = O.export(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level, onnx_fused=fused)
+        reports[name] = get_target("onnx").write(ck_dir, work / f"onnx-{name}", onnx_form=form, onnx_accuracy_level=level,
+                                                 onnx_fused=fused).to_dict()
         export_s[name] = time.perf_counter() - t0
     rows = []
     for prov in providers:
         timed = bench_variants({n: Path(r["artifact"]) for n, r in reports.items()}, spec, prov, a)
-        rows += [{"variant": n, "provider": prov.removesuffix("ExecutionProvider"), "bytes": reports[n]["total_bytes"],
+        rows += [{"variant": n, "provider": prov.removesuffix("ExecutionProvider"), "bytes": reports[n]["bytes"],
                   "export_s": export_s[n], **timed[n]} for n in reports]
     rep = next(iter(reports.values()))
     for r in rows:

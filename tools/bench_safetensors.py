@@ -32,8 +32,10 @@ import torch
 
 from l4q_export.checkpoint import load_checkpoint
 from l4q_export.fold import fold_checkpoint
-from l4q_export.formats.safetensors_verify import compare_models, reference_model
+from l4q_export.formats import get_target
+from l4q_export.formats.runtime import ModuleBackend
 from l4q_export.quant import QuantizedTensor
+from l4q_export.verify import compare_runtime
 
 DTYPE = torch.float16
 
@@ -76,7 +78,9 @@ def check_transformers(artifact: Path, model_dir: Path, expected: dict[str, torc
         got = packed[name].dequantize_weight().T if name in packed else params[name + ".weight"].detach()
         exact += bool(torch.equal(got.contiguous(), want.to(DTYPE)))
     # the quantized model runs in fp16 (transformers refuses .float() on it): logits vs the fp32 training model
-    cmp = compare_models(loaded, reference_model(load_checkpoint(model_dir)), artifact)
+    logits, greedy = compare_runtime(ModuleBackend(loaded, artifact, "transformers+gptqmodel"), load_checkpoint(model_dir),
+                                     get_target("safetensors").tolerance(artifact))
+    cmp = {"logits": logits, "greedy": greedy}
     return {"loader": "transformers AutoModelForCausalLM (optimum + gptqmodel), CPU fp16",
             "kernels": sorted({type(m).__name__ for m in packed.values()}), "n_packed": len(packed),
             "n_bit_exact": exact, "n_layers": len(expected), **cmp}

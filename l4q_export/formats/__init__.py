@@ -1,34 +1,57 @@
-"""Export targets.  Each target is one module exposing the same small protocol, so the CLI and
-`verify` treat every format alike and a new target is one new module:
+"""Export targets.  `TARGETS` is the only list of them: each entry names one sub-package's `Target` object
+(the protocol is in `base.py`).  `l4q-export`'s options, `--allow-lossy`, `demo`, `verify` and `l4q-eval` all read
+this registry, so a new target is its own package plus one line here (or one `register` call).
 
-    NAME: str                         the `--to` name
-    CLI_OPTIONS: list[click.Option]   target-specific `l4q-export` options (parameter names unique)
-    def export(model_dir: Path, output: Path | None, **options) -> dict   writes atomically, returns a report
-    def detect(artifact: Path) -> bool                                      is this file/dir one of ours?
-    def verify(artifact: Path, model_dir: Path, **options) -> dict          report with "passed": bool
+Targets are imported lazily: a missing optional runtime (llama-cpp-python, onnxruntime) only removes that target.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from types import ModuleType
+from pathlib import Path
 
 from ..errors import L4QInputError
+from .base import Target
 
-FORMATS: dict[str, str] = {
-    "gguf": "l4q_export.formats.gguf",
-    "onnx": "l4q_export.formats.onnx",
-    "safetensors": "l4q_export.formats.safetensors",
+TARGETS: dict[str, str] = {
+    "gguf": "l4q_export.formats.gguf:TARGET",
+    "onnx": "l4q_export.formats.onnx:TARGET",
+    "safetensors": "l4q_export.formats.safetensors:TARGET",
 }
+_LOADED: dict[str, Target] = {}
+
+
+def register(target: Target) -> None:
+    """Add (or replace) a target object under its `name` -- for plugins and tests."""
+    TARGETS[target.name] = f"<registered {type(target).__module__}.{type(target).__name__}>"
+    _LOADED[target.name] = target
+
+
+def unregister(name: str) -> None:
+    TARGETS.pop(name, None)
+    _LOADED.pop(name, None)
 
 
 def available() -> list[str]:
-    """Targets whose module exists in this installation."""
-    return [name for name, mod in FORMATS.items() if importlib.util.find_spec(mod) is not None]
+    """Targets whose package exists in this installation."""
+    return [name for name, ref in TARGETS.items()
+            if name in _LOADED or importlib.util.find_spec(ref.split(":")[0]) is not None]
 
 
-def get_format(name: str) -> ModuleType:
-    if name not in FORMATS or name not in available():
+def get_target(name: str) -> Target:
+    if name not in available():
         raise L4QInputError(f"unknown export target {name!r}; available: {', '.join(available()) or 'none'}")
-    return importlib.import_module(FORMATS[name])
+    if name not in _LOADED:
+        module, attr = TARGETS[name].split(":")
+        _LOADED[name] = getattr(importlib.import_module(module), attr)
+    return _LOADED[name]
+
+
+def detect_target(artifact: Path) -> Target | None:
+    """The target that recognises `artifact`, or None."""
+    for name in available():
+        t = get_target(name)
+        if t.detect(Path(artifact)):
+            return t
+    return None

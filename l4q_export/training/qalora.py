@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import L4QInputError
-from ..formats.safetensors_io import ShardReader
+from ..formats.safetensors.io import ShardReader
 from ..quant import (
     SCALE_FLOOR,
     GroupParams,
@@ -159,7 +159,7 @@ class GPTQBase:
 
     def layer(self, module: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 [out, in], scale d fp32 [out, G], integer zero z fp32 [out, G]) of one Linear."""
-        from ..formats.safetensors_verify import decode_gptq  # the one GPTQ decoder (lazy: it imports training)
+        from ..formats.safetensors.check import decode_gptq  # the one GPTQ decoder (lazy: it imports training)
 
         where = f"--qalora-base {self.dir}: {module}"
         if f"{module}.qweight" not in self.reader:

@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from ..quant import QuantizedTensor
+from ...quant import QuantizedTensor
 
 QK = 32     # legacy block
 QK_K = 256  # K-quant super-block

@@ -26,13 +26,14 @@ from typing import Any
 import click
 import torch
 
-from .. import __version__
-from ..checkpoint import TOKENIZER_FILES, AtomicDir, Checkpoint, load_checkpoint
-from ..errors import FidelityError, L4QInputError
-from ..fold import fold_checkpoint
-from ..quant import QuantizedTensor, QuantSpec
-from .safetensors_io import ShardWriter, parse_size
-from .safetensors_layout import (
+from ... import __version__
+from ...checkpoint import TOKENIZER_FILES, AtomicDir, Checkpoint, load_checkpoint
+from ...errors import FidelityError, L4QInputError
+from ...fold import fold_checkpoint
+from ...quant import QuantizedTensor, QuantSpec
+from ..base import ExportReport
+from .io import ShardWriter, parse_size
+from .layout import (
     FLAVORS,
     GPTQ_BITS,
     ct_quantization_config,
@@ -99,7 +100,7 @@ def _encode(
     if not res.exact and not allow_lossy:
         raise FidelityError(REFUSE_FLOAT.format(tensor=qt.name, flavor=flavor, err=res.max_abs_err))
     row: dict[str, Any] = {"encoding": "packed", "zero_point": "rounded" if res.rounded else qt.spec.zero_point,
-                           "exact": res.exact, "max_abs_err": res.max_abs_err}
+                           "exact": res.exact, "max_abs_error": res.max_abs_err}
     if flavor == "compressed-tensors":
         scale_dtype = model_dtype if exactly_representable(qt.scale, model_dtype) else torch.float32
         row["scale_dtype"] = str(scale_dtype).removeprefix("torch.")
@@ -116,7 +117,7 @@ def _encode(
 
 
 def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tensors", allow_lossy: bool = False,
-           shard_size: str | int = "5GB") -> dict[str, Any]:
+           shard_size: str | int = "5GB") -> ExportReport:
     """Stream the fold into a sharded HF model directory (atomically); returns the per-tensor report."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
@@ -140,7 +141,7 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
             if reason is not None:
                 writer.add(name, t.dequantize())  # fp32 W_q: exact, just not compressed
                 dense.append(module)
-                rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_err": 0.0, "reason": reason})
+                rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_error": 0.0, "reason": reason})
                 continue
             tensors, row = _encode(flavor, t, allow_lossy, model_dtype)
             for suffix, v in tensors.items():
@@ -164,29 +165,11 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
                 "zero_point": "rounded" if any(r.get("zero_point") == "rounded" for r in rows) else spec.zero_point}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     packed = [r for r in rows if r["encoding"] == "packed"]
-    return {
-        "artifact": str(output), "format": NAME, "flavor": flavor, "bits": spec.bits, "group_size": spec.group_size,
-        "zero_point": info["zero_point"], "n_quantized": len(rows), "n_packed": len(packed), "n_dense": len(dense),
-        "n_shards": len(set(index["weight_map"].values())), "total_bytes": index["metadata"]["total_size"],
-        "exact": not lossy, "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0),
-        "loaders": serving_note(flavor, spec), "layers": rows,
-    }
-
-
-def detect(artifact: Path) -> bool:
-    """A directory whose config.json carries a compressed-tensors or GPTQ quantization_config."""
-    cfg_path = Path(artifact) / "config.json"
-    if not cfg_path.is_file():
-        return False
-    try:
-        qcfg = json.loads(cfg_path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return isinstance(qcfg, dict) and qcfg.get("quant_method") in ("compressed-tensors", "gptq")
-
-
-def verify(artifact: Path, model_dir: Path, **options: Any) -> dict[str, Any]:
-    """Decode with the real libraries and compare with the fold and the PyTorch training model."""
-    from .safetensors_verify import verify_artifact
-
-    return verify_artifact(Path(artifact), Path(model_dir), **options)
+    return ExportReport(
+        target=NAME, artifact=str(output), n_quantized=len(rows), n_exact=sum(bool(r["exact"]) for r in rows),
+        n_dense=len(dense), max_abs_error=max((r["max_abs_error"] for r in rows), default=0.0),
+        bytes=index["metadata"]["total_size"],
+        details={"flavor": flavor, "bits": spec.bits, "group_size": spec.group_size, "zero_point": info["zero_point"],
+                 "n_packed": len(packed), "n_shards": len(set(index["weight_map"].values())),
+                 "loaders": serving_note(flavor, spec)},
+        layers=rows)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import L4QInputError
+from ...errors import L4QInputError
 
 OPSET = 21
 IR_VERSION = 10

@@ -21,11 +21,12 @@ from typing import Any
 import click
 import onnx
 
-from ..checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint
-from ..errors import L4QInputError
-from ..fold import fold_checkpoint
-from ..quant import QuantizedTensor
-from .onnx_graph import (
+from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint
+from ...errors import L4QInputError
+from ...fold import fold_checkpoint
+from ...quant import QuantizedTensor
+from ..base import ExportReport
+from .graph import (
     DATA_FILE,
     DTYPES,
     DecoderGraph,
@@ -36,7 +37,7 @@ from .onnx_graph import (
     gqa_rotary,
     make_model,
 )
-from .onnx_linear import FORMS, LinearWriter
+from .linear import FORMS, LinearWriter
 
 NAME = "onnx"
 MODEL_FILE = "model.onnx"
@@ -106,7 +107,7 @@ def genai_config(spec: DecoderSpec, cfg: dict[str, Any], fused: bool) -> dict[st
 
 
 def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmulnbits", dtype: str = "fp32",
-           onnx_accuracy_level: int = 0, onnx_fused: bool | None = None, **_: Any) -> dict[str, Any]:
+           onnx_accuracy_level: int = 0, onnx_fused: bool | None = None) -> ExportReport:
     """Fold the checkpoint and write OUT_DIR/model.onnx (+ external data) atomically; returns the report.
 
     onnx_form may also be "dequantized" (plain fp MatMul on the exact W_q; used as the unquantized
@@ -171,9 +172,12 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                "group_len": v.group_len, "offsets": "exact group-sum term" if "offsets" in v.inits else
                ("integer zero point" if v.form != "dequantized" else "dequantized fp weight")}
               for k, v in writer.layouts.items()]
-    return {"format": NAME, "artifact": str(out / MODEL_FILE), "output_dir": str(out), "form": onnx_form, "dtype": dtype,
-            "fused": fused, "accuracy_level": int(onnx_accuracy_level), "opset": 21, "n_quantized": len(layers), "bytes": sizes,
-            "total_bytes": sum(sizes.values()), "spec": ck.spec.to_dict(), "layers": layers}
+    return ExportReport(
+        target=NAME, artifact=str(out / MODEL_FILE), n_quantized=len(layers), n_exact=len(layers),
+        n_dense=sum(v.form == "dequantized" for v in writer.layouts.values()), max_abs_error=0.0, bytes=sum(sizes.values()),
+        details={"output_dir": str(out), "form": onnx_form, "dtype": dtype, "fused": fused,
+                 "accuracy_level": int(onnx_accuracy_level), "opset": 21, "files": sizes, "spec": ck.spec.to_dict()},
+        layers=layers)
 
 
 def model_path(artifact: Path) -> Path:
@@ -194,13 +198,3 @@ def read_meta(artifact: Path) -> dict[str, Any] | None:
         if prop.key == META_KEY:
             return json.loads(prop.value)
     return None
-
-
-def detect(artifact: Path) -> bool:
-    return read_meta(artifact) is not None
-
-
-def verify(artifact: Path, model_dir: Path, **options: Any) -> dict[str, Any]:
-    from .onnx_verify import verify_onnx
-
-    return verify_onnx(model_path(artifact), Path(model_dir), **options)

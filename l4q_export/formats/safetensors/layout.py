@@ -11,37 +11,34 @@ Three flavors share one set of integers (codes u, integer zero points z, scales 
 * ``gptq-v1`` -- the same with ``qzeros`` holding z - 1 (loaders add 1 back).  Exact only when every z >= 1:
   z = 0 would underflow to -1 and borrow into the neighbouring field, so such tensors are refused.
 
-All packing goes through `quant.pack_int32` (the one bitstream convention); nothing here re-derives codes.
+All packing goes through compressed-tensors' `pack_to_int32` (one dense LSB-first bitstream, GPTQ's too); nothing
+here re-derives codes.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..errors import FidelityError
-from ..quant import QuantizedTensor, QuantSpec, pack_int32
+from ...errors import FidelityError
+from ...quant import QuantizedTensor, QuantSpec
+from ...quant.convert import rounded_zero_point, same_weights
 
 FLAVORS = ("compressed-tensors", "gptq", "gptq-v1")
 GPTQ_BITS = (2, 3, 4, 8)
 
 
-def _pack_padded(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack along the last axis into ceil(n*bits/32) int32 words, zero-padding to whole 32-value runs.
+def _pack(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
+    """compressed-tensors' dense LSB-first int32 packing (`pack_to_int32`, also GPTQ's bitstream) of unsigned codes.
 
-    compressed-tensors pads with zero codes and truncates the surplus words; padding here the same way keeps
-    the words identical to its `pack_to_int32` for widths that are not multiples of 32 (e.g. 172).
+    `pack_to_int32` takes the signed int8 form (u - 2^(b-1)) and adds the offset back, so the stored words hold u.
     """
-    n = values.shape[-1]
-    pad = (-n) % 32
-    if pad:
-        values = np.concatenate([values, np.zeros((*values.shape[:-1], pad), dtype=values.dtype)], axis=-1)
-    return pack_int32(values, bits)[..., : math.ceil(n * bits / 32)]
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32((values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits, packed_dim).contiguous()
 
 
 def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
@@ -86,11 +83,9 @@ def resolve_zero(qt: QuantizedTensor) -> ZeroResolution:
     """
     if qt.zero is not None:
         return ZeroResolution(zero=qt.zero, exact=True, max_abs_err=0.0, rounded=False)
-    z = (-qt.minimum / qt.scale).round().clamp(0, qt.spec.umax)
-    ref = qt.dequantize()
-    alt = QuantizedTensor(qt.name, qt.spec, qt.codes, qt.scale, -(qt.scale * z), z).dequantize()
-    exact = torch.equal(alt.view(torch.int32), ref.view(torch.int32))
-    return ZeroResolution(zero=z, exact=exact, max_abs_err=float((alt - ref).abs().max()), rounded=True)
+    alt = rounded_zero_point(qt)
+    err = float((alt.dequantize() - qt.dequantize()).abs().max())
+    return ZeroResolution(zero=alt.zero, exact=same_weights(alt, qt), max_abs_err=err, rounded=True)
 
 
 def exactly_representable(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -100,15 +95,13 @@ def exactly_representable(t: torch.Tensor, dtype: torch.dtype) -> bool:
 def ct_tensors(qt: QuantizedTensor, zero: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """compressed-tensors pack-quantized tensors of one Linear (suffixes after `module.`)."""
     spec = qt.spec
-    codes = qt.codes.numpy()
     out = {
-        "weight_packed": torch.from_numpy(_pack_padded(codes, spec.bits).copy()),
+        "weight_packed": _pack(qt.codes, spec.bits),
         "weight_scale": qt.scale.to(scale_dtype).contiguous(),
         "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64),
     }
     if spec.zero_point != "symmetric":
-        zt = zero.T.to(torch.uint8).numpy()  # [G, N]: pack along N, then back to [words, G]
-        out["weight_zero_point"] = torch.from_numpy(np.ascontiguousarray(_pack_padded(zt, spec.bits).T))
+        out["weight_zero_point"] = _pack(zero, spec.bits, packed_dim=0)  # [N, G] packed along N: [words, G]
     return out
 
 
@@ -119,12 +112,10 @@ def gptq_tensors(qt: QuantizedTensor, zero: torch.Tensor, v1: bool) -> dict[str,
     stored_zero = zero - 1 if v1 else zero
     if v1 and bool((stored_zero < 0).any()):
         raise ValueError("v1 zero points must be >= 1")  # callers check first and refuse with a clear message
-    qweight = pack_int32(qt.codes.numpy(), spec.bits)  # [N, K*b/32], packed along K
-    qzeros = pack_int32(stored_zero.T.to(torch.uint8).numpy(), spec.bits)  # [G, N*b/32], packed along N
     g = spec.group_len(k)
     return {
-        "qweight": torch.from_numpy(np.ascontiguousarray(qweight.T)),
-        "qzeros": torch.from_numpy(np.ascontiguousarray(qzeros)),
+        "qweight": _pack(qt.codes, spec.bits, packed_dim=1).T.contiguous(),  # [K*b/32, N], packed along K
+        "qzeros": _pack(stored_zero.T, spec.bits, packed_dim=1),  # [G, N*b/32], packed along N
         "scales": qt.scale.T.to(torch.float16).contiguous(),
         "g_idx": (torch.arange(k, dtype=torch.int32) // g).to(torch.int32),
     }

@@ -16,7 +16,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..errors import L4QInputError
+from ...errors import L4QInputError
 
 ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}

@@ -1,4 +1,4 @@
-"""GGUF export (llama.cpp) with the trained integers intact, and its three-level verification.
+"""GGUF export (llama.cpp) with the trained integers intact.
 
 Export streams the fold one tensor at a time: each `QuantizedTensor` is packed straight into a ggml block type
 (`gguf_pack`), its bytes appended to a scratch file beside the output, and only the per-tensor descriptions are
@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ..checkpoint import AtomicFile, Checkpoint, load_checkpoint
-from ..errors import FidelityError, L4QInputError
-from ..fold import fold_checkpoint
-from ..quant import QuantizedTensor
-from . import gguf_pack as P
-from .gguf_vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch, rope_freq_factors
+from ...checkpoint import AtomicFile, load_checkpoint
+from ...errors import FidelityError, L4QInputError
+from ...fold import fold_checkpoint
+from ...quant import QuantizedTensor
+from ..base import ExportReport
+from . import pack as P
+from .vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch, rope_freq_factors
 
 NAME = "gguf"
 GGUF_TYPES = ("auto", *P.LEGACY, *P.KQUANTS)
@@ -56,7 +57,9 @@ _AUTO_ORDER = {  # (zero-point kind, bits) -> candidate types, smallest first
     ("zero", 2): ["q4_0"], ("zero", 3): ["q4_0"], ("zero", 4): ["q4_0", "q5_0"], ("zero", 5): ["q5_0", "q8_0"],
     ("zero", 8): ["q8_0"],
 }
-_FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12, "q4_k": 15, "q6_k": 18}
+_L = gguf.LlamaFileType
+FILE_TYPE = {**{n: _L[f"MOSTLY_{n.upper()}"] for n in P.LEGACY}, "q2_k": _L.MOSTLY_Q2_K, "q3_k": _L.MOSTLY_Q3_K_M,
+             "q4_k": _L.MOSTLY_Q4_K_M, "q6_k": _L.MOSTLY_Q6_K}  # the file's "mostly" type (K-quants: the _M mixes)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def resolve_output(model_dir: Path, output: Path | None) -> Path:
 
 
 def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_type: str = "f16",
-           allow_lossy: bool = False) -> dict[str, Any]:
+           allow_lossy: bool = False) -> ExportReport:
     """Write MODEL_DIR's trained model as a GGUF file; returns the report (per-tensor type and error bound)."""
     from tqdm import tqdm
 
@@ -218,7 +221,7 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
         w = gguf.GGUFWriter(tmp, arch)
         add_hparams(w, cfg, arch, n_vocab, model_dir.name)
         main_type = _main_type(rows)
-        w.add_file_type(_FILE_TYPE.get(main_type.lower(), 0))
+        w.add_file_type(int(FILE_TYPE.get(main_type.lower(), _L.ALL_F32)))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = add_tokenizer(w, ck.dir, n_vocab)
         w.add_string("l4q.quant", json.dumps(ck.spec.to_dict(), sort_keys=True))
@@ -234,16 +237,15 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             w.write_tensor_data(np.frombuffer(scratch.read(nbytes), dtype=dtype).reshape(shape))
         w.close()
     quant_rows = [r for r in rows if r.get("lossy_scales") is not None]
-    warnings = [r["warning"] for r in rows if "warning" in r]
-    return {
-        "format": NAME, "artifact": str(out), "arch": arch, "gguf_type": gguf_type, "main_type": main_type,
-        "embed_type": embed_type, "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(),
-        "bytes": out.stat().st_size, "n_tensors": len(rows), "n_quantized": len(quant_rows),
-        "n_exact": sum(r["exact"] for r in quant_rows),
-        "max_abs_error": max((r["max_abs_error"] for r in quant_rows), default=0.0),
-        "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok, "warnings": warnings,
-        "seconds": round(time.time() - t0, 2), "tensors": rows,
-    }
+    return ExportReport(
+        target=NAME, artifact=str(out), n_quantized=len(quant_rows), n_exact=sum(r["exact"] for r in quant_rows),
+        n_dense=sum(r["type"] == "F32" for r in quant_rows),
+        max_abs_error=max((r["max_abs_error"] for r in quant_rows), default=0.0), bytes=out.stat().st_size,
+        details={"arch": arch, "gguf_type": gguf_type, "main_type": main_type, "embed_type": embed_type,
+                 "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(), "n_tensors": len(rows),
+                 "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok,
+                 "seconds": round(time.time() - t0, 2)},
+        warnings=[r["warning"] for r in rows if "warning" in r], layers=rows)
 
 
 def _main_type(rows: list[dict[str, Any]]) -> str:
@@ -252,37 +254,3 @@ def _main_type(rows: list[dict[str, Any]]) -> str:
         if r.get("lossy_scales") is not None:
             counts[r["type"]] = counts.get(r["type"], 0) + int(np.prod(r["shape"]))
     return max(counts, key=counts.__getitem__) if counts else "F32"
-
-
-# --------------------------------------------------------------------------------------------------------
-# detect / verify
-# --------------------------------------------------------------------------------------------------------
-
-def detect(artifact: Path) -> bool:
-    p = Path(artifact)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def verify(artifact: Path, model_dir: Path, **options: Any) -> dict[str, Any]:
-    """(a) codes decoded from the file == fold codes; (b) decoded weights vs training W_q within the declared
-    bound; (c) llama.cpp logits vs the PyTorch fake-quant reference, plus tokenizer parity."""
-    from .gguf_check import check_runtime, check_tensors
-
-    artifact, model_dir = Path(artifact), Path(model_dir)
-    if not detect(artifact):
-        raise L4QInputError(f"{artifact} is not a GGUF file")
-    ck: Checkpoint = load_checkpoint(model_dir)
-    tensors = check_tensors(artifact, ck)
-    runtime = check_runtime(artifact, ck, **options)
-    passed = tensors["passed"] and runtime["passed"]
-    lg, tk = runtime["logits"], runtime["tokenizer"]
-    summary = (f"{tensors['n_codes_identical']}/{tensors['n_quantized']} tensors codes identical, "
-               f"{tensors['n_within_bound']}/{tensors['n_quantized']} within bound (max err {tensors['max_abs_error']:.3g}); "
-               f"llama.cpp: top1 {lg['top1_agreement']:.3f}, KL {lg['mean_kl']:.2e}, max|dlogit| {lg['max_abs_diff']:.3g}, "
-               f"greedy {lg['greedy_match']}/{lg['greedy_tokens']}; tokenizer {tk['n_match']}/{tk['n_texts']}")
-    return {"check": "gguf", "artifact": str(artifact), "model_dir": str(model_dir), "passed": passed, "summary": summary,
-            **{k: v for k, v in tensors.items() if k not in ("passed", "layers")}, "tensors_passed": tensors["passed"],
-            "logits": lg, "tokenizer": tk, "runtime_passed": runtime["passed"], "layers": tensors["layers"]}

@@ -1,0 +1,103 @@
+"""Reading a GGUF artifact back for `verify`, independent of our packers, and GGUF's own check (tokenizer parity).
+
+Every quantized tensor is read with gguf-py's `GGUFReader` and decoded with `gguf.quants.dequantize`; the stored
+integers are recovered from that decoder alone (`pack.recover_codes`) and must be what the fold's codes become in
+that block type (`pack.expected_stored_codes`: u, or u - z for types without a minimum).  The decoded weights are
+held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Names and the q/k row
+permutation come from the file's own header, so the reader needs nothing but the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from ...checkpoint import Checkpoint
+from ...errors import L4QInputError
+from ..base import Decoded
+from ..runtime import HFTokenizer, tokenizer_truth
+from . import pack as P
+from .vocab import MODEL_ARCH
+from .writer import REPORT_KEY, gguf_name, qk_permutation
+
+TOKENIZER_TEXTS = (
+    "Hello world", " Hello world", "  two leading spaces", "\tTab and\nnewline", "Numbers 1234567 and 3.14",
+    "Once upon a time, there was a little girl named Lily.", "émigré café naïve – “quotes” 😀", "a\n\n\nb   c",
+    "", " ", "UPPER lower MiXeD", "l'été, it's, we'll, they're",
+)
+
+
+def field(reader: gguf.GGUFReader, key: str) -> Any:
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+class GGUFArtifact:
+    """`read_back` of a .gguf file: decoded tensors by HF name, in HF row order."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError) as e:
+            raise L4QInputError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+        self.arch = field(self.reader, "general.architecture")
+        if self.arch not in MODEL_ARCH:
+            raise L4QInputError(f"{path}: GGUF architecture {self.arch!r} is not one l4q-export writes")
+        a = self.arch
+        self.cfg = {"num_hidden_layers": int(field(self.reader, f"{a}.block_count")),
+                    "num_attention_heads": int(field(self.reader, f"{a}.attention.head_count")),
+                    "num_key_value_heads": int(field(self.reader, f"{a}.attention.head_count_kv"))}
+        self.tmap = gguf.get_tensor_name_map(MODEL_ARCH[a], self.cfg["num_hidden_layers"])
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.declared = json.loads(field(self.reader, REPORT_KEY) or "{}")
+
+    def names(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def get(self, hf_name: str) -> Decoded | torch.Tensor | None:
+        gname = gguf_name(self.tmap, hf_name)
+        rt = self.tensors.get(gname)
+        if rt is None:
+            return None
+        qtype = gguf.GGMLQuantizationType(int(rt.tensor_type))
+        raw = np.asarray(rt.data)
+        shape = tuple(int(x) for x in reversed(rt.shape.tolist()))  # ggml lists dims innermost first
+        decoded = gguf.quants.dequantize(raw, qtype).reshape(shape)
+        idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
+        inv = None if idx is None else np.argsort(idx)
+        unperm = (lambda a: a) if inv is None else (lambda a: a[inv])
+        weight = torch.from_numpy(np.ascontiguousarray(unperm(decoded)).astype(np.float32))
+        bound = float(self.declared.get(gname, {}).get("max_abs_error", 0.0))
+        tname = qtype.name.lower()
+        if tname not in P.QTYPES:  # F32/F16 of W_q: the weight is the whole content
+            return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
+                           info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
+        codes = unperm(P.recover_codes(raw, tname).reshape(shape))
+        return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
+                       bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "gguf-py decoder"})
+
+
+def tokenizer_parity(artifact: Path, ck: Checkpoint, texts: tuple[str, ...] | list[str] = TOKENIZER_TEXTS) -> dict[str, Any]:
+    """llama.cpp's tokenizer (from the file's vocabulary) vs the one the model was trained with, on awkward texts."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(artifact), vocab_only=True, verbose=False)
+    truth_name, truth = tokenizer_truth(ck.dir)
+    hf = HFTokenizer(ck.dir).tok
+    mismatches, hf_diff = [], 0
+    for text in texts:
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        want = truth(text)
+        if got != want:
+            mismatches.append({"text": text, "llama.cpp": got[:32], truth_name: want[:32]})
+        hf_diff += list(hf(text)["input_ids"]) != want
+    llm.close()
+    return {"truth": truth_name, "n_texts": len(texts), "n_match": len(texts) - len(mismatches),
+            "hf_differs_from_truth": hf_diff, "mismatches": mismatches[:5], "passed": not mismatches,
+            "summary": f"tokenizer {len(texts) - len(mismatches)}/{len(texts)}"}

@@ -1,0 +1,150 @@
+"""Reading a packed-safetensors export back with the real libraries, and safetensors' own check (the loader).
+
+read-back, per quantized layer: the packed fields are decoded by compressed-tensors' own code
+(`unpack_from_int32` for codes and zero points, `PackedQuantizationCompressor.decompress` for the weight; GPTQ's
+packing is the same dense LSB-first bitstream, so its qweight/qzeros go through the same unpacker along the GPTQ
+axes).  `verify` holds codes and zero points to the fold's (or, for a `--allow-lossy` export, to the rounded zero
+points `quant.convert.rounded_zero_point` gives) and the library's weight to W_q in the artifact's dtype.
+loader: the model the runtime loads (runtime.py) holds exactly those weights, parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...checkpoint import Checkpoint, read_json
+from ...errors import L4QInputError
+from ...fold import fold_checkpoint
+from ...quant import QuantizedTensor
+from ...quant.convert import rounded_zero_point
+from ..base import Decoded, same_bits
+from .io import ShardReader
+
+EXPORT_INFO = "l4q_export.json"
+
+
+def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[str, torch.Tensor]:
+    """Codes, zero points and weight of one pack-quantized Linear, decoded by compressed-tensors itself."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    sd = {k: reader.get(f"{module}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+          if f"{module}.{k}" in reader}
+    shape = torch.Size(sd["weight_shape"].tolist())
+    half = 1 << (bits - 1)
+    codes = unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int32) + half
+    g = sd["weight_scale"].shape[1]
+    if "weight_zero_point" in sd:
+        zero = unpack_from_int32(sd["weight_zero_point"], bits, torch.Size([shape[0], g]), packed_dim=0).to(torch.int32) + half
+    else:
+        zero = torch.full((shape[0], g), half, dtype=torch.int32)
+    weight = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
+    return {"codes": codes, "zero": zero, "weight": weight, "scale_dtype": sd["weight_scale"].dtype}
+
+
+def decode_gptq(reader: ShardReader, module: str, bits: int, v1: bool) -> dict[str, torch.Tensor]:
+    """GPTQ qweight [K*b/32, N] (packed along K) and qzeros [G, N*b/32] (packed along N) -> [N, K] codes and weight.
+
+    Unpacked with compressed-tensors' `unpack_from_int32` (the same dense bitstream), then
+    W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]) in fp32; v1 files store z - 1.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    qweight, qzeros = reader.get(f"{module}.qweight"), reader.get(f"{module}.qzeros")
+    scales, g_idx = reader.get(f"{module}.scales"), reader.get(f"{module}.g_idx").long()
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    half = 1 << (bits - 1)
+    q = unpack_from_int32(qweight, bits, torch.Size([k, n]), packed_dim=0).to(torch.int32) + half  # [K, N]
+    z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int32) + half + int(v1)
+    w = (q - z[g_idx]).float() * scales.float()[g_idx]
+    return {"codes": q.T, "zero": z.T, "weight": w.T.contiguous(), "scale_dtype": scales.dtype}
+
+
+def _expected(qt: QuantizedTensor, rounded: bool) -> dict[str, np.ndarray]:
+    """The integers the artifact must hold for the fold's tensor: its codes and (trained or rounded) zero points."""
+    if rounded:
+        qt = rounded_zero_point(qt)
+    if qt.zero is None:
+        raise L4QInputError(f"{qt.name}: checkpoint has float zero points but the export claims exact integer ones "
+                            "(was it exported from another checkpoint?)")
+    return {"codes": qt.codes.to(torch.int32).numpy(), "zero": qt.zero.to(torch.int32).numpy()}
+
+
+class SafetensorsArtifact:
+    """`read_back` of a packed HF directory: decoded layers by HF name."""
+
+    def __init__(self, artifact: Path) -> None:
+        cfg = read_json(artifact / "config.json", "exported config.json")
+        self.qcfg = cfg.get("quantization_config") or {}
+        self.method = self.qcfg.get("quant_method")
+        if self.method not in ("compressed-tensors", "gptq"):
+            raise L4QInputError(f"{artifact}/config.json has no compressed-tensors or GPTQ quantization_config")
+        info_path = artifact / EXPORT_INFO
+        self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        self.rounded = self.info.get("zero_point") == "rounded"
+        self.bits = int(self.info.get("spec", {}).get("bits") or self.qcfg.get("bits") or 0)
+        self.v1 = self.method == "gptq" and self.qcfg.get("checkpoint_format", self.qcfg.get("format")) == "gptq"
+        self.flavor = self.method if self.method == "compressed-tensors" else ("gptq-v1" if self.v1 else "gptq_v2")
+        self.scheme = None
+        if self.method == "compressed-tensors":
+            from compressed_tensors.quantization import QuantizationConfig
+
+            self.scheme = QuantizationConfig.model_validate(self.qcfg).config_groups["group_0"]
+            self.bits = self.bits or int(self.scheme.weights.num_bits)
+        self.reader = ShardReader(artifact)
+
+    def names(self) -> Iterator[str]:
+        return iter(self.reader.names())
+
+    def get(self, name: str) -> Decoded | torch.Tensor | None:
+        if name in self.reader:  # stored dense (a float tensor, or a layer this flavor cannot pack)
+            return self.reader.get(name)
+        module = name.removesuffix(".weight")
+        packed = f"{module}.weight_packed" if self.scheme is not None else f"{module}.qweight"
+        if packed not in self.reader:
+            return None
+        dec = decode_ct(self.reader, module, self.scheme, self.bits) if self.scheme is not None else \
+            decode_gptq(self.reader, module, self.bits, self.v1)
+        # a rounded zero point moves each weight by at most d/2 (quant.convert.rounded_zero_point)
+        bound = 0.0 if not self.rounded else float(self._scales(module).max()) * 0.5 * (1 + 2.0 ** -10)
+        weight = dec["weight"] if dec["scale_dtype"] != torch.float32 else dec["weight"].float()
+        return Decoded(name, {"codes": dec["codes"].numpy(), "zero": dec["zero"].numpy()},
+                       lambda qt: _expected(qt, self.rounded), weight=weight, bound=bound,
+                       info={"encoding": "packed", "scale_dtype": str(dec["scale_dtype"]).removeprefix("torch.")})
+
+    def _scales(self, module: str) -> torch.Tensor:
+        key = f"{module}.weight_scale" if self.scheme is not None else f"{module}.scales"
+        return self.reader.get(key).float()
+
+
+def loader_check(artifact: Path, ck: Checkpoint, model: Any) -> dict[str, Any]:
+    """Every parameter of the loaded model is what the artifact must decode to: the fold's float tensors, W_q for
+    quantized layers (in the dtype the library computes in), the rounded-zero weight for a lossy export."""
+    art = SafetensorsArtifact(artifact)
+    params = dict(model.named_parameters())
+    bad, n = [], 0
+    for name, t in fold_checkpoint(ck):
+        w = params.get(name)
+        if w is None:
+            if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+                continue
+            bad.append(name)
+            continue
+        n += 1
+        if isinstance(t, QuantizedTensor):
+            want = (rounded_zero_point(t) if art.rounded else t).dequantize()
+            got = art.get(name)
+            if isinstance(got, Decoded) and got.weight is not None and got.weight.dtype != torch.float32:
+                want = want.to(got.weight.dtype).float()  # the half-precision library product, widened by the loader
+        else:
+            want = t
+        if not same_bits(w.detach().float(), want.float()):
+            bad.append(name)
+    return {"n_parameters": n, "n_bit_exact": n - len(bad), "differing": bad[:10], "passed": not bad,
+            "summary": f"{n - len(bad)}/{n} loaded parameters bit-exact"}
