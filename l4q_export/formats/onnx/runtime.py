@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import L4QInputError
-from ..runtime import HFTokenizer, log_softmax, max_positions
+from ..runtime import HFTokenizer, greedy_by_recompute, log_softmax, max_positions
 
 
 def ort_session(path: Path, level: Any = None, optimized: Path | None = None, threads: int | None = None) -> Any:
@@ -52,6 +52,8 @@ class OrtBackend:
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.max_length = max_positions(model.parent)
         self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        # a graph that returns its cache (present.*) is decoded through it; one that does not, by recomputation
+        self.cached = bool(self.past) and all(p.replace("past_key_values.", "present.") in self.outputs for p in self.past)
         self.name = "onnxruntime"
 
     def _empty_past(self, inp: Any) -> np.ndarray:
@@ -70,9 +72,9 @@ class OrtBackend:
             feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(start, n, dtype=np.int64)[None]
-        presents = [p.replace("past_key_values.", "present.") for p in self.past]
+        presents = [p.replace("past_key_values.", "present.") for p in self.past] if self.cached else []
         res = self.sess.run(["logits", *presents], feeds)
-        return res[0][0].astype(np.float32), dict(zip(self.past, res[1:], strict=True))
+        return res[0][0].astype(np.float32), dict(zip(self.past if self.cached else [], res[1:], strict=True))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self._run(ids, 0, {p: self._empty_past(self.inputs[p]) for p in self.past})[0]
@@ -82,6 +84,8 @@ class OrtBackend:
 
     def greedy(self, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
         """Prefill, then one token per step through the KV cache (present.* fed back as past_key_values.*)."""
+        if not self.cached:
+            return greedy_by_recompute(self, ids, n)
         logits, past = self._run(list(ids), 0, {p: self._empty_past(self.inputs[p]) for p in self.past})
         rows, out, pos = [logits[-1]], [int(logits[-1].argmax())], len(ids)
         for _ in range(n - 1):
