@@ -199,3 +199,21 @@ def test_near_tie_rule():
     assert not bad["passed"] and bad["matched"] == 1 and bad["first_difference"] == 1
     clean = near_tie_greedy(ref[[0, 1, 3]], [1, 2, 0], tie_margin=1e-2)
     assert clean["passed"] and clean["tie_position"] is None and clean["matched"] == clean["required"] == 3
+
+
+def test_capability_answers_and_the_demo_follows_them():
+    """Each target answers for itself; demo's choice of checkpoint per target is that answer (no table of its own)."""
+    from l4q_export.demo import zero_point_for
+    from l4q_export.formats.base import Bounded, Refused
+
+    gguf, onnx, st = (formats.get_target(n) for n in ("gguf", "onnx", "safetensors"))
+    float4 = QuantSpec(4, 32, "float")
+    assert isinstance(gguf.capability(float4, (64, 64), torch.float16), Exact)
+    assert isinstance(gguf.capability(float4, (64, 64), torch.float32), Bounded)  # d, m stored as fp16
+    assert isinstance(onnx.capability(float4, (64, 64), torch.float32), Exact)
+    refused = onnx.capability(QuantSpec(4, 24, "float"), (64, 96), torch.float32)  # no power-of-two block >= 16
+    assert isinstance(refused, Refused) and "--onnx-form qdq" in refused.fix
+    assert isinstance(st.capability(float4, (64, 64), torch.float16), Bounded)
+    assert isinstance(st.capability(QuantSpec(4, 32, "integer"), (64, 64), torch.float16), Exact)
+    assert isinstance(st.capability(QuantSpec(5, 32, "integer"), (64, 64), torch.float16, flavor="gptq"), Refused)
+    assert [zero_point_for(t, 4) for t in ("gguf", "onnx", "safetensors")] == ["float", "float", "integer"]

@@ -172,7 +172,7 @@ class Tolerance:
 
     min_top1: float
     max_mean_kl: float
-    max_abs_dlogit: float
+    max_abs_dlogit: float | None  # None: reported, not bounded (strict JSON has no Infinity)
     tie_margin: float
     relative: bool = False
 

@@ -21,7 +21,7 @@ from . import writer
 # activations: a reference top-2 margin below 2% of max(1, max |logit|) can be flipped by it (both logits move), so
 # it is a near-tie.  stories260K has one at greedy token 5 (", there was a ca|stle" vs "t"): llama.cpp takes "cat"
 # on this machine and on AMD EPYC (issue 9).
-TOLERANCE = Tolerance(min_top1=0.90, max_mean_kl=0.02, max_abs_dlogit=float("inf"), tie_margin=0.02, relative=True)
+TOLERANCE = Tolerance(min_top1=0.90, max_mean_kl=0.02, max_abs_dlogit=None, tie_margin=0.02, relative=True)
 FP16_STEP = 2.0 ** -11  # relative rounding of a scale or minimum stored as fp16
 
 
