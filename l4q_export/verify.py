@@ -19,7 +19,7 @@ from .checkpoint import CONFIG_FILE, load_checkpoint
 from .errors import FidelityError, L4QInputError
 from .fold import fold_checkpoint
 from .quant import QuantizedTensor
-from .training.methods import LOSSY_BY_DESIGN, build_layer
+from .training.methods import build_layer, checkpoint_method
 
 IDENTITY_ROWS = 1024
 
@@ -66,7 +66,7 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
         )
     # lora / qat-lora export a re-quantized merge by definition: the fold must match that reference exactly,
     # and its distance from the training forward is reported, never hidden (max_abs_diff per layer).
-    lossy = ck.method in LOSSY_BY_DESIGN
+    lossy = checkpoint_method(ck).lossy
     passed = bool(rows) and all(r["codes_identical"] and r["bit_identical"] and (r["forward_identical"] or lossy) for r in rows)
     n_exact = sum(r["bit_identical"] and r["forward_identical"] for r in rows)
     worst = max((r["max_abs_diff"] for r in rows), default=0.0)
