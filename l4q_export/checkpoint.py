@@ -148,7 +148,8 @@ class Checkpoint:
         return list(self.config["modules"])
 
     @property
-    def alpha(self) -> float:
+    def lora_scale(self) -> float:
+        """The LoRA scaling alpha/r (l4q_config.json lora.scaling), not lora_alpha itself."""
         return float(self.config["lora"]["scaling"])
 
     @property

@@ -5,6 +5,7 @@ Every bad-input condition becomes one `error: ...` line and exit code 2; nothing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,8 @@ from typing import Any
 import click
 
 from .errors import FidelityError, L4QInputError
-from .quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES
+from .training.methods import QAT_LORA_EXPORT
+from .training.trainer import TrainArgs
 
 # Local paths only: never reach for a hub, never run repository code.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,143 +30,68 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-@click.command(context_settings=CTX)
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).",
-)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) or plain text (causal LM).",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["l4q", "qalora", "dlqat", "qat-lora", "lora", "rtn"]),
-    default="l4q",
-    show_default=True,
-    help="l4q; qalora (frozen RTN or --qalora-base GPTQ base + group-pooled LoRA in float zeros); "
-    "dlqat (frozen s/z, per-group magnitude, "
-    "integer-space LoRA); baselines qat-lora (LSQ+ W0 + float LoRA), lora (float; export = merge then RTN), "
-    "rtn (no training). See docs/methods.md.",
-)
-@click.option(
-    "--qat-lora-export",
-    type=click.Choice(["refuse", "merge"]),
-    default="refuse",
-    show_default=True,
-    help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
-    "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).",
-)
-@click.option(
-    "--qalora-base",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="qalora only: HF GPTQ directory (safetensors; desc_act=false; same --bits/--group-size) whose codes, "
-    "integer zeros and scales are the frozen base instead of RTN of --model; every target layer must be GPTQ-quantized "
-    "there. --model still supplies the float model.",
-)
-@click.option(
-    "--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True, help="Weight bit width."
-)
-@click.option(
-    "--group-size",
-    type=int,
-    default=128,
-    show_default=True,
-    help="Quantization group along the input dimension; -1 = per output channel. A partial last group is allowed.",
-)
-@click.option(
-    "--zero-point",
-    type=click.Choice(ZERO_POINT_MODES),
-    default="float",
-    show_default=True,
-    help="float: L4Q's learned float offset; integer: learned integer zero point (STE); symmetric: no offset.",
-)
-@click.option("--rank", type=int, default=4, show_default=True, help="LoRA rank r (paper: 4; 8 for Mistral).")
-@click.option("--alpha", type=float, default=8.0, show_default=True, help="LoRA alpha; the LoRA scale is alpha/rank.")
-@click.option(
-    "--lr", type=float, default=2e-4, show_default=True, help="Peak AdamW learning rate (cosine schedule, 10%% linear warm-up)."
-)
-@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option(
-    "--epochs", type=float, default=1.0, show_default=True, help="Epochs over the training data when --steps is not given."
-)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Micro-batch size per process.")
-@click.option(
-    "--grad-accum",
-    type=int,
-    default=16,
-    show_default=True,
-    help="Micro-batches per optimizer step (8 x 16 = the paper's batch of 128).",
-)
-@click.option(
-    "--seq-len", type=int, default=2048, show_default=True, help="Maximum tokens per example (capped at the model's context)."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for LoRA init and data order.")
-@click.option("--resume", is_flag=True, help="Continue the run saved in --out bit-identically (same options required).")
-@click.option(
-    "--init",
-    type=click.Choice(INIT_METHODS),
-    default="l4q",
-    show_default=True,
-    help="Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.",
-)
-@click.option(
-    "--scale-grid",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale formats export bit-exactly.",
-)
-@click.option("--no-lsq-grad-scale", is_flag=True, help="Disable LSQ's 1/sqrt(group*Q_P) gradient scale on s and b.")
-@click.option(
-    "--weight-decay",
-    type=float,
-    default=0.01,
-    show_default=True,
-    help="AdamW weight decay (LoRA matrices only; never on scales).",
-)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping norm (0 disables).")
-@click.option(
-    "--save-every",
-    type=int,
-    default=100,
-    show_default=True,
-    help="Write a checkpoint every N optimizer steps (0: only at the end).",
-)
-@click.option(
-    "--eval-examples",
-    type=int,
-    default=32,
-    show_default=True,
-    help="Held-out examples (taken from the end of the data, at most 10%%) for the before/after loss.",
-)
-@click.option("--copy-base", is_flag=True, help="Copy the base shards into OUT/base so the checkpoint is self-contained.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-def train_cmd(**kw: Any) -> None:
-    """Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
+_CLICK_TYPES: dict[str, Any] = {"Path": click.Path(path_type=Path), "int": int, "int | None": int, "float": float}
 
-    Writes an L4Q checkpoint that `l4q-export` turns into GGUF, ONNX or packed safetensors with the
-    trained integers intact. Run under `torchrun --nproc-per-node N` for DDP.
-    """
-    from .training.trainer import TrainArgs, train
+# Method-owned options (TrainArgs.extra), listed right after --method.
+_METHOD_OPTIONS = [
+    click.Option(
+        ["--qat-lora-export"],
+        type=click.Choice(QAT_LORA_EXPORT),
+        default="refuse",
+        show_default=True,
+        help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
+        "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).",
+    ),
+    click.Option(
+        ["--qalora-base"],
+        type=click.Path(path_type=Path),
+        default=None,
+        help="qalora only: HF GPTQ directory (safetensors; desc_act=false; same --bits/--group-size) whose codes, "
+        "integer zeros and scales are the frozen base instead of RTN of --model; every target layer must be "
+        "GPTQ-quantized there. --model still supplies the float model.",
+    ),
+]
 
-    kw["bits"] = int(kw["bits"])
-    kw["lsq_grad_scale"] = not kw.pop("no_lsq_grad_scale")
+
+def _train_options() -> list[click.Option]:
+    """One click option per TrainArgs field, from its metadata (help, choices, flag) and default."""
+    opts: list[click.Option] = []
+    for f in dataclasses.fields(TrainArgs):
+        if "help" not in f.metadata:
+            continue
+        meta, name = f.metadata, "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            flag = meta.get("flag", name)
+            opts.append(click.Option([flag, f.name], is_flag=True, default=False, help=meta["help"]))
+        else:
+            required = f.default is dataclasses.MISSING
+            choices = meta.get("choices")
+            kind = click.Choice([str(c) for c in choices]) if choices else _CLICK_TYPES.get(str(f.type))
+            default = None if required else (str(f.default) if choices and f.default is not None else f.default)
+            opts.append(click.Option([name, f.name], type=kind, required=required, default=default,
+                                     show_default=not required and f.default is not None, help=meta["help"]))
+        if f.name == "method":
+            opts += _METHOD_OPTIONS
+    return opts
+
+
+def _train_args(kw: dict[str, Any]) -> TrainArgs:
+    """Parsed options -> TrainArgs: choices back to the field's type, inverted flags, method options into extra."""
+    for f in dataclasses.fields(TrainArgs):
+        if f.name in kw and f.type == "bool" and "flag" in f.metadata:
+            kw[f.name] = not kw[f.name]  # --no-X given -> X False
+        elif f.name in kw and f.metadata.get("choices") and kw[f.name] is not None:
+            kw[f.name] = type(f.metadata["choices"][0])(kw[f.name])
     qalora_base = kw.pop("qalora_base")
     kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export"), **({"qalora_base": str(qalora_base)} if qalora_base else {})}
+    return TrainArgs(**kw)
+
+
+def _train(**kw: Any) -> None:
+    from .training.trainer import train
+
     try:
-        report = train(TrainArgs(**kw))
+        report = train(_train_args(kw))
     except L4QInputError as e:
         _fail(e)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -177,6 +104,19 @@ def train_cmd(**kw: Any) -> None:
                 indent=2,
             )
         )
+
+
+train_cmd = click.Command(
+    "l4q-train",
+    callback=_train,
+    params=_train_options(),
+    context_settings=CTX,
+    help="""Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
+
+    Writes an L4Q checkpoint that `l4q-export` turns into GGUF, ONNX or packed safetensors with the
+    trained integers intact. Run under `torchrun --nproc-per-node N` for DDP.
+    """,
+)
 
 
 def _export_command() -> click.Command:

@@ -23,7 +23,7 @@ from .fold import fold_checkpoint
 from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax
 from .quant import QuantizedTensor
-from .training.methods import LOSSY_BY_DESIGN, build_layer
+from .training.methods import build_layer, checkpoint_method
 
 IDENTITY_ROWS = 1024
 
@@ -70,7 +70,7 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
         )
     # lora / qat-lora export a re-quantized merge by definition: the fold must match that reference exactly,
     # and its distance from the training forward is reported, never hidden (max_abs_diff per layer).
-    lossy = ck.method in LOSSY_BY_DESIGN
+    lossy = checkpoint_method(ck).lossy
     passed = bool(rows) and all(r["codes_identical"] and r["bit_identical"] and (r["forward_identical"] or lossy) for r in rows)
     n_exact = sum(r["bit_identical"] and r["forward_identical"] for r in rows)
     worst = max((r["max_abs_diff"] for r in rows), default=0.0)

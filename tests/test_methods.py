@@ -222,3 +222,46 @@ def test_gguf_export_of_every_method(tiny_base, text_data, work, tmp_path, metho
     verdict = verify_artifact(gguf, Path(rep["artifact"]), ck)  # the user's command: the reference is the method's forward
     assert verdict["passed"], verdict["summary"]
     assert verdict["n_codes_identical"] == verdict["n_within_bound"] == verdict["n_quantized"] == 14
+
+
+def test_registry_is_the_only_method_table():
+    """Every registered method has a concrete MethodLinear (nothing abstract left), and no module outside
+    training/methods compares a method name with a string (dispatch goes through the registry)."""
+    import ast
+    import inspect
+
+    from l4q_export.training.layer import MethodLinear
+    from l4q_export.training.methods import LOSSY_BY_DESIGN, METHODS, get_method, method_names
+
+    assert METHODS == method_names() and set(LOSSY_BY_DESIGN) == {"qat-lora", "lora"}
+    for name in method_names():
+        m = get_method(name)
+        assert issubclass(m.layer, MethodLinear) and not inspect.isabstract(m.layer), name
+    pkg = Path(__file__).resolve().parents[1] / "l4q_export"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        if "methods" in path.relative_to(pkg).parts[:2]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set)) for e in c.elts]
+                if any(isinstance(c, ast.Constant) and c.value in method_names() for c in consts):
+                    offenders.append(f"{path.relative_to(pkg)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_a_new_method_is_one_register_call(tiny_base, text_data, tmp_path, monkeypatch):
+    """A method registered from outside the package trains, folds and passes verify's fold check unchanged."""
+    import dataclasses
+
+    from l4q_export.training.methods import get_method, registry
+
+    toy = dataclasses.replace(get_method("l4q"), name="toy-l4q", summary="test-only copy of l4q")
+    monkeypatch.setitem(registry._REGISTRY, toy.name, toy)
+    out = tmp_path / "toy"
+    train(TrainArgs(model=tiny_base, data=text_data, out=out, method="toy-l4q", bits=4, group_size=32, steps=1,
+                    batch_size=2, grad_accum=1, seq_len=64, lr=5e-3, save_every=0, eval_examples=0))
+    assert json.loads((out / "l4q_config.json").read_text())["method"] == "toy-l4q"
+    rep = verify_fold(out)
+    assert rep["passed"] and rep["method"] == "toy-l4q"

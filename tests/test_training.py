@@ -166,3 +166,31 @@ def test_copy_base_checkpoint_is_self_contained(tmp_path, tiny_base, demo_data):
     (tmp_path / "ck").rename(moved)
     assert json.loads((moved / "l4q_config.json").read_text())["base_model"]["path"] == "base"
     assert verify_fold(moved)["passed"]
+
+
+def test_train_cli_is_generated_from_trainargs():
+    """Every TrainArgs field is an l4q-train option whose --help names its default, and parsing no options
+    gives exactly TrainArgs' defaults (the CLI cannot drift from the dataclass)."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from l4q_export.cli import _train_args, train_cmd
+    from l4q_export.training.methods import method_names
+
+    help_text = " ".join(CliRunner().invoke(train_cmd, ["--help"]).output.split())
+    for f in dataclasses.fields(TrainArgs):
+        if f.name == "extra":
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        assert flag in help_text, flag
+        if f.type != "bool" and f.default not in (dataclasses.MISSING, None):
+            assert f"{flag} " in help_text and f"[default: {f.default}]" in help_text, f.name
+    assert "[" + "|".join(method_names()) + "]" in help_text
+    ctx = train_cmd.make_context("l4q-train", ["--model", "m", "--data", "d", "--out", "o"])
+    assert _train_args(dict(ctx.params)) == TrainArgs(model=Path("m"), data=Path("d"), out=Path("o"),
+                                                      extra={"qat_lora_export": "refuse"})
+    ctx = train_cmd.make_context("l4q-train", ["--model", "m", "--data", "d", "--out", "o", "--bits", "3",
+                                               "--no-lsq-grad-scale", "--copy-base"])
+    args = _train_args(dict(ctx.params))
+    assert (args.bits, args.lsq_grad_scale, args.copy_base) == (3, False, True)

@@ -107,7 +107,7 @@ def merge_to_float(ck_dir: Path, out: Path) -> Path:
         w = base.get(n)
         if n in targets:
             a = ck.adapter(targets[n])
-            w = combined_weight(w, a.get("lora_A"), a.get("lora_B"), ck.alpha)
+            w = combined_weight(w, a.get("lora_A"), a.get("lora_B"), ck.lora_scale)
         tensors[n] = w.contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -59,7 +59,7 @@ class NaiveQATLoRA(L4QLinear):
             bits=s.bits,
             group=s.group_size,
             zero_point=s.zero_point,
-            alpha=self.cfg.alpha,
+            alpha=self.cfg.lora_scale,
             gscale=s.lsq_grad_scale(self.in_features),
         )
         return x @ wq.T

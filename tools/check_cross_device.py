@@ -30,21 +30,21 @@ def main(argv: list[str]) -> None:
     real_train = tr.train
 
     def train_and_capture(args):
-        # keep the trained model around: wrap quantize_model to grab the module tree
-        orig = tr.quantize_model
+        # keep the trained model around: wrap the method registry's setup_model to grab the module tree
+        orig = tr.methods.setup_model
 
         def grab(model, *a, **k):
             captured["model"] = model
             return orig(model, *a, **k)
 
-        tr.quantize_model = grab
+        tr.methods.setup_model = grab
         try:
             t0 = time.time()
             rep = real_train(args)
             captured["seconds"] = time.time() - t0
             return rep
         finally:
-            tr.quantize_model = orig
+            tr.methods.setup_model = orig
 
     tr.train = train_and_capture
     try:

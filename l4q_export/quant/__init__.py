@@ -1,4 +1,5 @@
-"""The one source of truth for quantizer math: spec, codes, dequantization, init and bit packing."""
+"""The one source of truth for quantizer math: spec, codes, dequantization, init, bit packing, the frozen-base
+grids and STEs (grids.py) and GPTQ decoding (gptq.py, imported on its own: it needs compressed-tensors)."""
 
 from .core import (
     INIT_METHODS,
@@ -9,7 +10,6 @@ from .core import (
     dequantize_codes,
     effective_params,
     expand_groups,
-    fake_quantize,
     group_reduce,
     group_sum,
     init_params,
@@ -33,7 +33,6 @@ __all__ = [
     "dequantize_codes",
     "effective_params",
     "expand_groups",
-    "fake_quantize",
     "group_reduce",
     "group_sum",
     "init_params",

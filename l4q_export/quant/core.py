@@ -158,11 +158,6 @@ def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.
     return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
 
 
-def fake_quantize(w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
-    """W_q of the training forward for an fp32 combined weight."""
-    return dequantize_codes(round_codes(shifted_input(w, p, spec), spec), p, spec)
-
-
 @dataclass
 class QuantizedTensor:
     """The canonical quantized tensor every exporter consumes.

@@ -21,12 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quant import QuantizedTensor, QuantSpec, combined_weight, effective_params, init_params, quantize
-from .layer import L4QFunction, LayerConfig, MethodLinear, adapter_state, add_learned_grid, adopt_frozen_base, lora_init
+from .layer import L4QFunction, LayerConfig, MethodLinear, add_learned_grid, adopt_frozen_base, detached_state, lora_init
 
 
 class _FrozenBase(MethodLinear):
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.alpha
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
 
 
 class QATLoRALinear(_FrozenBase):
@@ -36,12 +36,13 @@ class QATLoRALinear(_FrozenBase):
                  fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         adopt_frozen_base(self, base)
-        self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
+        self.spec, self.rank, self.lora_alpha, self.fp16_grid = spec, rank, lora_alpha, fp16_grid
+        self.lora_scale = lora_alpha / rank
         dev = self.weight.device
         self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
         add_learned_grid(self, spec, init)
         # alpha=0 inside the Function: it quantizes W0 alone; LoRA is the separate branch.
-        self.cfg = LayerConfig(spec=spec, alpha=0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
+        self.cfg = LayerConfig(spec=spec, lora_scale=0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale)
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Q(W0)^T -- the integer part of the training forward."""
@@ -61,13 +62,16 @@ class QATLoRALinear(_FrozenBase):
     def quantized(self, name: str = "") -> QuantizedTensor:
         """The merge-export reference: quantize(W0 + alpha*B@A) on the learned grid (lossy by design)."""
         p = effective_params(self.spec, self.scale, self.offset, self.fp16_grid)
-        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), p, self.spec)
+        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.lora_scale), p, self.spec)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scale": self.scale, "lora_A": self.lora_A, "lora_B": self.lora_B}
         if self.offset is not None:
             out["offset"] = self.offset
-        return adapter_state(out)
+        return detached_state(out)
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self._copy_in(t, ("scale", "offset", "lora_A", "lora_B"))
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.lora_A, self.lora_B], [p for p in (self.scale, self.offset) if p is not None]
@@ -80,7 +84,8 @@ class FloatLoRALinear(_FrozenBase):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         adopt_frozen_base(self, base)
-        self.spec, self.rank, self.lora_alpha, self.alpha, self.fp16_grid = spec, rank, lora_alpha, lora_alpha / rank, fp16_grid
+        self.spec, self.rank, self.lora_alpha, self.fp16_grid = spec, rank, lora_alpha, fp16_grid
+        self.lora_scale = lora_alpha / rank
         self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, self.weight.device)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,25 +96,23 @@ class FloatLoRALinear(_FrozenBase):
     def rtn_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RTN min/max (scale, offset) of the merged weight: the PTQ step of LoRA-then-PTQ."""
         init = "minmax" if self.spec.zero_point != "symmetric" else "l4q"
-        return init_params(combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), self.spec, init)
+        return init_params(combined_weight(self.weight, self.lora_A, self.lora_B, self.lora_scale), self.spec, init)
 
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:
         s, off = self.rtn_params()
         p = effective_params(self.spec, s, off, self.fp16_grid)
-        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.alpha), p, self.spec)
+        return quantize(name, combined_weight(self.weight, self.lora_A, self.lora_B, self.lora_scale), p, self.spec)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         s, off = self.rtn_params()
         out = {"scale": s, "lora_A": self.lora_A, "lora_B": self.lora_B}
         if off is not None:
             out["offset"] = off
-        return adapter_state(out)
+        return detached_state(out)
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_A.copy_(t["lora_A"])
-            self.lora_B.copy_(t["lora_B"])
+        self._copy_in(t, ("lora_A", "lora_B"))  # scale/offset are derived (RTN of the merge), not state
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.lora_A, self.lora_B], []

@@ -15,7 +15,7 @@ was not available, so every choice below is named and can be corrected later (al
    the scale.  The paper's m*s*(u - z) is equal in real arithmetic; we fix this order so export is exact.
 
 Export is exact with an *integer* zero point: codes u, scale m*s, zero z -- the GPTQ/AWQ-style layout, unlike
-L4Q's float offset.  The training forward and the fold both call `dlqat_input` and `dlqat_scale`, and the
+L4Q's float offset.  The training forward and the fold both call `quant.grids.dlqat_input` and `dlqat_scale`, and the
 STE is written so its value is exactly `round(clamp(v))`; hence dequant(fold) == training W_q bit for bit.
 """
 
@@ -24,35 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import (
-    SCALE_FLOOR,
-    GroupParams,
-    QuantizedTensor,
-    QuantSpec,
-    dequantize_codes,
-    init_params,
-    lora_delta,
-    round_codes,
-    shifted_input,
-)
-from .layer import MethodLinear, adapter_state, adopt_frozen_base, lora_init
-from .qalora import grid_ste
-
-
-def int_spec(spec: QuantSpec) -> QuantSpec:
-    """DL-QAT keeps an integer zero point: float (the CLI default) means integer here."""
-    return QuantSpec(spec.bits, spec.group_size, "symmetric" if spec.zero_point == "symmetric" else "integer")
-
-
-def dlqat_input(W0: torch.Tensor, s: torch.Tensor, z: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float,
-                spec: QuantSpec) -> torch.Tensor:
-    """Unrounded code v = W0/s + z + alpha*B@A (fp32): LoRA added in the integer space before rounding."""
-    return shifted_input(W0.float(), GroupParams(scale=s, zero=z), spec) + lora_delta(A, B, alpha)
-
-
-def dlqat_scale(s: torch.Tensor, magnitude: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
-    """Effective (exported) scale m*s, fp16-snapped on request, floored."""
-    return grid_ste(magnitude * s, fp16_grid).clamp_min(SCALE_FLOOR)
+from ..quant import SCALE_FLOOR, GroupParams, QuantizedTensor, QuantSpec, dequantize_codes, init_params, round_codes
+from ..quant.grids import dlqat_input, dlqat_scale, integer_spec, round_clamp_ste
+from .layer import MethodLinear, adopt_frozen_base, detached_state, lora_init
 
 
 class DLQATLinear(MethodLinear):
@@ -64,8 +38,8 @@ class DLQATLinear(MethodLinear):
         if rank < 1:
             raise ValueError("DL-QAT needs rank >= 1")
         adopt_frozen_base(self, base)
-        self.spec = int_spec(spec)
-        self.rank, self.lora_alpha, self.alpha, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
+        self.spec = integer_spec(spec)
+        self.rank, self.lora_alpha, self.lora_scale, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
         with torch.no_grad():
             s, z = init_params(self.weight.detach(), self.spec, "minmax")
@@ -78,35 +52,32 @@ class DLQATLinear(MethodLinear):
         self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k in ("scale", "zero", "magnitude", "lora_A", "lora_B"):
-                getattr(self, k).copy_(t[k])
+        self._copy_in(t, ("scale", "zero", "magnitude", "lora_A", "lora_B"))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The training W_q, with an STE whose value is exactly round(clamp(v))."""
-        v = dlqat_input(self.weight, self.scale, self.zero, self.lora_A, self.lora_B, self.alpha, self.spec)
-        c = v.clamp(0, self.spec.umax)
-        u = c.detach().round() + (c - c.detach())
+        v = dlqat_input(self.weight, self.scale, self.zero, self.lora_A, self.lora_B, self.lora_scale, self.spec)
+        u = round_clamp_ste(v, self.spec)
         p = GroupParams(scale=dlqat_scale(self.scale, self.magnitude, self.fp16_grid), zero=self.zero)
         return dequantize_codes(u, p, self.spec)
 
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:
-        return fold_dlqat_tensors(name, self.weight, self.spec, self.alpha, self.fp16_grid, self.adapter_tensors())
+        return fold_dlqat_tensors(name, self.weight, self.spec, self.lora_scale, self.fp16_grid, self.adapter_tensors())
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scale": self.scale, "zero": self.zero, "magnitude": self.magnitude, "lora_A": self.lora_A, "lora_B": self.lora_B}
-        return adapter_state(out)
+        return detached_state(out)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.lora_A, self.lora_B], [self.magnitude]
 
 
-def fold_dlqat_tensors(name: str, W0: torch.Tensor, spec: QuantSpec, alpha: float, fp16_grid: bool,
+def fold_dlqat_tensors(name: str, W0: torch.Tensor, spec: QuantSpec, lora_scale: float, fp16_grid: bool,
                        t: dict[str, torch.Tensor]) -> QuantizedTensor:
     """codes = round(clamp(dlqat_input)), scale = m*s, integer zero z -- exact with integer-zero formats."""
-    ispec = int_spec(spec)
+    ispec = integer_spec(spec)
     s, z = t["scale"].float(), t["zero"].float()
-    u = round_codes(dlqat_input(W0.cpu(), s, z, t["lora_A"], t["lora_B"], alpha, ispec), ispec)
+    u = round_codes(dlqat_input(W0.cpu(), s, z, t["lora_A"], t["lora_B"], lora_scale, ispec), ispec)
     d = dlqat_scale(s, t["magnitude"].float(), fp16_grid)
     return QuantizedTensor(name=name, spec=ispec, codes=u.to(torch.uint8), scale=d, minimum=-(d * z), zero=z)

@@ -21,6 +21,7 @@ These reduce to exactly the paper's formulas; tests/test_layer_grad.py checks th
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quant import (
+    SCALE_FLOOR,
     GroupParams,
     QuantizedTensor,
     QuantSpec,
@@ -52,7 +54,7 @@ class LayerConfig:
     """Static settings of one quantized layer (hashable, passed through autograd untouched)."""
 
     spec: QuantSpec
-    alpha: float  # LoRA scaling alpha_L = lora_alpha / r
+    lora_scale: float  # LoRA scaling alpha_L = lora_alpha / r
     fp16_grid: bool = False
     lsq_grad_scale: bool = True
 
@@ -71,13 +73,13 @@ def _slice(p: GroupParams, r0: int, r1: int) -> GroupParams:
 
 
 def _combined_rows(
-    W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float, r0: int, r1: int
+    W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, lora_scale: float, r0: int, r1: int
 ) -> torch.Tensor:
     """Rows r0:r1 of W0 + alpha*B@A in fp32 -- element for element the same numbers as the full fold."""
     w = W0[r0:r1].float()
     if A is None or B is None:
         return w
-    return w + lora_delta(A, B[r0:r1], alpha)
+    return w + lora_delta(A, B[r0:r1], lora_scale)
 
 
 class L4QFunction(torch.autograd.Function):
@@ -92,7 +94,7 @@ class L4QFunction(torch.autograd.Function):
             p = effective_params(cfg.spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
                 pr = _slice(p, r0, r1)
-                w = _combined_rows(W0, A, B, cfg.alpha, r0, r1)
+                w = _combined_rows(W0, A, B, cfg.lora_scale, r0, r1)
                 wq = dequantize_codes(round_codes(shifted_input(w, pr, cfg.spec), cfg.spec), pr, cfg.spec)
                 y2[:, r0:r1] = x2 @ wq.to(x2.dtype).T
         ctx.cfg = cfg
@@ -122,7 +124,7 @@ class L4QFunction(torch.autograd.Function):
             p = effective_params(spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
                 pr = _slice(p, r0, r1)
-                w = _combined_rows(W0, A, B, cfg.alpha, r0, r1)
+                w = _combined_rows(W0, A, B, cfg.lora_scale, r0, r1)
                 v = shifted_input(w, pr, spec)
                 del w
                 u = round_codes(v, spec)
@@ -139,8 +141,8 @@ class L4QFunction(torch.autograd.Function):
                 inside = (v >= 0) & (v <= spec.umax)
                 if need_lora:
                     gw = G * inside
-                    gB[r0:r1] = cfg.alpha * (gw @ A.float().T)
-                    gA += cfg.alpha * (B[r0:r1].float().T @ gw)
+                    gB[r0:r1] = cfg.lora_scale * (gw @ A.float().T)
+                    gA += cfg.lora_scale * (B[r0:r1].float().T @ gw)
                     del gw
                 # In-place from here on: u, v and G are not needed afterwards, and every avoided
                 # [rows, in] temporary is peak memory saved.
@@ -200,23 +202,67 @@ def lora_init(
     return nn.Parameter(a.to(device)), nn.Parameter(torch.zeros(out_features, rank, device=device))
 
 
-class MethodLinear(nn.Module):
-    """What every training method's layer shares: forward = the method's quantized_matmul (no bias) + the frozen
-    bias.  Layers that materialize W_q only define dequantized_weight(); L4Q overrides quantized_matmul with its
-    memory-lean Function.  Model surgery finds a model's method layers by this class."""
+class MethodLinear(nn.Module, metaclass=ABCMeta):
+    """The interface every training method's layer implements; the rest of the package uses nothing else.
+
+    forward = quantized_matmul (no bias) + the frozen bias.  A layer defines either dequantized_weight() (the
+    training W_q, differentiable; the default quantized_matmul multiplies by it) or its own quantized_matmul
+    (L4Q's memory-lean Function, the float LoRA branch of the baselines).  Model surgery finds a model's method
+    layers by this class; the method registry (training/methods) maps each class to its name, fold and rebuild.
+    """
+
+    spec: QuantSpec
+    rank: int
+    lora_alpha: float
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
     def dequantized_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The training W_q [out, in] in fp32 (differentiable)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither dequantized_weight nor quantized_matmul")
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_q^T of the training forward, without the bias."""
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quantized_matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    @abstractmethod
+    def quantized(self, name: str = "") -> QuantizedTensor:
+        """The canonical quantized tensor of the current parameters: what the method's fold yields."""
 
-def adapter_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @abstractmethod
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """suffix -> tensor written to l4q_adapter.safetensors (detached fp32 CPU copies, see detached_state)."""
+
+    @abstractmethod
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        """Adopt the saved adapter tensors (inverse of adapter_tensors; derived entries are ignored)."""
+
+    @abstractmethod
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(weight-decayed LoRA matrices, undecayed quantizer parameters) for AdamW."""
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """After each optimizer step: keep learned scales above SCALE_FLOOR (a scale through zero makes the grid
+        degenerate).  Layers whose scale is a frozen buffer have nothing to project."""
+        scale = getattr(self, "scale", None)
+        if isinstance(scale, nn.Parameter):
+            scale.clamp_(min=SCALE_FLOOR)
+
+    @torch.no_grad()
+    def _copy_in(self, t: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+        """Copy t[k] into each of `keys` the layer has (None: absent in this configuration, e.g. symmetric offset)."""
+        for k in keys:
+            p = getattr(self, k)
+            if p is not None:
+                p.copy_(t[k])
+
+
+def detached_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached fp32 CPU copies: what l4q_adapter.safetensors stores, whatever device and dtype trained them."""
     return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
@@ -266,7 +312,7 @@ class L4QLinear(MethodLinear):
             self.register_parameter("lora_B", None)
         add_learned_grid(self, spec, init)
         self.cfg = LayerConfig(
-            spec=spec, alpha=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
+            spec=spec, lora_scale=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
         )
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +323,7 @@ class L4QLinear(MethodLinear):
     def quantized(self, name: str = "") -> QuantizedTensor:
         """The canonical quantized tensor of the current parameters (what the fold produces)."""
         p = effective_params(self.spec, self.scale, self.offset, self.cfg.fp16_grid)
-        w = combined_weight(self.weight, self.lora_A, self.lora_B, self.cfg.alpha)
+        w = combined_weight(self.weight, self.lora_A, self.lora_B, self.cfg.lora_scale)
         return quantize(name, w, p, self.spec)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -288,7 +334,14 @@ class L4QLinear(MethodLinear):
         if self.lora_A is not None:
             out["lora_A"] = self.lora_A
             out["lora_B"] = self.lora_B
-        return adapter_state(out)
+        return detached_state(out)
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self._copy_in(t, ("scale", "offset", "lora_A", "lora_B"))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return ([p for p in (self.lora_A, self.lora_B) if p is not None],
+                [p for p in (self.scale, self.offset) if p is not None])
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -296,18 +349,3 @@ class L4QLinear(MethodLinear):
             f"in={self.in_features}, out={self.out_features}, "
             f"bits={s.bits}, group={s.group_size}, zp={s.zero_point}, r={self.rank}"
         )
-
-
-def layer_from_tensors(
-    W0: torch.Tensor, spec: QuantSpec, rank: int, lora_alpha: float, fp16_grid: bool, tensors: dict[str, torch.Tensor]
-) -> L4QLinear:
-    """Rebuild the training layer of one module from its base weight and saved adapter tensors."""
-    lin = nn.Linear(W0.shape[1], W0.shape[0], bias=False, device="meta")
-    lin.weight = nn.Parameter(W0, requires_grad=False)
-    layer = L4QLinear(lin, spec, rank if "lora_A" in tensors else 0, lora_alpha, fp16_grid=fp16_grid)
-    with torch.no_grad():
-        for k in ("scale", "offset", "lora_A", "lora_B"):
-            p = getattr(layer, k)
-            if p is not None:
-                p.copy_(tensors[k])
-    return layer

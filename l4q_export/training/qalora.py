@@ -6,7 +6,7 @@ Choices (each one is what `docs/methods.md` lists):
   Codes `u = round(clamp(W0/d + z))`, scales `d` and zeros `z` never train (no STE anywhere).
   `--zero-point symmetric` gives z = 2^(bits-1) instead.
 - GPTQ base (`--qalora-base GPTQ_DIR`, `GPTQBase`): codes u, integer zeros z and fp16 scales d are read from the
-  GPTQ checkpoint (decoded by the packed-safetensors verifier's `decode_gptq`, v1 "z - 1" undone there) and the
+  GPTQ checkpoint (decoded by `quant.gptq`, the decoder the packed-safetensors verifier uses; v1 "z - 1" undone there) and the
   base is then the same float-minimum form, m = -d*z.  Refused: act-order (pooling groups must be the
   quantization groups), bits/group-size differing from --bits/--group-size, layers the GPTQ dir does not
   quantize, shapes differing from --model, pickle-only weights.  The codes are stored bit-packed in the adapter
@@ -19,7 +19,7 @@ Choices (each one is what `docs/methods.md` lists):
   zero_point="float": W = u*d + m'.
 
 Exactness by construction: the training forward does not compute `x@W^T + alpha*B@A@pool(x)` (equal only in
-real arithmetic); it computes m' with `qalora_minimum` -- the function the fold calls -- then
+real arithmetic); it computes m' with `quant.grids.qalora_minimum` -- the function the fold calls -- then
 `W = dequantize_codes(u, (d, m'))`, then `y = x @ W^T`.  Fold and forward therefore run the same ops on the
 same fp32 inputs, and `QuantizedTensor.dequantize()` equals the weight the model trained with, bit for bit.
 The price is one dense [out, in] weight per forward (no memory-optimised backward as for L4Q).
@@ -36,65 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import BaseWeights
 from ..errors import L4QInputError
-from ..formats.safetensors.io import ShardReader
-from ..quant import (
-    SCALE_FLOOR,
-    GroupParams,
-    QuantizedTensor,
-    QuantSpec,
-    dequantize_codes,
-    init_params,
-    lora_delta,
-    pack_bits,
-    quantize,
-    unpack_bits,
-)
-from ..quant.core import to_grid
-from .layer import MethodLinear, adapter_state, adopt_frozen_base, lora_init
+from ..quant import GroupParams, QuantizedTensor, QuantSpec, dequantize_codes, pack_bits, unpack_bits
+from ..quant.gptq import decode_gptq_tensors
+from ..quant.grids import float_spec, group_lengths, qalora_minimum, rtn_integer_codes, rtn_integer_params
+from .layer import MethodLinear, adopt_frozen_base, detached_state, lora_init
 
 
-def grid_ste(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
-    """Snap to the fp16 grid with a straight-through gradient whose *value* is exactly the snapped one.
-
-    `snapped + (t - t.detach())` adds an exact +0.0, unlike `t + (snapped - t).detach()`, which can round.
-    """
-    if not fp16_grid:
-        return t
-    return to_grid(t.detach(), True) + (t - t.detach())
-
-
-def group_lengths(spec: QuantSpec, in_features: int) -> torch.Tensor:
-    """Columns in each group, fp32 [G] (the last group may be partial)."""
-    g = spec.group_len(in_features)
-    n = spec.n_groups(in_features)
-    lens = torch.full((n,), float(g))
-    lens[-1] = float(in_features - (n - 1) * g)
-    return lens
-
-
-def base_spec(spec: QuantSpec) -> QuantSpec:
-    """The frozen base's integer-zero grid (symmetric stays symmetric; float means the RTN integer default)."""
-    return QuantSpec(spec.bits, spec.group_size, "symmetric" if spec.zero_point == "symmetric" else "integer")
-
-
-def base_params(W0: torch.Tensor, spec: QuantSpec, fp16_grid: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen RTN min/max scale d and integer zero z, [out, G] fp32."""
-    bspec = base_spec(spec)
-    s, z = init_params(W0.detach(), bspec, "minmax")
-    d = to_grid(s, fp16_grid).clamp_min(SCALE_FLOOR)
-    if z is None:
-        z = torch.full_like(d, float(bspec.half))
-    return d, z
-
-
-def base_codes(W0: torch.Tensor, d: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Frozen base codes u = round(clamp(W0/d + z)), uint8 [out, in] -- one function for layer and fold."""
-    return quantize("", W0.float(), GroupParams(scale=d, zero=z), base_spec(spec)).codes
-
-
-class _GPTQReader(ShardReader):
-    """ShardReader that supplies the trivial `g_idx` (k // g) GPTQ files may omit when desc_act is off."""
+class _GPTQReader(BaseWeights):
+    """Lazy safetensors reader (the base-model one) that supplies the trivial `g_idx` (k // g) GPTQ files may
+    omit when desc_act is off."""
 
     def __init__(self, model_dir: Path, bits: int, group_size: int) -> None:
         super().__init__(model_dir)
@@ -159,8 +111,6 @@ class GPTQBase:
 
     def layer(self, module: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 [out, in], scale d fp32 [out, G], integer zero z fp32 [out, G]) of one Linear."""
-        from ..formats.safetensors.check import decode_gptq  # the one GPTQ decoder (lazy: it imports training)
-
         where = f"--qalora-base {self.dir}: {module}"
         if f"{module}.qweight" not in self.reader:
             raise L4QInputError(f"{where} is not GPTQ-quantized there (no .qweight); QA-LoRA needs every target layer "
@@ -176,7 +126,7 @@ class GPTQBase:
         g_idx = self.reader.get(f"{module}.g_idx").long()
         if not torch.equal(g_idx, torch.arange(k) // self.spec.group_len(k)):
             raise L4QInputError(f"{where} has a permuted g_idx (act-order): QA-LoRA's pooling needs contiguous groups")
-        dec = decode_gptq(self.reader, module, self.bits, self.format == "gptq")
+        dec = decode_gptq_tensors(qw, qz, sc, g_idx, self.bits, self.format == "gptq")
         z = dec["zero"]
         if bool((z < 0).any() or (z > self.spec.umax).any()):
             raise L4QInputError(f"{where}: decoded zero points leave [0, {self.spec.umax}] (a GPTQ-v1 file whose zero 0 "
@@ -196,18 +146,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return torch.from_numpy(np.ascontiguousarray(unpack_bits(packed.cpu().numpy(), bits, in_features)))
 
 
-def qalora_minimum(d: torch.Tensor, z: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float,
-                   lens: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
-    """m' = -d*z + alpha*(B@A)/len per (row, group): the mean-pooled adapter merged into the float minimum."""
-    m = -(d * z)
-    return grid_ste(m + lora_delta(A, B, alpha) / lens, fp16_grid)
-
-
-def float_spec(spec: QuantSpec) -> QuantSpec:
-    """The merged result's spec: float minimum, same bits and groups."""
-    return QuantSpec(spec.bits, spec.group_size, "float")
-
-
 class QALoRALinear(MethodLinear):
     """Frozen RTN base + group-pooled LoRA, trained through the exact merged weight."""
 
@@ -220,12 +158,12 @@ class QALoRALinear(MethodLinear):
             raise ValueError("QA-LoRA needs rank >= 1")
         adopt_frozen_base(self, base)
         self.spec = float_spec(spec)
-        self.rank, self.lora_alpha, self.alpha, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
+        self.rank, self.lora_alpha, self.lora_scale, self.fp16_grid = rank, lora_alpha, lora_alpha / rank, fp16_grid
         dev = self.weight.device
         self.external_base = frozen is not None
         with torch.no_grad():
-            codes, d, z = frozen if frozen is not None else (None, *base_params(self.weight, spec, fp16_grid))
-            codes = codes if codes is not None else base_codes(self.weight, d, z, spec)
+            codes, d, z = frozen if frozen is not None else (None, *rtn_integer_params(self.weight, spec, fp16_grid))
+            codes = codes if codes is not None else rtn_integer_codes(self.weight, d, z, spec)
         self.register_buffer("scale", d.to(dev))
         self.register_buffer("zero", z.to(dev))
         self.register_buffer("codes", codes.to(dev))
@@ -243,7 +181,7 @@ class QALoRALinear(MethodLinear):
             self.codes.copy_(stored_or_rtn_codes(self.weight, self.spec, t))
 
     def minimum(self) -> torch.Tensor:
-        return qalora_minimum(self.scale, self.zero, self.lora_A, self.lora_B, self.alpha, self.lens, self.fp16_grid)
+        return qalora_minimum(self.scale, self.zero, self.lora_A, self.lora_B, self.lora_scale, self.lens, self.fp16_grid)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_codes(self.codes, GroupParams(scale=self.scale, minimum=self.minimum()), self.spec)
@@ -255,7 +193,7 @@ class QALoRALinear(MethodLinear):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scale": self.scale, "zero": self.zero, "lora_A": self.lora_A, "lora_B": self.lora_B}
-        out = adapter_state(out)
+        out = detached_state(out)
         if self.external_base:
             out["base_codes"] = pack_codes(self.codes, self.spec.bits)
         return out
@@ -264,11 +202,11 @@ class QALoRALinear(MethodLinear):
         return [self.lora_A, self.lora_B], []
 
 
-def fold_qalora_tensors(name: str, W0: torch.Tensor, spec: QuantSpec, alpha: float, fp16_grid: bool,
+def fold_qalora_tensors(name: str, W0: torch.Tensor, spec: QuantSpec, lora_scale: float, fp16_grid: bool,
                         t: dict[str, torch.Tensor]) -> QuantizedTensor:
     """The fold: frozen base codes + merged float minimum, via the very functions the layer's forward uses."""
     d, z = t["scale"].float(), t["zero"].float()
-    m = qalora_minimum(d, z, t["lora_A"].float(), t["lora_B"].float(), alpha, group_lengths(spec, W0.shape[1]), fp16_grid)
+    m = qalora_minimum(d, z, t["lora_A"].float(), t["lora_B"].float(), lora_scale, group_lengths(spec, W0.shape[1]), fp16_grid)
     return QuantizedTensor(name=name, spec=float_spec(spec), codes=stored_or_rtn_codes(W0, spec, t), scale=d, minimum=m,
                            zero=None)
 
@@ -277,4 +215,4 @@ def stored_or_rtn_codes(W0: torch.Tensor, spec: QuantSpec, t: dict[str, torch.Te
     """The base codes: stored in the adapter for an external (GPTQ) base, else the RTN codes of W0 on (d, z)."""
     if "base_codes" in t:
         return unpack_codes(t["base_codes"], spec.bits, W0.shape[1])
-    return base_codes(W0, t["scale"].float(), t["zero"].float(), spec)
+    return rtn_integer_codes(W0, t["scale"].float(), t["zero"].float(), spec)

@@ -1,4 +1,4 @@
-"""Model surgery: swap the decoder blocks' linears for `L4QLinear` in supported HF causal LMs.
+"""Model surgery: swap the decoder blocks' linears for a method's layer in supported HF causal LMs.
 
 Only LLaMA, Mistral and Qwen2 are accepted: their block layout (q/k/v/o + gate/up/down, q/k/v bias on
 Qwen2) is what every exporter knows how to write.  Embeddings and lm_head stay float.
@@ -6,7 +6,7 @@ Qwen2) is what every exporter knows how to write.  Embeddings and lm_head stay f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +33,30 @@ def check_model(model: nn.Module) -> None:
         raise L4QInputError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def swap_linears(
+    model: nn.Module, make_layer: Callable[[str, nn.Linear, torch.Generator], MethodLinear], seed: int = 0
+) -> list[str]:
+    """Replace every target linear in place by `make_layer(name, linear, generator)` and freeze everything else.
+
+    The one surgery loop of every method (the registry supplies `make_layer`); one generator seeded with `seed`
+    draws every LoRA init in model order, so a seed gives the same model.  Returns the replaced module names.
+    """
+    check_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for name, lin in list(target_linears(model)):
+        if not torch.isfinite(lin.weight).all():
+            raise L4QInputError(f"weight {name}.weight contains NaN/Inf; refusing to quantize")
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, make_layer(name, lin, gen))
+        names.append(name)
+    if not names:
+        raise L4QInputError("no decoder linear layers found to quantize")
+    return names
+
+
 def quantize_model(
     model: nn.Module,
     spec: QuantSpec,
@@ -43,26 +67,14 @@ def quantize_model(
     lsq_grad_scale: bool = True,
     seed: int = 0,
 ) -> list[str]:
-    """Replace the target linears in place; freeze everything else. Returns the replaced module names."""
-    check_model(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    names = []
-    for name, lin in list(target_linears(model)):
-        if not torch.isfinite(lin.weight).all():
-            raise L4QInputError(f"weight {name}.weight contains NaN/Inf; refusing to quantize")
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, L4QLinear(lin, spec, rank, lora_alpha, init, fp16_grid, lsq_grad_scale, generator=gen))
-        names.append(name)
-    if not names:
-        raise L4QInputError("no decoder linear layers found to quantize")
-    return names
+    """L4Q layers on every target linear (the `l4q` / `rtn` methods' surgery; tests and tools call it directly)."""
+    return swap_linears(
+        model, lambda _, lin, gen: L4QLinear(lin, spec, rank, lora_alpha, init, fp16_grid, lsq_grad_scale, generator=gen), seed
+    )
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """L4QLinear and every other method's layer (all are MethodLinear, see training/methods.py)."""
+    """Every method's layer in the model (all are MethodLinear, see training/methods)."""
     for name, mod in model.named_modules():
         if isinstance(mod, MethodLinear):
             yield name, mod

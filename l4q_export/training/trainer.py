@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..checkpoint import ADAPTER_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
 from ..errors import L4QInputError
-from ..quant import QuantSpec
+from ..quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES, QuantSpec
 from . import methods
 from .data import collate, load_examples, load_tokenizer
 from .surgery import adapter_state, load_adapter_state, load_base_model
@@ -32,37 +32,58 @@ STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
 
 
+def _opt(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
+    """A TrainArgs field whose metadata documents its `l4q-train` option; cli.py generates the options from it.
+
+    cli keys: choices (values offered), flag (the option name of a bool that defaults to True, e.g.
+    --no-lsq-grad-scale, whose presence sets the field to False).
+    """
+    meta = {"help": help, **cli}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+def _method_help() -> str:
+    return "; ".join(f"{m} ({methods.get_method(m).summary})" for m in methods.method_names()) + ". See docs/methods.md."
+
+
 @dataclass
 class TrainArgs:
-    """Every `l4q-train` option (the CLI maps 1:1 onto this)."""
+    """Every `l4q-train` option (the CLI is generated from these fields and maps 1:1 onto them)."""
 
-    model: Path
-    data: Path
-    out: Path
-    method: str = "l4q"
-    bits: int = 4
-    group_size: int = 128
-    zero_point: str = "float"
-    rank: int = 4
-    alpha: float = 8.0
-    lr: float = 2e-4
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 16
-    seq_len: int = 2048
-    seed: int = 0
-    resume: bool = False
-    init: str = "l4q"
-    scale_grid: str = "fp32"
-    lsq_grad_scale: bool = True
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    save_every: int = 100
-    eval_examples: int = 32
-    copy_base: bool = False
-    device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: Path = _opt(help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).")
+    data: Path = _opt(help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) "
+                      "or plain text (causal LM).")
+    out: Path = _opt(help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
+    method: str = _opt("l4q", _method_help(), choices=methods.method_names())
+    bits: int = _opt(4, "Weight bit width.", choices=SUPPORTED_BITS)
+    group_size: int = _opt(128, "Quantization group along the input dimension; -1 = per output channel. "
+                           "A partial last group is allowed.")
+    zero_point: str = _opt("float", "float: L4Q's learned float offset; integer: learned integer zero point (STE); "
+                           "symmetric: no offset.", choices=ZERO_POINT_MODES)
+    rank: int = _opt(4, "LoRA rank r (paper: 4; 8 for Mistral).")
+    alpha: float = _opt(8.0, "LoRA alpha; the LoRA scale is alpha/rank.")
+    lr: float = _opt(2e-4, "Peak AdamW learning rate (cosine schedule, 10% linear warm-up).")
+    steps: int | None = _opt(None, "Optimizer steps (overrides --epochs).")
+    epochs: float = _opt(1.0, "Epochs over the training data when --steps is not given.")
+    batch_size: int = _opt(8, "Micro-batch size per process.")
+    grad_accum: int = _opt(16, "Micro-batches per optimizer step (8 x 16 = the paper's batch of 128).")
+    seq_len: int = _opt(2048, "Maximum tokens per example (capped at the model's context).")
+    seed: int = _opt(0, "Seed for LoRA init and data order.")
+    resume: bool = _opt(False, "Continue the run saved in --out bit-identically (same options required).")
+    init: str = _opt("l4q", "Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.",
+                     choices=INIT_METHODS)
+    scale_grid: str = _opt("fp32", "fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale "
+                           "formats export bit-exactly.", choices=("fp32", "fp16"))
+    lsq_grad_scale: bool = _opt(True, "Disable LSQ's 1/sqrt(group*Q_P) gradient scale on s and b.",
+                                flag="--no-lsq-grad-scale")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (LoRA matrices only; never on scales).")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    save_every: int = _opt(100, "Write a checkpoint every N optimizer steps (0: only at the end).")
+    eval_examples: int = _opt(32, "Held-out examples (taken from the end of the data, at most 10%) for the "
+                              "before/after loss.")
+    copy_base: bool = _opt(False, "Copy the base shards into OUT/base so the checkpoint is self-contained.")
+    device: str | None = _opt(None, "torch device (default: cuda if available, else cpu).")
+    extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.zero_point)  # type: ignore[arg-type]

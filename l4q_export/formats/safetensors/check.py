@@ -23,6 +23,7 @@ from ...errors import L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
 from ...quant.convert import rounded_zero_point
+from ...quant.gptq import decode_gptq_tensors
 from ..base import Decoded, same_bits
 from .io import ShardReader
 
@@ -49,21 +50,8 @@ def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[
 
 
 def decode_gptq(reader: ShardReader, module: str, bits: int, v1: bool) -> dict[str, torch.Tensor]:
-    """GPTQ qweight [K*b/32, N] (packed along K) and qzeros [G, N*b/32] (packed along N) -> [N, K] codes and weight.
-
-    Unpacked with compressed-tensors' `unpack_from_int32` (the same dense bitstream), then
-    W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]) in fp32; v1 files store z - 1.
-    """
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    qweight, qzeros = reader.get(f"{module}.qweight"), reader.get(f"{module}.qzeros")
-    scales, g_idx = reader.get(f"{module}.scales"), reader.get(f"{module}.g_idx").long()
-    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    half = 1 << (bits - 1)
-    q = unpack_from_int32(qweight, bits, torch.Size([k, n]), packed_dim=0).to(torch.int32) + half  # [K, N]
-    z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int32) + half + int(v1)
-    w = (q - z[g_idx]).float() * scales.float()[g_idx]
-    return {"codes": q.T, "zero": z.T, "weight": w.T.contiguous(), "scale_dtype": scales.dtype}
+    """One GPTQ Linear's codes, zeros and weight: the math is `quant.gptq.decode_gptq_tensors`."""
+    return decode_gptq_tensors(*(reader.get(f"{module}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")), bits, v1)
 
 
 def _expected(qt: QuantizedTensor, rounded: bool) -> dict[str, np.ndarray]:

@@ -1,0 +1,241 @@
+"""The `Method` record and the registry: the only place that knows which training methods exist.
+
+Everything method-specific -- the layer class, how a layer is built for training and rebuilt from a checkpoint,
+the fold, the checkpoint's spec/rank/extra keys, whether the export is exact or lossy by design, whether the
+method trains at all, and which run-time options it owns -- is a field of its `Method`.  Trainer, fold,
+verify, eval and the CLI ask the registry (`get_method`, `method_names`) instead of testing method names.
+Adding a method = one `MethodLinear` subclass + one `register(Method(...))` call (see builtin.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...checkpoint import Checkpoint
+from ...errors import L4QInputError
+from ...quant import QuantizedTensor, QuantSpec
+from ..layer import MethodLinear
+from ..surgery import load_base_model, quantized_layers, swap_linears
+
+# (checkpoint, module name, base weight W0, the module's adapter tensors) -> the folded weight
+ModuleFolder = Callable[[Checkpoint, str, torch.Tensor, dict], QuantizedTensor]
+# (target linear, its name, generator, TrainArgs, the method's per-run context) -> the training layer
+LayerMaker = Callable[[nn.Linear, str, torch.Generator, Any, Any], MethodLinear]
+# (meta linear holding W0, checkpoint, rank, lora_alpha, adapter tensors) -> the layer, before load_tensors
+LayerRebuilder = Callable[[nn.Linear, Checkpoint, int, float, dict], MethodLinear]
+
+
+def _same_spec(spec: QuantSpec) -> QuantSpec:
+    return spec
+
+
+def _no_extra(args: Any) -> dict[str, Any]:
+    return {}
+
+
+def _no_check(args: Any) -> None:
+    return None
+
+
+def _no_context(args: Any) -> Any:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method, complete.
+
+    name:            `l4q-train --method` value and l4q_config.json's "method"
+    layer:           its MethodLinear class
+    summary:         one line for `--help`
+    make_layer:      a fresh training layer for one target linear
+    rebuild_layer:   the layer of a saved checkpoint (verify, l4q-eval --forward train); tensors go in by load_tensors
+    fold:            the exported QuantizedTensor of one module
+    lossy:           True when the export is a re-quantization by design (no file can match the training forward):
+                     the runtime reference is then the fold, and verify reports the merge's distance
+    trains:          False: the checkpoint is the initial grid (no optimizer steps)
+    uses_lora:       False: no LoRA matrices (rank 0 in the checkpoint, --rank unchecked)
+    checkpoint_spec: the spec of the *folded* tensors, from the training spec
+    checkpoint_extra: method keys written into l4q_config.json (read back by the fold)
+    options:         TrainArgs.extra keys only this method reads; refused (when set) with any other method
+    validate:        method-specific option checks (one L4QInputError line each)
+    prepare:         per-run context handed to make_layer (e.g. QA-LoRA's GPTQ base), built once
+    """
+
+    name: str
+    layer: type[MethodLinear]
+    summary: str
+    make_layer: LayerMaker
+    rebuild_layer: LayerRebuilder
+    fold: ModuleFolder
+    lossy: bool = False
+    trains: bool = True
+    uses_lora: bool = True
+    checkpoint_spec: Callable[[QuantSpec], QuantSpec] = _same_spec
+    checkpoint_extra: Callable[[Any], dict[str, Any]] = _no_extra
+    options: tuple[str, ...] = ()
+    validate: Callable[[Any], None] = _no_check
+    prepare: Callable[[Any], Any] = _no_context
+
+    @property
+    def reference_forward(self) -> str:
+        """The forward a runtime artifact is compared with: the training layers, or the fold for lossy methods."""
+        return "fold" if self.lossy else "train"
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order (the `--method` choices)."""
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str, what: str = "method") -> Method:
+    """The registered method, or one clear L4QInputError line naming the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise L4QInputError(f"{what} {name!r} is not available; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def checkpoint_method(ck: Checkpoint) -> Method:
+    return get_method(ck.method, "checkpoint method")
+
+
+# ------------------------------------------------------------------------------------------------
+# What trainer.py asks of a method
+# ------------------------------------------------------------------------------------------------
+
+def check_args(args: Any) -> None:
+    """Refuse option combinations a method cannot honour (one clear line each)."""
+    method = get_method(args.method)
+    if method.uses_lora and args.rank < 1:
+        raise L4QInputError("--rank must be >= 1")
+    for other in _REGISTRY.values():
+        for key in other.options:
+            if other is not method and args.extra.get(key):
+                flag = "--" + key.replace("_", "-")
+                raise L4QInputError(f"{flag} is a {other.name} option; use it with --method {other.name}")
+    method.validate(args)
+
+
+def checkpoint_spec(args: Any) -> QuantSpec:
+    """The spec the *folded* tensors have (QA-LoRA's merge makes float minima; DL-QAT keeps integer zeros)."""
+    return get_method(args.method).checkpoint_spec(args.spec())
+
+
+def trains(method: str) -> bool:
+    return get_method(method).trains
+
+
+def checkpoint_rank(args: Any) -> int:
+    return args.rank if get_method(args.method).uses_lora else 0
+
+
+def checkpoint_extra(args: Any) -> dict[str, Any]:
+    """Method-specific keys written into l4q_config.json (read back by the fold)."""
+    return get_method(args.method).checkpoint_extra(args)
+
+
+def setup_model(model: nn.Module, args: Any) -> list[str]:
+    """Swap the target linears for the method's layers in place; returns the module names."""
+    method = get_method(args.method)
+    context = method.prepare(args)
+    return swap_linears(model, lambda name, lin, gen: method.make_layer(lin, name, gen, args, context), seed=args.seed)
+
+
+def optimizer_groups(model: nn.Module, method: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weight-decayed LoRA matrices, undecayed quantizer parameters) for AdamW."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    if not trains(method):
+        return decay, no_decay
+    for _, layer in quantized_layers(model):
+        d, n = layer.param_groups()
+        decay += d
+        no_decay += n
+    return decay, no_decay
+
+
+@torch.no_grad()
+def project_(model: nn.Module) -> None:
+    """After each step: learned scales stay above SCALE_FLOOR (each layer's MethodLinear.project_)."""
+    for _, layer in quantized_layers(model):
+        layer.project_()
+
+
+# ------------------------------------------------------------------------------------------------
+# What fold, verify and eval ask of a checkpoint's method
+# ------------------------------------------------------------------------------------------------
+
+def fold_module(ck: Checkpoint, module: str, W0: torch.Tensor) -> QuantizedTensor:
+    """The folded weight of one quantized module (refuses a non-finite base weight)."""
+    if not torch.isfinite(W0).all():
+        raise L4QInputError(f"base weight {module}.weight contains NaN/Inf")
+    return checkpoint_method(ck).fold(ck, module, W0, ck.adapter(module))
+
+
+def meta_linear(W0: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear holding W0 (frozen) whose construction allocates nothing else."""
+    lin = nn.Linear(W0.shape[1], W0.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(W0, requires_grad=False)
+    return lin
+
+
+def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> MethodLinear:
+    """Rebuild the module's *training* layer from its base weight and saved tensors (verify and l4q-eval use it)."""
+    rank, lora_alpha = int(ck.config["lora"]["rank"]), float(ck.config["lora"]["alpha"])
+    layer = checkpoint_method(ck).rebuild_layer(meta_linear(W0), ck, rank, lora_alpha, t)
+    layer.load_tensors(t)
+    return layer
+
+
+def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") -> None:
+    """Put a checkpoint into a loaded fp32 base model, for evaluation or as a runtime reference.
+
+    forward="fold":  each target linear gets dequant(fold) -- exactly the weights every exporter writes
+                     (for exact methods this equals the training W_q bit for bit; for lora/qat-lora it is the merge).
+    forward="train": each target linear is replaced by the method's training layer (qat-lora's 4+16 mixed
+                     precision, lora's float W0 + alpha*B@A, ...), i.e. what the training loss saw.
+    """
+    if forward not in ("fold", "train"):
+        raise L4QInputError(f"forward must be fold or train, not {forward!r}")
+    checkpoint_method(ck)
+    base = ck.base()
+    for module in ck.modules:
+        W0 = base.get(module + ".weight")
+        if forward == "fold":
+            with torch.no_grad():
+                model.get_submodule(module).weight.copy_(fold_module(ck, module, W0).dequantize())
+            continue
+        orig = model.get_submodule(module)
+        layer = build_layer(ck, W0.float(), ck.adapter(module))
+        layer.bias = orig.bias
+        parent, child = module.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def reference_model(ck: Checkpoint) -> nn.Module:
+    """The fp32 PyTorch model every runtime check (GGUF, ONNX, safetensors) compares an artifact against.
+
+    Exact methods get their own training layers -- the forward the loss saw, which the export must reproduce.
+    Lossy methods (lora / qat-lora) export a re-quantized merge by design, so no file can match their training
+    forward; they are compared with the fold (the weights written), and `verify` on the checkpoint reports the
+    merge's distance.
+    """
+    model = load_base_model(ck.base_dir, dtype=torch.float32)
+    apply_checkpoint(model, ck, forward=checkpoint_method(ck).reference_forward)
+    return model.eval()
