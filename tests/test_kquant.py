@@ -147,8 +147,20 @@ def test_grads_match_plain_autograd(name, fin, fout, prefix):
     # The oracle forms W0 + alpha*B@A with the same fixed-order sum as the layer, so no code sits on a rounding tie.
     W = combined_weight(m.weight, leaves["lora_A"], leaves["lora_B"], m.cfg.alpha)
     wq = reference_kquant_wq(
-        W, torch.zeros(1, fin), torch.zeros(fout, 1), leaves["d"], leaves["sc"], leaves.get("dmin"), leaves.get("mn"),
-        n_sub=s.n_sub, qmin=s.qmin, qmax=s.qmax, sc_min=s.sc_min, sc_max=s.sc_max, mn_max=s.mn_max, alpha=0.0,
+        W,
+        torch.zeros(1, fin),
+        torch.zeros(fout, 1),
+        leaves["d"],
+        leaves["sc"],
+        leaves.get("dmin"),
+        leaves.get("mn"),
+        n_sub=s.n_sub,
+        qmin=s.qmin,
+        qmax=s.qmax,
+        sc_min=s.sc_min,
+        sc_max=s.sc_max,
+        mn_max=s.mn_max,
+        alpha=0.0,
     )
     (x2 @ wq.T).backward(gy)
 

@@ -144,7 +144,8 @@ def check(binary: Path | None, work: Path, file_types: tuple[str, ...] = tuple(F
             types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors}
             mism = compare(dst, m, ft)
             used = sorted(set(types.values()))
-            report["results"].append({"model": m.name, "file_type": ft, "n_tensors": len(types), "types_used": used, "mismatches": mism})
+            row = {"model": m.name, "file_type": ft, "n_tensors": len(types), "types_used": used, "mismatches": mism}
+            report["results"].append(row)
             dst.unlink()
     report["ok"] = all(not r["mismatches"] for r in report["results"])
     return report
@@ -152,8 +153,19 @@ def check(binary: Path | None, work: Path, file_types: tuple[str, ...] = tuple(F
 
 def build(source: Path, build_dir: Path, jobs: int) -> Path:
     """Configure and build only llama-quantize (CPU, no network features); returns the binary."""
-    cfg = ["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-           "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+    cfg = [
+        "cmake",
+        "-S",
+        str(source),
+        "-B",
+        str(build_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_NATIVE=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+    ]
     subprocess.run(cfg, check=True, capture_output=True)
     make = ["cmake", "--build", str(build_dir), "--target", "llama-quantize", f"-j{jobs}"]
     subprocess.run(make, check=True, capture_output=True)
@@ -161,15 +173,32 @@ def build(source: Path, build_dir: Path, jobs: int) -> Path:
 
 
 @click.command(help=__doc__)
-@click.option("--llama-quantize", "binary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Path of a built llama-quantize binary (default: llama-cpp-python's libllama).")
-@click.option("--build-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="llama.cpp source tree (e.g. the llama-cpp-python sdist's vendor/llama.cpp) to build llama-quantize from.")
-@click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/build-llama-quantize"),
-              show_default=True, help="CMake build directory for --build-from.")
+@click.option(
+    "--llama-quantize",
+    "binary",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Path of a built llama-quantize binary (default: llama-cpp-python's libllama).",
+)
+@click.option(
+    "--build-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="llama.cpp source tree (e.g. the llama-cpp-python sdist's vendor/llama.cpp) to build llama-quantize from.",
+)
+@click.option(
+    "--build-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/tmp/build-llama-quantize"),
+    show_default=True,
+    help="CMake build directory for --build-from.",
+)
 @click.option("--jobs", default=2, show_default=True, help="Parallel compile jobs for --build-from.")
-@click.option("--file-type", "file_types", multiple=True, type=click.Choice(sorted(FILE_TYPES)),
-              help="File types to check (repeatable; default: all).")
+@click.option(
+    "--file-type",
+    "file_types",
+    multiple=True,
+    type=click.Choice(sorted(FILE_TYPES)),
+    help="File types to check (repeatable; default: all).",
+)
 def main(binary: Path | None, build_from: Path | None, build_dir: Path, jobs: int, file_types: tuple[str, ...]) -> None:
     if binary is not None and build_from is not None:
         raise click.UsageError("give at most one of --llama-quantize and --build-from")
