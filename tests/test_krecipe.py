@@ -55,7 +55,8 @@ def test_unknown_file_type_is_refused():
 
 
 def _assert_ok(report: dict) -> None:
-    bad = [(r["model"], r["file_type"], r["mismatches"][:3]) for r in report["results"] if r["mismatches"]]
+    bad = [(r["model"], r["file_type"], r["mismatches"][:3], r["layout_mismatches"][:3]) for r in report["results"]]
+    bad = [b for b in bad if b[2] or b[3]]
     assert report["ok"] and not bad, bad
     assert len(report["results"]) >= 6
 

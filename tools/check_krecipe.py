@@ -2,7 +2,8 @@
 
 Writes tiny random LLaMA GGUFs (F16) with gguf-py -- one with 256-wide rows and a 640-wide ffn_down, untied, GQA 4;
 one SmolLM2-like with 576-wide rows (not a multiple of 256), tied embeddings, GQA 3, 16 layers -- quantizes each to
-the K file types with llama-quantize, reads the tensor types back with gguf.GGUFReader and compares with recipe().
+the K file types with llama-quantize, reads the tensor types back with gguf.GGUFReader and compares with recipe();
+and checks that every K-quant tensor's bytes round-trip quant.kquant's unpack_blocks -> pack_blocks unchanged.
 
     python tools/check_krecipe.py --llama-quantize /path/to/llama-quantize
     python tools/check_krecipe.py --build-from SDIST/vendor/llama.cpp --build-dir /tmp/build   # builds it first
@@ -25,6 +26,7 @@ import click
 import gguf
 import numpy as np
 
+from l4q_export.quant.kquant import KQUANT_SPECS, unpack_blocks
 from l4q_export.quant.krecipe import FILE_TYPES, ArchInfo, recipe
 
 
@@ -132,6 +134,20 @@ def compare(path: Path, m: TinyLlama, file_type: str) -> list[dict[str, str]]:
     return bad
 
 
+def layout_mismatches(path: Path) -> list[str]:
+    """K-quant tensors whose bytes, as llama.cpp wrote them, do not survive quant.kquant's unpack -> pack."""
+    bad = []
+    for t in gguf.GGUFReader(str(path)).tensors:
+        name = t.tensor_type.name.lower()
+        if name not in KQUANT_SPECS:
+            continue
+        cols, rows = (int(x) for x in t.shape[:2])
+        raw = np.asarray(t.data, dtype=np.uint8)
+        if not np.array_equal(unpack_blocks(KQUANT_SPECS[name], raw, (rows, cols)).pack().reshape(-1), raw.reshape(-1)):
+            bad.append(t.name)
+    return bad
+
+
 def check(binary: Path | None, work: Path, file_types: tuple[str, ...] = tuple(FILE_TYPES)) -> dict:
     """Run every model x file type; the JSON-able report."""
     report: dict = {"quantizer": str(binary) if binary else "libllama (llama-cpp-python)", "results": []}
@@ -145,9 +161,10 @@ def check(binary: Path | None, work: Path, file_types: tuple[str, ...] = tuple(F
             mism = compare(dst, m, ft)
             used = sorted(set(types.values()))
             row = {"model": m.name, "file_type": ft, "n_tensors": len(types), "types_used": used, "mismatches": mism}
+            row["layout_mismatches"] = layout_mismatches(dst)
             report["results"].append(row)
             dst.unlink()
-    report["ok"] = all(not r["mismatches"] for r in report["results"])
+    report["ok"] = all(not r["mismatches"] and not r["layout_mismatches"] for r in report["results"])
     return report
 
 

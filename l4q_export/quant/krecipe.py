@@ -79,7 +79,10 @@ def _allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between."""
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between.
+
+    C's % truncates while Python's floors, but the modulo is only reached with i_layer >= n_layers // 8 (the
+    short-circuit), where both agree."""
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
