@@ -186,14 +186,14 @@ def test_quantized_decodes_to_the_training_forward_bit_for_bit(name):
     assert int(q.codes.min()) >= m.spec.qmin and int(q.codes.max()) <= m.spec.qmax
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q3_k", "q2_k"])  # q5_k / q6_k train alike (measured 0.04 / 0.06)
+@pytest.mark.parametrize("name", ["q4_k", "q3_k", "q2_k"])  # q5_k / q6_k train alike (measured 0.03 / 0.01)
 def test_a_few_steps_reduce_reconstruction_loss(name):
     """LoRA + scales learn a low-rank change of the base weight through the grid."""
     torch.manual_seed(0)
     base = torch.nn.Linear(256, 32, bias=False)
     target = base.weight.detach() + 0.1 * torch.randn(32, 2) @ torch.randn(2, 256) / 16
     m = KQuantLinear(base, kquant_spec(name), rank=4, lora_alpha=4)
-    opt = torch.optim.Adam(m.param_groups(lr=1e-2, scale_lr=1e-5, int_lr=0.05))
+    opt = torch.optim.Adam(m.param_groups(lr=1e-2, scale_rel_lr=3e-3, int_lr=0.05))
     x = torch.randn(128, 256)
     y_t = x @ target.T
 
@@ -207,4 +207,4 @@ def test_a_few_steps_reduce_reconstruction_loss(name):
         loss().backward()
         opt.step()
     with torch.no_grad():
-        assert float(loss()) < 0.6 * first  # measured 0.09 / 0.23 / 0.43
+        assert float(loss()) < 0.6 * first  # measured 0.08 / 0.24 / 0.44

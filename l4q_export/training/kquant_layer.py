@@ -17,6 +17,7 @@ Backward (custom Function, nothing [out, in]-sized saved: x and parameter refere
 tests/test_kquant.py checks these against plain autograd (tools/naive_kquant.py).  No LSQ gradient scaling yet:
 the latents live in different units (d ~ 1e-3, sc ~ 1..63), so an optimizer wants per-parameter learning rates
 (see `param_groups`).
+
 """
 
 from __future__ import annotations
@@ -180,13 +181,17 @@ class KQuantLinear(MethodLinear):
         """W_q as the forward uses it (no gradient)."""
         return self.quantized().dequantize()
 
-    def param_groups(self, lr: float, scale_lr: float, int_lr: float) -> list[dict]:
-        """Optimizer groups: LoRA at lr, the continuous super-scales d/dmin at scale_lr, the integer latents at int_lr
-        (in integer units, e.g. 0.05 = a twentieth of a step)."""
-        lora = [p for p in (self.lora_A, self.lora_B) if p is not None]
-        scales = [p for p in (self.d, self.dmin) if p is not None]
-        ints = [p for p in (self.sc, self.mn) if p is not None]
-        groups = ({"params": lora, "lr": lr}, {"params": scales, "lr": scale_lr}, {"params": ints, "lr": int_lr})
+    def param_groups(self, lr: float, scale_rel_lr: float = 1e-3, int_lr: float = 0.01) -> list[dict]:
+        """Optimizer groups (for Adam-like optimizers, whose step is about the lr whatever the gradient's size).
+
+        LoRA at lr; each super-scale tensor (d, dmin) at scale_rel_lr times its mean magnitude, because d spans
+        orders of magnitude across types (Q6_K's d ~ max|w|/4096, Q2_K's ~ max|w|/45), so one absolute lr is too
+        big for one and too small for another; the integer latents sc/mn at int_lr, in integer steps."""
+        groups = [{"params": [p for p in (self.lora_A, self.lora_B) if p is not None], "lr": lr}]
+        for p in (self.d, self.dmin):
+            if p is not None:
+                groups.append({"params": [p], "lr": scale_rel_lr * float(p.detach().abs().mean().clamp_min(2.0**-24))})
+        groups.append({"params": [p for p in (self.sc, self.mn) if p is not None], "lr": int_lr})
         return [g for g in groups if g["params"]]
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
