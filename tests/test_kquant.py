@@ -208,3 +208,23 @@ def test_a_few_steps_reduce_reconstruction_loss(name):
         opt.step()
     with torch.no_grad():
         assert float(loss()) < 0.6 * first  # measured 0.08 / 0.24 / 0.44
+
+
+def test_packed_blocks_survive_a_gguf_file(tmp_path):
+    """How the GGUF writer will call this: add_tensor(name, pack(), raw_dtype=type); the file decodes to the forward."""
+    import gguf
+
+    layers = {name: _layer(name, 256, 5, seed=2).quantized(f"blk.0.{name}.weight") for name in TYPES}
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for q in layers.values():
+        w.add_tensor(q.name, q.pack(), raw_dtype=q.spec.ggml_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    read = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
+    for q in layers.values():
+        t = read[q.name]
+        assert t.tensor_type == q.spec.ggml_type and [int(s) for s in t.shape] == [256, 5]
+        got = gguf_dequantize(np.asarray(t.data), t.tensor_type).reshape(5, 256)
+        assert np.array_equal(_bits(got), _bits(q.dequantize()))
