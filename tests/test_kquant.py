@@ -114,6 +114,8 @@ def test_refuses_rows_not_a_multiple_of_256():
         rtn_kquant(kquant_spec("q4_k"), torch.randn(4, 576))
     with pytest.raises(ValueError, match="multiple of 256"):
         KQuantLinear(torch.nn.Linear(576, 8, bias=False), kquant_spec("q4_k"), rank=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="unknown K-quant init"):
+        KQuantLinear(torch.nn.Linear(256, 8, bias=False), kquant_spec("q4_k"), rank=2, lora_alpha=4, init="gptq")
 
 
 def _layer(name: str, fin: int, fout: int, seed: int) -> KQuantLinear:
@@ -228,3 +230,15 @@ def test_packed_blocks_survive_a_gguf_file(tmp_path):
         assert t.tensor_type == q.spec.ggml_type and [int(s) for s in t.shape] == [256, 5]
         got = gguf_dequantize(np.asarray(t.data), t.tensor_type).reshape(5, 256)
         assert np.array_equal(_bits(got), _bits(q.dequantize()))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_ggml_init_starts_at_ggml_reference_bytes(name):
+    """init='ggml' (B = 0 at step 0): the fold's bytes equal ggml's own reference quantizer's for W0."""
+    spec = kquant_spec(name)
+    base = torch.nn.Linear(512, 6, bias=False)
+    x = np.ascontiguousarray(base.weight.detach().numpy())
+    raw = np.zeros(6 * 2 * spec.block_bytes, dtype=np.uint8)
+    _ggml_row(f"quantize_row_{name[:2]}_K_ref", x, raw, x.size)
+    m = KQuantLinear(base, spec, rank=4, lora_alpha=8, init="ggml")
+    assert np.array_equal(m.quantized().pack().reshape(-1), raw)

@@ -29,10 +29,12 @@ from torch import nn
 
 from ..quant import combined_weight
 from ..quant.kquant import (
+    KINIT_METHODS,
     KQuantized,
     KQuantSpec,
     decode_sub,
     encode,
+    ggml_init_kquant,
     init_kquant,
     round_kcodes,
     sub_scales,
@@ -131,7 +133,8 @@ class KQuantLinear(MethodLinear):
     """A frozen base linear whose effective weight is the K-quant decode of W0 + alpha*B@A.
 
     Trainable: lora_A [r, in], lora_B [out, r], d [out, nb], sc [out, nb, n_sub] and, for Q2_K/Q4_K/Q5_K, dmin and mn.
-    Initialised by quant.kquant.init_kquant (round-to-nearest) on the frozen W0.
+    Initialised on the frozen W0 by quant.kquant.init_kquant (init="rtn", closed-form round-to-nearest) or
+    ggml_init_kquant (init="ggml": ggml's own reference quantizer, so step 0 is llama-quantize's file).
     """
 
     def __init__(
@@ -140,10 +143,13 @@ class KQuantLinear(MethodLinear):
         spec: KQuantSpec,
         rank: int,
         lora_alpha: float,
+        init: str = "rtn",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         spec.check_shape(tuple(base.weight.shape))
+        if init not in KINIT_METHODS:
+            raise ValueError(f"unknown K-quant init {init!r}; choose one of {KINIT_METHODS}")
         adopt_frozen_base(self, base)
         self.spec = spec
         self.rank = rank
@@ -155,7 +161,7 @@ class KQuantLinear(MethodLinear):
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
         with torch.no_grad():
-            d, sc, dmin, mn = init_kquant(spec, self.weight.detach())
+            d, sc, dmin, mn = (init_kquant if init == "rtn" else ggml_init_kquant)(spec, self.weight.detach())
         self.d = nn.Parameter(d.to(dev))
         self.sc = nn.Parameter(sc.to(dev))
         if dmin is None:
