@@ -195,7 +195,7 @@ def test_a_few_steps_reduce_reconstruction_loss(name):
     base = torch.nn.Linear(256, 32, bias=False)
     target = base.weight.detach() + 0.1 * torch.randn(32, 2) @ torch.randn(2, 256) / 16
     m = KQuantLinear(base, kquant_spec(name), rank=4, lora_alpha=4)
-    opt = torch.optim.Adam(m.param_groups(lr=1e-2, scale_rel_lr=3e-3, int_lr=0.05))
+    opt = torch.optim.Adam(m.lr_groups(lr=1e-2, scale_rel_lr=3e-3, int_lr=0.05))
     x = torch.randn(128, 256)
     y_t = x @ target.T
 

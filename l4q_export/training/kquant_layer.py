@@ -16,7 +16,7 @@ Backward (custom Function, nothing [out, in]-sized saved: x and parameter refere
   dd   = sum_j ddl*sc,  dsc = ddl*d*mask_sc;   ddmin = sum_j dml*mn,  dmn = dml*dmin*mask_mn
 tests/test_kquant.py checks these against plain autograd (tools/naive_kquant.py).  No LSQ gradient scaling yet:
 the latents live in different units (d ~ 1e-3, sc ~ 1..63), so an optimizer wants per-parameter learning rates
-(see `param_groups`).
+(see `lr_groups`).
 
 """
 
@@ -40,7 +40,7 @@ from ..quant.kquant import (
     sub_scales,
     unrounded_codes,
 )
-from .layer import MethodLinear, adapter_state, adopt_frozen_base, lora_init
+from .layer import MethodLinear, adopt_frozen_base, detached_state, lora_init
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ class KQuantFunction(torch.autograd.Function):
         )
 
 
+_ADAPTER_KEYS = ("d", "sc", "dmin", "mn", "lora_A", "lora_B")
+
+
 class KQuantLinear(MethodLinear):
     """A frozen base linear whose effective weight is the K-quant decode of W0 + alpha*B@A.
 
@@ -187,8 +190,13 @@ class KQuantLinear(MethodLinear):
         """W_q as the forward uses it (no gradient)."""
         return self.quantized().dequantize()
 
-    def param_groups(self, lr: float, scale_rel_lr: float = 1e-3, int_lr: float = 0.01) -> list[dict]:
-        """Optimizer groups (for Adam-like optimizers, whose step is about the lr whatever the gradient's size).
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(weight-decayed LoRA matrices, undecayed quantizer parameters), as every MethodLinear gives AdamW."""
+        lora = [p for p in (self.lora_A, self.lora_B) if p is not None]
+        return lora, [p for p in (self.d, self.sc, self.dmin, self.mn) if p is not None]
+
+    def lr_groups(self, lr: float, scale_rel_lr: float = 1e-3, int_lr: float = 0.01) -> list[dict]:
+        """Per-parameter-lr optimizer groups (for Adam-like optimizers, whose step is about the lr whatever the gradient's size).
 
         LoRA at lr; each super-scale tensor (d, dmin) at scale_rel_lr times its mean magnitude, because d spans
         orders of magnitude across types (Q6_K's d ~ max|w|/4096, Q2_K's ~ max|w|/45), so one absolute lr is too
@@ -202,8 +210,11 @@ class KQuantLinear(MethodLinear):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors (suffix -> tensor) for the adapter file."""
-        names = ("d", "sc", "dmin", "mn", "lora_A", "lora_B")
-        return adapter_state({k: getattr(self, k) for k in names if getattr(self, k) is not None})
+        return detached_state({k: getattr(self, k) for k in _ADAPTER_KEYS if getattr(self, k) is not None})
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        """Adopt saved adapter tensors (inverse of adapter_tensors)."""
+        self._copy_in(t, _ADAPTER_KEYS)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={self.spec.name}, r={self.rank}"
