@@ -89,9 +89,10 @@ class DecoderSpec:
 
 def _refuse_rope(cfg: dict[str, Any]) -> None:
     """RoPE variants one static graph cannot reproduce exactly: refused with the reason, never approximated."""
-    rp = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
-    kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind in ("su", "longrope", "dynamic"):
+    both = [cfg.get("rope_scaling") or {}, cfg.get("rope_parameters") or {}]  # transformers 4 / 5 spellings
+    rp = {**both[0], **both[1]}
+    kinds = {d.get("rope_type", d.get("type", "default")) for d in both}
+    if kind := next((k for k in kinds if k in ("su", "longrope", "dynamic")), None):
         raise L4QInputError(f"rope scaling {kind!r}: transformers changes the RoPE frequencies with the sequence length, "
                             "which a static ONNX graph does not reproduce; export to safetensors instead")
     if float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
