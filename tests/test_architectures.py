@@ -76,7 +76,7 @@ def build_qwen3(out: Path, tie: bool = True) -> Path:
     return out
 
 
-def build_phi3(out: Path) -> Path:
+def build_phi3(out: Path, sliding_window: int | None = None) -> Path:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def build_phi3(out: Path) -> Path:
     cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=4096,
                      rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
-                     sliding_window=None, tie_word_embeddings=False)
+                     sliding_window=sliding_window, tie_word_embeddings=False)
     torch.manual_seed(0)
     Phi3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(out))
     return out
@@ -369,3 +369,22 @@ def test_qwen3_untied_embeddings(tmp_path, text_data, work):
     get_format("onnx").export(ck, tmp_path / "onnx")
     v = get_format("onnx").verify(tmp_path / "onnx", ck)
     assert v["passed"], v.get("summary")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
+def test_phi3_sliding_window_onnx(tmp_path_factory, text_data, work, tmp_path, form):
+    """Phi-3's sliding window (HF masks it on every layer) in both ONNX forms, against HF with a window of 5."""
+    root = tmp_path_factory.mktemp("phi3_swa")
+    base = root / "phi3" if (root / "phi3" / "config.json").is_file() else build_phi3(root / "phi3", sliding_window=5)
+    ck = trained(base, text_data, work)
+    get_format("onnx").export(ck, tmp_path / "onnx", onnx_form=form)
+    v = get_format("onnx").verify(tmp_path / "onnx", ck)
+    assert v["passed"], v.get("summary")
+    # negative control: the same graph without the window does not match HF (so the window is really exercised)
+    from l4q_export.formats import onnx_graph
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_graph, "_windows", lambda cfg, arch, n: tuple([None] * n))
+        get_format("onnx").export(ck, tmp_path / "nowin", onnx_form=form)
+    assert not get_format("onnx").verify(tmp_path / "nowin", ck)["passed"]
