@@ -388,3 +388,12 @@ def test_phi3_sliding_window_onnx(tmp_path_factory, text_data, work, tmp_path, f
         mp.setattr(onnx_graph, "_windows", lambda cfg, arch, n: tuple([None] * n))
         get_format("onnx").export(ck, tmp_path / "nowin", onnx_form=form)
     assert not get_format("onnx").verify(tmp_path / "nowin", ck)["passed"]
+
+
+@pytest.mark.slow
+def test_phi3_sliding_window_gguf_warns(tmp_path, text_data, work):
+    """llama.cpp disables Phi-3 SWA: the GGUF export says so in its report instead of passing it silently."""
+    ck = trained(build_phi3(tmp_path / "phi3", sliding_window=5), text_data, work)
+    rep = get_format("gguf").export(ck, tmp_path / "m.gguf")
+    assert _field(Path(rep["artifact"]), "phi3.attention.sliding_window") == 5
+    assert any("sliding_window=5" in w for w in rep["warnings"])

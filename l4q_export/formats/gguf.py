@@ -235,6 +235,9 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
         w.close()
     quant_rows = [r for r in rows if r.get("lossy_scales") is not None]
     warnings = [r["warning"] for r in rows if "warning" in r]
+    if arch == "phi3" and cfg.get("sliding_window"):  # llama.cpp disables Phi-3 SWA (docs/architectures.md)
+        warnings.append(f"llama.cpp ignores Phi-3's sliding_window={cfg['sliding_window']}: identical to transformers "
+                        "up to that many tokens, it attends further back beyond them")
     return {
         "format": NAME, "artifact": str(out), "arch": arch, "gguf_type": gguf_type, "main_type": main_type,
         "embed_type": embed_type, "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(),
