@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .arch import SUPPORTED
 from .errors import L4QInputError
 from .quant import QuantSpec
 
@@ -32,7 +33,7 @@ FORMAT_NAME = "l4q-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "l4q_config.json"
 ADAPTER_FILE = "l4q_adapter.safetensors"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = SUPPORTED  # the table in arch.py
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",

@@ -1,7 +1,8 @@
 """Model surgery: swap the decoder blocks' linears for a method's layer in supported HF causal LMs.
 
-Only LLaMA, Mistral and Qwen2 are accepted: their block layout (q/k/v/o + gate/up/down, q/k/v bias on
-Qwen2) is what every exporter knows how to write.  Embeddings and lm_head stay float.
+Only the architectures of `l4q_export.arch` are accepted: their block layouts (q/k/v/o + gate/up/down, q/k/v
+bias on Qwen2, q/k-norm on Qwen3, fused qkv/gate_up on Phi-3) are what every exporter knows how to write.
+Embeddings and lm_head stay float.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..arch import ALL_LINEARS
 from ..checkpoint import SUPPORTED_ARCHITECTURES, check_architecture
 from ..errors import L4QInputError
 from ..quant import QuantSpec
 from .layer import L4QLinear, MethodLinear
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = ALL_LINEARS  # fused linears (Phi-3 qkv_proj, gate_up_proj) are one quantized tensor each
 
 
 def target_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

@@ -1,4 +1,4 @@
-"""GGUF model metadata and tokenizer for llama / mistral / qwen2, built on gguf-py's vocab helpers.
+"""GGUF model metadata and tokenizer for llama / mistral / qwen2 / qwen3 / phi3, built on gguf-py's vocab helpers.
 
 llama.cpp reads hyper-parameters only from metadata (it never sees config.json), so every key it needs is
 written explicitly, including ``rope.freq_base`` whose silent default (10000) would be wrong for Llama-3 or
@@ -16,10 +16,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from ... import arch as A
 from ...errors import L4QInputError
 
-ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+ARCHES = {a.name: a.gguf for a in A.ARCHS.values()}
+MODEL_ARCH = {a.gguf: gguf.MODEL_ARCH[a.gguf.upper()] for a in A.ARCHS.values()}
 
 # Byte-level BPE pre-tokenizer split regexes -> llama.cpp pre-tokenizer names (llama-vocab.cpp).
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -77,11 +78,31 @@ def rope_freq_factors(cfg: dict[str, Any]) -> np.ndarray | None:
     return (default / scaled).numpy().astype(np.float32)
 
 
+def _refuse_unwritable(cfg: dict[str, Any], arch: str) -> None:
+    """Configs whose llama.cpp graph would not compute what transformers does: refused, never silently dropped."""
+    rp = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    if float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise L4QInputError(f"config.json partial_rotary_factor={rp.get('partial_rotary_factor')}: partial rotary "
+                            "is not supported by the GGUF exporter")
+    if arch == "phi3" and int(cfg["num_attention_heads"]) * head_dim(cfg) != int(cfg["hidden_size"]):
+        raise L4QInputError("config.json: llama.cpp's phi3 needs num_attention_heads * head_dim == hidden_size")
+    if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+        raise L4QInputError(f"config.json use_sliding_window: llama.cpp's {arch} has no sliding-window attention, "
+                            "its logits would differ from transformers' beyond the window")
+
+
 def add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, n_vocab: int, name: str) -> None:
-    """Every hyper-parameter key llama.cpp's loader reads for llama / qwen2."""
+    """Every hyper-parameter key llama.cpp's loader reads for llama / qwen2 / qwen3 / phi3 (as convert_hf_to_gguf.py
+    writes them)."""
+    _refuse_unwritable(cfg, arch)
     rs = _rope_scaling(cfg)
     if rs is not None:
         kind = rs.get("rope_type", rs.get("type"))
+        if kind in ("su", "longrope"):
+            raise L4QInputError(
+                f"rope scaling {kind!r} (Phi-3.5 / Phi-4-mini long context) is not written to GGUF: transformers switches "
+                "between short and long factors by sequence length, llama.cpp by context size, so the logits would "
+                "not match; export to safetensors instead (transformers / vLLM apply longrope themselves)")
         if kind == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(rs["factor"]))
@@ -101,9 +122,14 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, n_vocab: int
     w.add_rope_freq_base(rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_rope_dimension_count(hd)
-    if hd * int(cfg["num_attention_heads"]) != int(cfg["hidden_size"]):
-        w.add_key_length(hd)
+    if hd * int(cfg["num_attention_heads"]) != int(cfg["hidden_size"]) or (arch == "qwen3" and cfg.get("head_dim")):
+        w.add_key_length(hd)  # the converter writes these whenever config.json has head_dim (Qwen3 always does)
         w.add_value_length(hd)
+    if arch == "phi3":  # convert_hf_to_gguf.py Phi3MiniModel: orig context and sliding window (0 = none) always
+        rp = cfg.get("rope_parameters") or {}
+        orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        w.add_rope_scaling_orig_ctx_len(int(orig or cfg.get("max_position_embeddings", 2048)))
+        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
     w.add_vocab_size(n_vocab)
 
 

@@ -237,6 +237,10 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             w.write_tensor_data(np.frombuffer(scratch.read(nbytes), dtype=dtype).reshape(shape))
         w.close()
     quant_rows = [r for r in rows if r.get("lossy_scales") is not None]
+    warnings = [r["warning"] for r in rows if "warning" in r]
+    if arch == "phi3" and cfg.get("sliding_window"):  # llama.cpp disables Phi-3 SWA (docs/architectures.md)
+        warnings.append(f"llama.cpp ignores Phi-3's sliding_window={cfg['sliding_window']}: identical to transformers "
+                        "up to that many tokens, it attends further back beyond them")
     return ExportReport(
         target=NAME, artifact=str(out), n_quantized=len(quant_rows), n_exact=sum(r["exact"] for r in quant_rows),
         n_dense=sum(r["type"] == "F32" for r in quant_rows),
@@ -245,7 +249,7 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
                  "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(), "n_tensors": len(rows),
                  "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok,
                  "seconds": round(time.time() - t0, 2)},
-        warnings=[r["warning"] for r in rows if "warning" in r], layers=rows)
+        warnings=warnings, layers=rows)
 
 
 def _main_type(rows: list[dict[str, Any]]) -> str:

@@ -1,4 +1,4 @@
-"""Direct ONNX graph construction for LLaMA/Mistral/Qwen2 decoders with a KV cache.
+"""Direct ONNX graph construction for LLaMA/Mistral/Qwen2/Qwen3/Phi-3 decoders with a KV cache.
 
 The graph is written with `onnx.helper` node by node instead of traced from torch: tracing would
 re-derive weights from a float module, while here every quantized initializer is copied from the
@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ... import arch as A
 from ...errors import L4QInputError
 
 OPSET = 21
@@ -35,7 +36,7 @@ INLINE_BYTES = 1024
 ALIGN = 64
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
-ARCH_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCH_TYPES = {a.name: a.model_type for a in A.ARCHS.values()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class DecoderSpec:
     rope_scale: float  # HF's attention_scaling applied to cos/sin (1.0 for default RoPE)
     windows: tuple[int | None, ...]  # per layer: sliding-window length or None
     max_positions: int
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q/k head before RoPE
+    qkv_split: tuple[int, ...] | None = None  # Phi-3: one fused qkv_proj, split into q/k/v rows
+    gate_up_split: tuple[int, ...] | None = None  # Phi-3: one fused gate_up_proj, split into gate/up rows
 
     @staticmethod
     def from_config(cfg: dict[str, Any], architecture: str) -> DecoderSpec:
@@ -68,6 +72,8 @@ class DecoderSpec:
             raise L4QInputError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // heads)
+        _refuse_rope(cfg)
+        arch = A.get(architecture)
         inv_freq, rope_scale = _rope(cfg, architecture)
         n_layers = int(cfg["num_hidden_layers"])
         return DecoderSpec(
@@ -75,7 +81,22 @@ class DecoderSpec:
             heads=heads, kv_heads=kv, head_dim=head_dim, vocab=int(cfg["vocab_size"]), eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tied=bool(cfg.get("tie_word_embeddings", False)), inv_freq=inv_freq, rope_scale=rope_scale,
             windows=_windows(cfg, architecture, n_layers), max_positions=int(cfg.get("max_position_embeddings", 2048)),
+            qk_norm=arch.qk_norm,
+            qkv_split=tuple(A.split_sizes(arch, "qkv_proj", cfg)) if arch.fused_qkv else None,
+            gate_up_split=tuple(A.split_sizes(arch, "gate_up_proj", cfg)) if arch.fused_gate_up else None,
         )
+
+
+def _refuse_rope(cfg: dict[str, Any]) -> None:
+    """RoPE variants one static graph cannot reproduce exactly: refused with the reason, never approximated."""
+    both = [cfg.get("rope_scaling") or {}, cfg.get("rope_parameters") or {}]  # transformers 4 / 5 spellings
+    rp = {**both[0], **both[1]}
+    kinds = {d.get("rope_type", d.get("type", "default")) for d in both}
+    if kind := next((k for k in kinds if k in ("su", "longrope", "dynamic")), None):
+        raise L4QInputError(f"rope scaling {kind!r}: transformers changes the RoPE frequencies with the sequence length, "
+                            "which a static ONNX graph does not reproduce; export to safetensors instead")
+    if float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise L4QInputError("config.json partial_rotary_factor != 1: partial rotary is not supported by the ONNX exporter")
 
 
 def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
@@ -95,9 +116,10 @@ def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
 def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[int | None, ...]:
     """Sliding-window length per layer, following the HF mask rules of each architecture."""
     window = cfg.get("sliding_window")
-    if architecture == "MistralForCausalLM":
+    rule = A.get(architecture).sliding
+    if rule == "all":
         return tuple([int(window) if window else None] * n_layers)
-    if architecture == "Qwen2ForCausalLM" and cfg.get("use_sliding_window") and window:
+    if rule == "layer_types" and cfg.get("use_sliding_window") and window:
         types = cfg.get("layer_types") or []
         max_window_layers = int(cfg.get("max_window_layers", n_layers))
         return tuple(
@@ -284,10 +306,8 @@ class DecoderGraph:
         hint = f"layers.{i}.attn"
         d, hq, hkv = s.head_dim, s.heads, s.kv_heads
         heads = {}
-        for proj, n in (("q", hq), ("k", hkv), ("v", hkv)):
-            y = self.linear(g, x, f"{p}.{proj}_proj", n * d)
-            y = g.op("Reshape", [y, g.const([0, 0, n, d])], hint)
-            heads[proj] = g.op("Transpose", [y], hint, perm=[0, 2, 1, 3])  # [B, n, S, D]
+        for proj, y in self.qkv(i, x).items():
+            heads[proj] = g.op("Transpose", [y], hint, perm=[0, 2, 1, 3])  # [B, S, n, D] -> [B, n, S, D]
         q = self.rotate(heads["q"], cos, sin, hint)
         k = self.rotate(heads["k"], cos, sin, hint)
         past_k, past_v, present_k, present_v = kv_names(i)
@@ -303,6 +323,23 @@ class DecoderGraph:
         ctx = g.op("Reshape", [g.op("MatMul", [probs, present_v], hint), g.const([0, hq, -1, d])], hint)
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), g.const([0, 0, hq * d])], hint)
         return self.linear(g, ctx, f"{p}.o_proj", s.hidden)
+
+    def qkv(self, i: int, x: str) -> dict[str, str]:
+        """q/k/v as [B, S, n, D] heads: three linears or one fused qkv_proj split by rows (Phi-3), then the
+        per-head q/k RMSNorm where the architecture has one (Qwen3: before RoPE, as HF)."""
+        g, s = self.g, self.s
+        p, hint = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
+        n = {"q": s.heads, "k": s.kv_heads, "v": s.kv_heads}
+        if s.qkv_split is not None:
+            fused = self.linear(g, x, f"{p}.qkv_proj", sum(s.qkv_split))
+            flat = dict(zip("qkv", g.op("Split", [fused, g.const(list(s.qkv_split))], hint, n_out=3, axis=-1), strict=True))
+        else:
+            flat = {proj: self.linear(g, x, f"{p}.{proj}_proj", n[proj] * s.head_dim) for proj in "qkv"}
+        out = {proj: g.op("Reshape", [y, g.const([0, 0, n[proj], s.head_dim])], hint) for proj, y in flat.items()}
+        if s.qk_norm:
+            for proj in "qk":
+                out[proj] = self.rms_norm(out[proj], f"{p}.{proj}_norm.weight", f"{hint}.{proj}_norm")
+        return out
 
     def skip_norm(self, h: str, delta: str, weight: str, hint: str) -> tuple[str, str]:
         """(RMSNorm(h + delta), h + delta) in one com.microsoft::SkipSimplifiedLayerNormalization.
@@ -330,14 +367,14 @@ class DecoderGraph:
         """
         g, s = self.g, self.s
         p, hint = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
-        q, k, v = (self.linear(g, x, f"{p}.{proj}_proj", n * s.head_dim)
-                   for proj, n in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)))
+        heads = self.qkv(i, x)  # [B, S, n, D], q/k already normed (Qwen3): the op's RoPE then sees what HF's does
         rotary: list[str] = []
         if tables is not None:
-            q, k = (g.op("Reshape", [self.rotate(g.op("Reshape", [t, g.const([0, 0, n, s.head_dim])], hint), *tables, hint),
-                                     g.const([0, 0, n * s.head_dim])], hint) for t, n in ((q, s.heads), (k, s.kv_heads)))
+            heads["q"], heads["k"] = (self.rotate(heads[t], *tables, hint) for t in "qk")
         else:
             rotary = [*self.rope_cache, "position_ids"]  # type: ignore[misc]
+        q, k, v = (g.op("Reshape", [heads[t], g.const([0, 0, n * s.head_dim])], hint)
+                   for t, n in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)))
         past_k, past_v, present_k, present_v = kv_names(i)
         window = s.windows[i]
         ctx = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *rotary], hint,
@@ -352,8 +389,12 @@ class DecoderGraph:
     def mlp(self, i: int, x: str) -> str:
         g, s = self.g, self.s
         p, hint = f"model.layers.{i}.mlp", f"layers.{i}.mlp"
-        gate = self.linear(g, x, f"{p}.gate_proj", s.intermediate)
-        up = self.linear(g, x, f"{p}.up_proj", s.intermediate)
+        if s.gate_up_split is not None:  # Phi-3: one fused gate_up_proj, gate rows first (HF chunk(2))
+            fused = self.linear(g, x, f"{p}.gate_up_proj", sum(s.gate_up_split))
+            gate, up = g.op("Split", [fused, g.const(list(s.gate_up_split))], hint, n_out=2, axis=-1)
+        else:
+            gate = self.linear(g, x, f"{p}.gate_proj", s.intermediate)
+            up = self.linear(g, x, f"{p}.up_proj", s.intermediate)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint)], hint)
         return self.linear(g, g.op("Mul", [act, up], hint), f"{p}.down_proj", s.hidden)
 

@@ -21,6 +21,7 @@ from typing import Any
 import click
 import onnx
 
+from ...arch import ALL_LINEARS
 from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint
 from ...errors import L4QInputError
 from ...fold import fold_checkpoint
@@ -56,7 +57,7 @@ CLI_OPTIONS = [
                  help="ONNX: MatMulNBits accuracy_level (0 = exact fp compute; 4 = int8 activations, faster, ~5e-3 error)."),
 ]
 
-_LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LINEAR_SUFFIXES = ALL_LINEARS
 
 
 def _float_role(name: str) -> str | None:
@@ -64,7 +65,7 @@ def _float_role(name: str) -> str | None:
     if name == "lm_head.weight":
         return "matrix"
     parts = name.split(".")
-    if name in ("model.embed_tokens.weight", "model.norm.weight") or name.endswith(("_layernorm.weight",)):
+    if name in ("model.embed_tokens.weight", "model.norm.weight") or name.endswith(("_layernorm.weight", "_norm.weight")):
         return "plain"
     if len(parts) >= 2 and parts[-2] in _LINEAR_SUFFIXES:
         return "matrix" if parts[-1] == "weight" else "plain" if parts[-1] == "bias" else None
@@ -144,7 +145,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                     continue
                 role = _float_role(name)
                 if role is None:
-                    raise L4QInputError(f"tensor {name} in the base model is not part of a LLaMA/Mistral/Qwen2 decoder; "
+                    raise L4QInputError(f"tensor {name} in the base model is not part of a supported decoder; "
                                         "cannot export it to ONNX")
                 writer.add_float(name, t, transpose=role == "matrix")
             rope_cache = add_rope_cache(spec, g, data) if fused and gqa_rotary(spec) else None
