@@ -20,6 +20,7 @@ FORMATS: dict[str, str] = {
     "gguf": "l4q_export.formats.gguf",
     "onnx": "l4q_export.formats.onnx",
     "safetensors": "l4q_export.formats.safetensors",
+    "mlx": "l4q_export.formats.mlx",
 }
 
 
