@@ -5,6 +5,7 @@
     LlamaCppBackend  a .gguf file, run by llama.cpp (llama-cpp-python) with an f32 KV cache
     OrtBackend       an ONNX model (optimum I/O: input_ids, attention_mask, position_ids,
                      past_key_values.N.key|value -> logits), run by onnxruntime
+    MlxBackend       an `l4q-export --to mlx` directory, run by mlx-lm on CPU (formats/mlx/runtime.py)
 
 Every backend returns log-softmax rows in float64 computed the same way (`log_softmax`), so differences
 between backends are differences between runtimes, not between scoring code.
@@ -184,6 +185,10 @@ def open_backend(target: Path, forward: str = "fold", tokenizer: Path | None = N
         return LlamaCppBackend(target, n_ctx, threads)
     if (target.is_file() and target.suffix == ".onnx") or (target.is_dir() and (target / "model.onnx").is_file()):
         return OrtBackend(target, tokenizer, threads)
+    if target.is_dir() and (target / "l4q_mlx.json").is_file():  # before the HF-dir branch: it has a config.json too
+        from ..formats.mlx.runtime import MlxBackend
+
+        return MlxBackend(target, tokenizer)
     if target.is_dir():
         if threads:
             import torch

@@ -11,7 +11,7 @@
     top-2 logit margin is below GREEDY_MARGIN (beyond a near-tie, which token wins is rounding noise).
 
 Tolerances for (c) come from the measured noise floor (docs/mlx.md): with bit-identical weights the only
-difference is fp32 summation order, measured max |dlogit| ~1e-6..1e-5 on the test models.
+difference is fp32 summation order, measured max |dlogit| ~1e-6 relative to the largest |logit|.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ PROMPTS = (
 GREEDY_PROMPT = "Once upon a time"
 GREEDY_TOKENS = 24
 # (c) tolerances.  Same weights in both runtimes, fp32 everywhere: only accumulation order differs.
-MAX_ABS_DLOGIT_REL = 1e-3  # max |dlogit| <= this * max(1, max |logit|); measured floor ~1e-6 (docs/mlx.md)
+# Measured floor (docs/mlx.md): max |dlogit| 2.4e-7 at |logit| <= 0.8 (tiny GQA), 2.0e-5 at |logit| <= 19.5
+# (stories260K), i.e. ~1e-6 relative; mean KL <= 3e-12.  Tolerances sit ~100x above it.
+MAX_ABS_DLOGIT_REL = 1e-4  # max |dlogit| <= this * max(1, max |logit|)
 MIN_TOP1 = 0.99            # argmax can flip only at near-ties
-MAX_MEAN_KL = 1e-5         # nats per position
-GREEDY_MARGIN = 1e-3       # top-2 logit gap of the reference below which greedy is not compared further
+MAX_MEAN_KL = 1e-8         # nats per position
+GREEDY_MARGIN = 1e-3       # top-2 logit gap of the reference below which greedy is not compared further (50x floor)
 
 
 def read_back(artifact: Path) -> dict[str, dict[str, Any]]:
