@@ -86,6 +86,31 @@ def test_tiny_gqa_3bit_g64(tiny_base, tmp_path):
     _assert_exact_pass(M.verify(Path(rep["artifact"]), ck), 14)
 
 
+def test_qwen2_symmetric_8bit(tiny_qwen2, tmp_path):
+    """Qwen2 (q/k/v biases stay float beside the packed weights), symmetric zero point at 8 bits."""
+    ck = make_checkpoint(tiny_qwen2, tmp_path / "ck", bits=8, group_size=64, zero_point="symmetric", fp16_grid=True)
+    rep = M.export(ck, tmp_path / "m")
+    assert rep["n_packed"] == 14
+    v = M.verify(Path(rep["artifact"]), ck)
+    assert v["passed"] and v["n_codes_identical"] == 14 and v["max_abs_error"] <= rep["max_abs_err"], v["summary"]
+
+
+def test_per_channel_mixed_groups(tmp_path):
+    """Per-channel: in=64 layers pack at group 64, down_proj (in=128) at group 128 through a per-module override
+    that mlx-lm must honour (verify checks the QuantizedLinear it built)."""
+    from l4q_export.demo import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", intermediate=128)
+    ck = make_checkpoint(base, tmp_path / "ck", bits=4, group_size=-1, fp16_grid=True)
+    rep = M.export(ck, tmp_path / "m")
+    q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
+    assert (q["group_size"], q["bits"]) == (64, 4)
+    assert q["model.layers.1.mlp.down_proj"] == {"group_size": 128, "bits": 4, "mode": "affine"}
+    v = M.verify(Path(rep["artifact"]), ck)
+    _assert_exact_pass(v, 14)
+    assert {r["mlx_lm_module"] for r in v["layers"] if "down_proj" in r["tensor"]} == {"QuantizedLinear/128/4"}
+
+
 def test_fp32_grid_stores_fp32(tiny_base, tmp_path):
     """Scales off the fp16 grid would round in fp16: the exporter keeps them fp32 (mlx-lm accepts it), still exact."""
     ck = make_checkpoint(tiny_base, tmp_path / "ck", bits=5, group_size=32, fp16_grid=False)
