@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# MLX (the `--to mlx` runtime) has CPU wheels on Linux; elsewhere install it by hand (`pip install -e ".[mlx]"`).
+comma := ,
+MLX_EXTRA := $(if $(filter Linux,$(shell uname -s)),$(comma)mlx,)
 
 .PHONY: install demo test test-fast lint clean
 
@@ -13,7 +16,7 @@ $(BIN)/python:
 # torch is pinned first so pip takes the CPU build (a bare `torch` requirement would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e ".[runtime,dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e ".[runtime,dev$(MLX_EXTRA)]"
 	$(BIN)/python -c "import sentencepiece, llama_cpp, onnxruntime, gguf, onnx, compressed_tensors; print('install ok')"
 	touch $(STAMP)
 

@@ -1,0 +1,98 @@
+"""`l4q-export --to mlx`: an mlx-lm model directory holding the fold's codes, scales and minima unchanged.
+
+Streams `fold_checkpoint` one tensor at a time into safetensors shards (peak memory: one shard plus one layer),
+inside an `AtomicDir`, so a failed export leaves nothing behind and never touches an existing output until it
+is complete.  Nothing is re-quantized: codes are the fold's, packed as MLX packs them (layout.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint, read_json
+from ...errors import L4QInputError
+from ...fold import fold_checkpoint
+from ...quant import QuantizedTensor
+from ..safetensors_io import ShardWriter, parse_size
+from .layout import capability, encode, mlx_config, quantization_block
+
+EXPORT_INFO = "l4q_mlx.json"
+# mlx-lm model classes these architectures load into with HF tensor names unchanged.
+MLX_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB") -> dict[str, Any]:
+    """Export `model_dir` (an L4Q checkpoint) to the mlx-lm directory `out`; returns the per-tensor report."""
+    model_dir = Path(model_dir)
+    ck = load_checkpoint(model_dir)
+    if ck.architecture not in MLX_MODEL_TYPES:
+        raise L4QInputError(f"architecture {ck.architecture} has no mlx-lm mapping here; supported: "
+                            f"{', '.join(MLX_MODEL_TYPES)}")
+    max_bytes = parse_size(shard_size)
+    spec = ck.spec
+    out = Path(out) if out else model_dir.parent / f"{model_dir.name}-mlx"
+    if out.resolve() == model_dir.resolve():
+        raise L4QInputError(f"output {out} is the checkpoint itself; choose another -o")
+    rows: list[dict[str, Any]] = []
+    packed: dict[str, tuple[int, int]] = {}
+    dense: list[str] = []
+    with AtomicDir(out) as tmp:
+        writer = ShardWriter(tmp, max_bytes, metadata={"format": "mlx"})
+        for name, t in fold_checkpoint(ck):
+            if not isinstance(t, QuantizedTensor):
+                writer.add(name, t)
+                continue
+            module = name[: -len(".weight")]
+            cap = capability(spec, t.shape)
+            base_row = {"tensor": name, "shape": list(t.shape), "capability": cap.kind}
+            if cap.kind == "refused":
+                raise L4QInputError(f"{name}: {cap.reason}; MLX cannot hold this checkpoint")
+            if cap.kind == "dense":
+                writer.add(name, t.dequantize())  # the fold's fp32 W_q: exact, just not compressed
+                dense.append(module)
+                rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_err": 0.0, "reason": cap.reason})
+                continue
+            enc = encode(t, cap)
+            writer.add(f"{module}.weight", enc.weight)
+            writer.add(f"{module}.scales", enc.scales)
+            writer.add(f"{module}.biases", enc.biases)
+            packed[module] = (cap.group_size, cap.bits)  # type: ignore[assignment]
+            rows.append({**base_row, **enc.row})
+        index = writer.finish()
+        qblock = quantization_block(packed, dense)
+        (tmp / "config.json").write_text(json.dumps(mlx_config(ck.model_config(), qblock), indent=2) + "\n")
+        for fname in TOKENIZER_FILES:
+            if (model_dir / fname).is_file():
+                shutil.copyfile(model_dir / fname, tmp / fname)
+        lossy = [r for r in rows if not r["exact"]]
+        info = {"format": "mlx", "exporter": f"l4q-export {__version__}", "source": str(model_dir.resolve()),
+                "spec": spec.to_dict(), "method": ck.method, "dense_modules": dense,
+                "declared": {r["tensor"]: r["max_abs_err"] for r in rows}}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    scale_dtypes = sorted({r["scale_dtype"] for r in rows if "scale_dtype" in r})
+    return {
+        "artifact": str(out), "format": "mlx", "bits": spec.bits, "group_size": spec.group_size,
+        "zero_point": spec.zero_point, "n_quantized": len(rows), "n_packed": len(packed), "n_dense": len(dense),
+        "scale_dtypes": ",".join(scale_dtypes), "n_shards": len(set(index["weight_map"].values())),
+        "total_bytes": index["metadata"]["total_size"], "exact": not lossy,
+        "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0), "layers": rows,
+    }
+
+
+def detect(artifact: Path) -> bool:
+    """A directory written by this target: config.json plus our export record."""
+    p = Path(artifact)
+    if not (p.is_dir() and (p / "config.json").is_file() and (p / EXPORT_INFO).is_file()):
+        return False
+    try:
+        return json.loads((p / EXPORT_INFO).read_text()).get("format") == "mlx"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def export_info(artifact: Path) -> dict[str, Any]:
+    return read_json(Path(artifact) / EXPORT_INFO, "MLX export record")
