@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .errors import FidelityError, L4QInputError
+from .errors import FidelityError, L4QInputError, boundary, debug_option, guarded_command
+from .guard import check_not_input, check_output
 from .quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES
 
 # Local paths only: never reach for a hub, never run repository code.
@@ -152,6 +153,7 @@ def _fail(e: Exception) -> None:
 )
 @click.option("--copy-base", is_flag=True, help="Copy the base shards into OUT/base so the checkpoint is self-contained.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@guarded_command
 def train_cmd(**kw: Any) -> None:
     """Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
 
@@ -178,6 +180,17 @@ def train_cmd(**kw: Any) -> None:
                 indent=2,
             )
         )
+
+
+def check_paths(model_dir: Path, output: Path | None, json_path: Path | None) -> None:
+    """Before any export work: no output into the checkpoint, and a report path that cannot clobber the artifact."""
+    if output is not None:
+        check_not_input(output, "-o", inputs=(model_dir,))
+    if json_path is not None:
+        check_output(json_path, "--json", "file", inputs=(model_dir,))
+        j, o = json_path.resolve(), output.resolve() if output is not None else None
+        if o is not None and (j == o or j.is_relative_to(o)):
+            raise L4QInputError(f"--json {json_path} would overwrite the artifact -o {output}; give the report its own path")
 
 
 def _export_command() -> click.Command:
@@ -208,6 +221,7 @@ def _export_command() -> click.Command:
         ]
         if foreign:  # a silently ignored option would export something other than what the user asked for
             _fail(L4QInputError(f"option(s) {', '.join(foreign)} do not apply to --to {to}"))
+        check_paths(model_dir, output, json_path)
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
         if to in lossy_targets:
             mine["allow_lossy"] = allow_lossy
@@ -219,7 +233,10 @@ def _export_command() -> click.Command:
             click.echo(f"refused: {e}", err=True)
             sys.exit(1)
         if json_path:
-            json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            from .checkpoint import AtomicFile
+
+            with AtomicFile(json_path) as tmp:
+                tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
         click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
 
     params: list[click.Parameter] = [
@@ -246,10 +263,11 @@ def _export_command() -> click.Command:
             "The per-tensor error is measured and reported.",
         ),
         *extra,
+        debug_option(),
     ]
     return click.Command(
         "l4q-export",
-        callback=run,
+        callback=boundary(run),
         params=params,
         context_settings=CTX,
         help="Fold LoRA into the integers training used and write them, with the learned scales and offsets, "
