@@ -19,7 +19,7 @@ from ..errors import L4QInputError, guarded_command
 from ..guard import check_output
 from .backends import open_backend
 from .perplexity import perplexity
-from .tasks import ACC_ONLY, MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
+from .tasks import ACC_ONLY, FILES, MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,7 +59,12 @@ def run_eval(target: Path, tasks: list[str], text: Path | None = None, data_dir:
         elif t in MMLU_TASKS:
             r = mmlu(backend, data_dir, shots=0 if t == "mmlu_0shot" else 5, limit=limit)  # type: ignore[arg-type]
         else:
-            r = score_docs(backend, mc_docs(t, data_dir, limit), norm=t not in ACC_ONLY)  # type: ignore[arg-type]
+            try:
+                docs = mc_docs(t, data_dir, limit)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError, IndexError) as e:  # a row without the set's fields
+                raise L4QInputError(f"{Path(data_dir) / FILES[t]}: bad record ({type(e).__name__}: {e}); "  # type: ignore[arg-type]
+                                    f"expected rows of the {t} eval set") from None
+            r = score_docs(backend, docs, norm=t not in ACC_ONLY)
         r["seconds"] = time.time() - t0
         results[t] = r
     return {"target": str(target), "backend": backend.name, "ctx": backend.max_length, "limit": limit, "results": results}

@@ -100,6 +100,8 @@ class TrainArgs:
             raise L4QInputError(f"--out {out} is a non-empty directory that is not an L4Q checkpoint; choose a new directory")
         if self.resume and not (out / STATE_FILE).is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
+        if self.resume:
+            load_state(out / STATE_FILE)  # a corrupt state is refused before the model is loaded
 
 
 def load_state(path: Path) -> dict[str, Any]:
