@@ -12,6 +12,7 @@ checkpoints are refused rather than unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -257,8 +258,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _prepare(final: Path) -> None:
-    """Refuse inputs as destinations; create the parent; remove our stale siblings left by a killed run."""
+def _prepare(final: Path) -> list[Path]:
+    """Refuse inputs as destinations; create the parent; remove our stale siblings left by a killed run.
+
+    Returns the directories it created (deepest first) so a failed write can remove them again."""
     check_not_input(final, "output")
     parent = final.parent
     probe = parent
@@ -266,12 +269,20 @@ def _prepare(final: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise L4QInputError(f"output {final}: {probe} is a file, not a directory")
+    created = [d for d in (parent, *parent.parents) if not d.exists()]
     parent.mkdir(parents=True, exist_ok=True)
     for kind in ("tmp", "old"):
         for stale in parent.glob(f".{glob_escape(final.name)}.{kind}-*"):
             pid = stale.name[len(final.name) + len(kind) + 3 :].split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return created
+
+
+def _unmake(created: list[Path]) -> None:
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if still empty
 
 
 def glob_escape(name: str) -> str:
@@ -299,7 +310,7 @@ class AtomicDir:
             raise L4QInputError(
                 f"output directory {f} exists and was not written by l4q-export; remove it or choose another path"
             )
-        _prepare(f)
+        self.created = _prepare(f)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-{os.getpid()}-", dir=f.parent))
         (self.tmp / MARKER).write_text("written by l4q-export; this directory may be replaced by the next export\n")
         return self.tmp
@@ -308,6 +319,7 @@ class AtomicDir:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            _unmake(self.created)
             return
         if self.final.exists():
             if not self.overwrite:
@@ -334,7 +346,7 @@ class AtomicFile:
     def __enter__(self) -> Path:
         if self.final.is_dir():
             raise L4QInputError(f"output {self.final} is a directory; give a file path")
-        _prepare(self.final)
+        self.created = _prepare(self.final)
         fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.tmp-{os.getpid()}-", dir=self.final.parent)
         os.close(fd)
         self.tmp = Path(name)
@@ -344,6 +356,7 @@ class AtomicFile:
         assert self.tmp is not None
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
+            _unmake(self.created)
             return
         os.replace(self.tmp, self.final)
 

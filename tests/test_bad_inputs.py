@@ -243,6 +243,10 @@ CASES: list[Case] = [
      lambda w: ["eval", str(w.root / "t.gguf"), "--text", str(w.data)], 2, "t.gguf", marks=GGUF_READER),
     ("eval-bad-jsonl-rows", lambda w: (w.root / "ev").mkdir() or (w.root / "ev" / "piqa.jsonl").write_text('{"q": 1}\n'),
      lambda w: ["eval", str(w.ck), "--tasks", "piqa", "--data-dir", str(w.root / "ev")], 2, "piqa.jsonl"),
+    ("export-refused-leaves-no-parent-dirs", NOP,
+     lambda w: export(w, "safetensors", w.root / "new" / "sub" / "st"), 1, "--allow-lossy"),
+    ("export-gguf-refused-leaves-no-parent-dirs", NOP,
+     lambda w: export(w, "gguf", w.root / "new" / "sub" / "m.gguf", "--gguf-type", "q4_k"), 1, "--allow-lossy"),
     # ---- low: values that used to be accepted silently
     ("train-steps-negative", NOP, lambda w: train(w, None, None, "--steps", "-3"), 2, "--steps"),
     ("train-epochs-negative", NOP, lambda w: [*train(w)[:7], "--epochs", "-2"], 2, "--epochs"),
