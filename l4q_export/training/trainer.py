@@ -81,7 +81,7 @@ class TrainArgs:
             if not math.isfinite(v) or v < lo or (strict and v == lo):
                 raise L4QInputError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, not {v}")
         for name, iv, lo in (
-            ("--steps", self.steps, 1),
+            ("--steps", self.steps, 0),  # 0: write the initial (step-0) checkpoint
             ("--batch-size", self.batch_size, 1),
             ("--grad-accum", self.grad_accum, 1),
             ("--seq-len", self.seq_len, 2),
