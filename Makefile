@@ -7,16 +7,20 @@ STAMP := $(VENV)/.installed
 comma := ,
 MLX_EXTRA := $(if $(filter Linux,$(shell uname -s)),$(comma)mlx,)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean upgrade-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned first so pip takes the CPU build (a bare `torch` requirement would pull a multi-GB CUDA build).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "torch==2.13.0"
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e ".[runtime,dev$(MLX_EXTRA)]"
+# Everything else is installed under constraints.txt: the exact versions the tests passed with.
+CONSTRAINTS := constraints.txt
+TORCH := torch==$(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) "$(TORCH)"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[runtime,dev$(MLX_EXTRA)]"
 	$(BIN)/python -c "import sentencepiece, llama_cpp, onnxruntime, gguf, onnx, compressed_tensors; print('install ok')"
 	touch $(STAMP)
 
@@ -33,6 +37,20 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check l4q_export tests tools
+
+# Re-resolve the newest versions pyproject's ranges allow in a throw-away venv and pin them; then run `make test`
+# (on a clean .venv) before committing the new constraints.txt.  torch stays at its pinned CPU build (a bare
+# `torch` would pull a multi-GB CUDA build): bump it by editing its line in constraints.txt.
+upgrade-deps:
+	rm -rf .venv-upgrade
+	$(PY) -m venv .venv-upgrade
+	.venv-upgrade/bin/pip install -q --upgrade pip
+	.venv-upgrade/bin/pip install -q "$(TORCH)"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv-upgrade/bin/pip install -q -e ".[runtime,dev$(MLX_EXTRA)]"
+	{ sed -n '1,2p' $(CONSTRAINTS); .venv-upgrade/bin/pip freeze --exclude-editable | grep -viE '^l4q[-_]export' \
+	  | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-upgrade
+	@echo "constraints.txt regenerated; now: rm -rf .venv && make test"
 
 clean:
 	rm -rf demo_out .pytest_cache

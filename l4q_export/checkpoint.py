@@ -12,6 +12,7 @@ checkpoints are refused rather than unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 
 from .arch import SUPPORTED
 from .errors import L4QInputError
+from .guard import check_not_input, protect
 from .quant import QuantSpec
 
 FORMAT_NAME = "l4q-checkpoint"
@@ -64,6 +66,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise L4QInputError(f"{what} is not valid JSON: {path} ({e})") from None
 
 
+# Keys each supported architecture's modelling code reads; transformers would fill a missing one with a default
+# (e.g. 32 layers), silently building a different model from the one the shards hold.
+REQUIRED_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def check_architecture(base_dir: Path) -> dict[str, Any]:
     """Read the base config.json and refuse architectures we cannot quantize exactly."""
     cfg = read_json(Path(base_dir) / "config.json", "base model config.json")
@@ -73,6 +80,13 @@ def check_architecture(base_dir: Path) -> dict[str, Any]:
             f"unsupported architecture {archs or cfg.get('model_type')!r} in {base_dir}/config.json; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    for key in REQUIRED_CONFIG_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise L4QInputError(
+                f"{base_dir}/config.json: {key!r} is {'missing' if v is None else repr(v)}; it must be a positive integer "
+                "(restore the model's original config.json)"
+            )
     return cfg
 
 
@@ -81,6 +95,7 @@ class BaseWeights:
 
     def __init__(self, base_dir: Path) -> None:
         self.dir = Path(base_dir)
+        protect(self.dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = read_json(index, "safetensors index")["weight_map"]
@@ -198,7 +213,10 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
     cfg = read_json(d / CONFIG_FILE, "L4Q checkpoint config")
     if cfg.get("format") != FORMAT_NAME:
         raise L4QInputError(f"{d / CONFIG_FILE} is not an L4Q checkpoint config")
-    if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
+    from .schema import validate_config
+
+    validate_config(cfg, d / CONFIG_FILE)
+    if cfg["format_version"] > FORMAT_VERSION:
         raise L4QInputError(
             f"checkpoint format version {cfg['format_version']} is newer than this l4q-export supports ({FORMAT_VERSION})"
         )
@@ -209,6 +227,8 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
             f"base model directory {base_dir} (recorded in {d / CONFIG_FILE}) does not exist; "
             "re-train with --copy-base for a self-contained checkpoint"
         )
+    protect(d)
+    protect(base_dir)
     ck = Checkpoint(dir=d, config=cfg, base_dir=base_dir)
     if check_hashes:
         expected = cfg["base_model"].get("shards", {})
@@ -221,13 +241,62 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
                     f"base shard {path} changed since training (sha256 mismatch); "
                     "the trained codes would not match -- restore the original base model"
                 )
+    from .schema import validate_checkpoint
+
+    validate_checkpoint(ck)
     return ck
+
+
+MARKER = ".l4q-export"  # written into every directory AtomicDir creates: only such directories are replaced
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prepare(final: Path) -> list[Path]:
+    """Refuse inputs as destinations; create the parent; remove our stale siblings left by a killed run.
+
+    Returns the directories it created (deepest first) so a failed write can remove them again."""
+    check_not_input(final, "output")
+    parent = final.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise L4QInputError(f"output {final}: {probe} is a file, not a directory")
+    created = [d for d in (parent, *parent.parents) if not d.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("tmp", "old"):
+        for stale in parent.glob(f".{glob_escape(final.name)}.{kind}-*"):
+            pid = stale.name[len(final.name) + len(kind) + 3 :].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return created
+
+
+def _unmake(created: list[Path]) -> None:
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if still empty
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class AtomicDir:
     """Build a directory under a temporary name beside `final` and rename it into place on success.
 
-    On any exception the temporary directory is removed and `final` is left as it was.
+    On any exception the temporary directory is removed and `final` is left as it was.  An existing `final`
+    is replaced only if it is a directory this tool made (it holds MARKER) or is empty; a file is never
+    turned into a directory, and a protected input is never a destination.
     """
 
     def __init__(self, final: Path, overwrite: bool = True) -> None:
@@ -236,14 +305,23 @@ class AtomicDir:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        f = self.final
+        if f.exists() and not f.is_dir():
+            raise L4QInputError(f"output {f} exists and is not a directory; remove it or choose another path")
+        if f.is_dir() and any(f.iterdir()) and not (f / MARKER).exists():
+            raise L4QInputError(
+                f"output directory {f} exists and was not written by l4q-export; remove it or choose another path"
+            )
+        self.created = _prepare(f)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-{os.getpid()}-", dir=f.parent))
+        (self.tmp / MARKER).write_text("written by l4q-export; this directory may be replaced by the next export\n")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            _unmake(self.created)
             return
         if self.final.exists():
             if not self.overwrite:
@@ -258,15 +336,20 @@ class AtomicDir:
 
 
 class AtomicFile:
-    """Write a file under a temporary name in the same directory; rename over `final` only on success."""
+    """Write a file under a temporary name in the same directory; rename over `final` only on success.
+
+    A directory is never replaced by a file, and a protected input is never a destination.
+    """
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent)
+        if self.final.is_dir():
+            raise L4QInputError(f"output {self.final} is a directory; give a file path")
+        self.created = _prepare(self.final)
+        fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.tmp-{os.getpid()}-", dir=self.final.parent)
         os.close(fd)
         self.tmp = Path(name)
         return self.tmp
@@ -275,6 +358,7 @@ class AtomicFile:
         assert self.tmp is not None
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
+            _unmake(self.created)
             return
         os.replace(self.tmp, self.final)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .errors import FidelityError, L4QInputError
+from .errors import FidelityError, L4QInputError, boundary, debug_option
+from .guard import check_not_input, check_output
 from .training.methods import QAT_LORA_EXPORT
 from .training.trainer import TrainArgs
 
@@ -108,8 +109,8 @@ def _train(**kw: Any) -> None:
 
 train_cmd = click.Command(
     "l4q-train",
-    callback=_train,
-    params=_train_options(),
+    callback=boundary(_train),
+    params=[*_train_options(), debug_option()],
     context_settings=CTX,
     help="""Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
 
@@ -117,6 +118,17 @@ train_cmd = click.Command(
     trained integers intact. Run under `torchrun --nproc-per-node N` for DDP.
     """,
 )
+
+
+def check_paths(model_dir: Path, output: Path | None, json_path: Path | None) -> None:
+    """Before any export work: no output into the checkpoint, and a report path that cannot clobber the artifact."""
+    if output is not None:
+        check_not_input(output, "-o", inputs=(model_dir,))
+    if json_path is not None:
+        check_output(json_path, "--json", "file", inputs=(model_dir,))
+        j, o = json_path.resolve(), output.resolve() if output is not None else None
+        if o is not None and (j == o or j.is_relative_to(o)):
+            raise L4QInputError(f"--json {json_path} would overwrite the artifact -o {output}; give the report its own path")
 
 
 def _export_command() -> click.Command:
@@ -146,6 +158,7 @@ def _export_command() -> click.Command:
         ]
         if foreign:  # a silently ignored option would export something other than what the user asked for
             _fail(L4QInputError(f"option(s) {', '.join(foreign)} do not apply to --to {to}"))
+        check_paths(model_dir, output, json_path)
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
         try:
             report = target.write(model_dir, output, allow_lossy=allow_lossy, **mine).to_dict()
@@ -155,7 +168,10 @@ def _export_command() -> click.Command:
             click.echo(f"refused: {e}", err=True)
             sys.exit(1)
         if json_path:
-            json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            from .checkpoint import AtomicFile
+
+            with AtomicFile(json_path) as tmp:
+                tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
         click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
 
     params: list[click.Parameter] = [
@@ -182,10 +198,11 @@ def _export_command() -> click.Command:
             + ". The per-tensor error is measured and reported.",
         ),
         *extra,
+        debug_option(),
     ]
     return click.Command(
         "l4q-export",
-        callback=run,
+        callback=boundary(run),
         params=params,
         context_settings=CTX,
         help="Fold LoRA into the integers training used and write them, with the learned scales and offsets, "

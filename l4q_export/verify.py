@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
-from .errors import FidelityError, L4QInputError
+from .errors import FidelityError, L4QInputError, guarded_command
 from .fold import fold_checkpoint
 from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax
+from .guard import check_output
 from .quant import QuantizedTensor
 from .training.methods import build_layer, checkpoint_method
 
@@ -288,6 +289,7 @@ def print_report(report: dict[str, Any]) -> None:
     help="Also write the full machine-readable report to this file.",
 )
 @click.option("--quiet", is_flag=True, help="Print only the PASS/FAIL line.")
+@guarded_command
 def main(target: Path, model_dir: Path | None, json_path: Path | None, quiet: bool) -> None:
     """Prove that TARGET reproduces what training used.
 
@@ -296,6 +298,8 @@ def main(target: Path, model_dir: Path | None, json_path: Path | None, quiet: bo
     Exit code 0 = pass, 1 = fidelity failure, 2 = bad input.
     """
     try:
+        if json_path:
+            check_output(json_path, "--json", "file", inputs=(target, *([model_dir] if model_dir else [])))
         report = run_verify(target, model_dir, {})
     except L4QInputError as e:
         click.echo(f"error: {e}", err=True)
@@ -304,8 +308,10 @@ def main(target: Path, model_dir: Path | None, json_path: Path | None, quiet: bo
         click.echo(f"FAIL: {e}", err=True)
         sys.exit(1)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        from .checkpoint import AtomicFile
+
+        with AtomicFile(json_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     if quiet:
         click.echo("PASS" if report["passed"] else "FAIL")
     else:

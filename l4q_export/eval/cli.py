@@ -15,10 +15,11 @@ from typing import Any
 
 import click
 
-from ..errors import L4QInputError
+from ..errors import L4QInputError, guarded_command
+from ..guard import check_output
 from .backends import open_backend
 from .perplexity import perplexity
-from .tasks import ACC_ONLY, MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
+from .tasks import ACC_ONLY, FILES, MC_TASKS, MMLU_TASKS, mc_docs, mmlu, score_docs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,7 +59,12 @@ def run_eval(target: Path, tasks: list[str], text: Path | None = None, data_dir:
         elif t in MMLU_TASKS:
             r = mmlu(backend, data_dir, shots=0 if t == "mmlu_0shot" else 5, limit=limit)  # type: ignore[arg-type]
         else:
-            r = score_docs(backend, mc_docs(t, data_dir, limit), norm=t not in ACC_ONLY)  # type: ignore[arg-type]
+            try:
+                docs = mc_docs(t, data_dir, limit)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError, IndexError) as e:  # a row without the set's fields
+                raise L4QInputError(f"{Path(data_dir) / FILES[t]}: bad record ({type(e).__name__}: {e}); "  # type: ignore[arg-type]
+                                    f"expected rows of the {t} eval set") from None
+            r = score_docs(backend, docs, norm=t not in ACC_ONLY)
         r["seconds"] = time.time() - t0
         results[t] = r
     return {"target": str(target), "backend": backend.name, "ctx": backend.max_length, "limit": limit, "results": results}
@@ -98,11 +104,18 @@ def format_table(report: dict[str, Any]) -> str:
               help="Tokenizer dir to use instead of the target's own (GGUF always uses its embedded vocab).")
 @click.option("--threads", type=int, default=None, help="CPU threads for the runtime.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON.")
+@guarded_command
 def main(target: Path, tasks: str, text: Path | None, data_dir: Path | None, limit: int | None, max_tokens: int | None,
          ctx: int | None, stride: int | None, forward: str, tokenizer: Path | None, threads: int | None,
          json_path: Path | None) -> None:
     """Perplexity, zero-shot multiple choice and MMLU of TARGET, in the runtime that ships it."""
     try:
+        ints = (("--limit", limit), ("--max-tokens", max_tokens), ("--ctx", ctx), ("--stride", stride), ("--threads", threads))
+        for name, v in ints:
+            if v is not None and v < (2 if name == "--ctx" else 1):
+                raise L4QInputError(f"{name} must be >= {2 if name == '--ctx' else 1}, not {v}")
+        if json_path:
+            check_output(json_path, "--json", "file", inputs=(target,))
         report = run_eval(target, parse_tasks(tasks), text, data_dir, limit, max_tokens, ctx, stride, forward, tokenizer, threads)
     except L4QInputError as e:
         click.echo(f"error: {e}", err=True)

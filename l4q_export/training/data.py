@@ -40,21 +40,44 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+# A record's text is cut to this many characters before tokenizing: one huge record must not cost gigabytes
+# (no tokenizer yields fewer than one token per 16 characters, so nothing within --seq-len is lost).
+CHARS_PER_TOKEN_BOUND = 16
+FIELDS = ("instruction", "input", "output")
+
+
+def _read_text(path: Path) -> str:
     try:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise L4QInputError(f"{path} line {line}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        recs = []
+        for no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise L4QInputError(f"{path} line {no}: not valid JSON: {e.msg} (column {e.colno})") from None
+    else:
+        try:
             recs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise L4QInputError(f"{path} is not valid JSON/JSONL: {e}") from None
-    if (
-        not isinstance(recs, list)
-        or not recs
-        or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in recs)
-    ):
+        except json.JSONDecodeError as e:
+            raise L4QInputError(f"{path} is not valid JSON/JSONL: {e}") from None
+    if not isinstance(recs, list) or not recs:
         raise L4QInputError(f"{path}: expected a non-empty list of records with 'instruction' and 'output'")
+    for i, r in enumerate(recs):
+        where = f"{path} line {i + 1}" if path.suffix == ".jsonl" else f"{path} record {i}"
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            raise L4QInputError(f"{where}: expected a record with 'instruction' and 'output'")
+        for k in FIELDS:
+            if k in r and not isinstance(r[k], str) and not (k == "input" and r[k] is None):
+                raise L4QInputError(f"{where}: field {k!r} must be a string, not {type(r[k]).__name__}")
     return recs
 
 
@@ -63,10 +86,12 @@ def instruction_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int],
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out = []
+    cap = seq_len * CHARS_PER_TOKEN_BOUND
     for r in read_records(path):
-        tmpl = PROMPT_INPUT if r.get("input") else PROMPT_NO_INPUT
-        prompt = bos + tok(tmpl.format(**{"input": "", **r}), add_special_tokens=False).input_ids
-        resp = tok(str(r["output"]), add_special_tokens=False).input_ids + eos
+        fields = {k: (r.get(k) or "")[:cap] for k in FIELDS}
+        tmpl = PROMPT_INPUT if fields["input"] else PROMPT_NO_INPUT
+        prompt = bos + tok(tmpl.format(**fields)[:cap], add_special_tokens=False).input_ids
+        resp = tok(fields["output"], add_special_tokens=False).input_ids + eos
         ids = (prompt + resp)[:seq_len]
         labels = ([IGNORE] * len(prompt) + resp)[:seq_len]
         if any(lab != IGNORE for lab in labels[1:]):

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..checkpoint import ADAPTER_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
+from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
 from ..errors import L4QInputError
+from ..guard import check_output
 from ..quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES, QuantSpec
+from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
 from .surgery import adapter_state, load_adapter_state, load_base_model
@@ -88,6 +90,54 @@ class TrainArgs:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.zero_point)  # type: ignore[arg-type]
 
+    def validate(self) -> None:
+        """Every check that can fail without training, run before any work (a bad --out must not cost a run)."""
+        for name, v, lo, strict in (
+            ("--lr", self.lr, 0.0, True),
+            ("--alpha", self.alpha, 0.0, True),
+            ("--epochs", self.epochs, 0.0, True),
+            ("--weight-decay", self.weight_decay, 0.0, False),
+            ("--max-grad-norm", self.max_grad_norm, 0.0, False),
+        ):
+            if not math.isfinite(v) or v < lo or (strict and v == lo):
+                raise L4QInputError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, not {v}")
+        for name, iv, lo in (
+            ("--steps", self.steps, 0),  # 0: write the initial (step-0) checkpoint
+            ("--batch-size", self.batch_size, 1),
+            ("--grad-accum", self.grad_accum, 1),
+            ("--seq-len", self.seq_len, 2),
+            ("--save-every", self.save_every, 0),
+            ("--eval-examples", self.eval_examples, 0),
+        ):
+            if iv is not None and iv < lo:
+                raise L4QInputError(f"{name} must be >= {lo}, not {iv}")
+        model, data, out = Path(self.model), Path(self.data), Path(self.out)
+        if not data.is_file():
+            raise L4QInputError(f"data file not found: {data}")
+        cfg = check_architecture(model)
+        validate_base(model, cfg, BaseWeights(model).names())
+        check_output(out, "--out", "dir", inputs=(model, data))
+        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file() and not (out / STATE_FILE).is_file():
+            raise L4QInputError(f"--out {out} is a non-empty directory that is not an L4Q checkpoint; choose a new directory")
+        if self.resume and not (out / STATE_FILE).is_file():
+            raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
+        if self.resume:
+            load_state(out / STATE_FILE)  # a corrupt state is refused before the model is loaded
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """trainer_state.pt, loaded with weights_only=True; anything else is refused (never unpickled)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # UnpicklingError, RuntimeError, EOFError...: torch's message advises unsafe loading
+        raise L4QInputError(
+            f"{path} is not a trainer state written by l4q-train (corrupt, or holds objects that are never unpickled); "
+            "delete it and train again without --resume"
+        ) from None
+    if not isinstance(state, dict) or not {"spec", "rank", "optimizer", "step"} <= set(state):
+        raise L4QInputError(f"{path} is not a trainer state written by l4q-train; delete it and train again without --resume")
+    return state
+
 
 def lr_at(step: int, total: int, base_lr: float) -> float:
     """Cosine decay to 0 after a linear warm-up over the first 10% of steps."""
@@ -144,6 +194,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    args.validate()
     methods.check_args(args)
     spec = methods.checkpoint_spec(args)
     if args.scale_grid not in ("fp32", "fp16"):
@@ -176,7 +227,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if args.resume:
         if not state_path.is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(state_path)
         if state["spec"] != spec.to_dict() or state["rank"] != args.rank or state.get("method", "l4q") != args.method:
             raise L4QInputError("--resume: the saved run used a different quantizer or rank")
         load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))

@@ -1,0 +1,151 @@
+"""Checkpoint validation at load time, so a damaged checkpoint is refused before any fold or export.
+
+A missing `lora_B` used to read as "no LoRA" and export the wrong model with exit 0; a wrong shape crashed deep
+inside the fold.  Here every module the config lists must carry every tensor its method's layer loads, with
+the shapes the base weight and the LoRA rank imply, finite values and positive scales.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import L4QInputError
+
+# The tensors each method's training layer reads back (see the layers' `load_tensors`/`layer_from_tensors`);
+# "offset" only when the quantizer has a zero point, "lora_*" only when the rank is > 0.
+_METHOD_TENSORS: dict[str, tuple[str, ...]] = {
+    "l4q": ("scale", "offset", "lora_A", "lora_B"),
+    "rtn": ("scale", "offset"),
+    "qat-lora": ("scale", "offset", "lora_A", "lora_B"),
+    "lora": ("scale", "offset", "lora_A", "lora_B"),
+    "qalora": ("scale", "zero", "lora_A", "lora_B"),
+    "dlqat": ("scale", "zero", "magnitude", "lora_A", "lora_B"),
+}
+_INT_TENSORS = ("base_codes",)
+
+
+def validate_config(cfg: dict[str, Any], path: Path) -> None:
+    """Types of the l4q_config.json fields every reader relies on."""
+    v = cfg.get("format_version")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise L4QInputError(f"{path}: format_version must be a positive integer, not {v!r}")
+    base = cfg.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str) or not base.get("path"):
+        raise L4QInputError(f"{path}: base_model.path is missing; the checkpoint does not say which base it was trained on")
+    if not isinstance(base.get("shards", {}), dict):
+        raise L4QInputError(f"{path}: base_model.shards must map shard names to sha256 digests")
+    method = cfg.get("method")
+    if method not in _METHOD_TENSORS:
+        raise L4QInputError(f"{path}: method {method!r} is unknown; known: {', '.join(_METHOD_TENSORS)}")
+    mods = cfg.get("modules")
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) and m for m in mods):
+        raise L4QInputError(f"{path}: modules must be a non-empty list of module names")
+    quant = cfg.get("quant")
+    if not isinstance(quant, dict):
+        raise L4QInputError(f"{path}: quant (the QuantSpec) is missing")
+    try:
+        from .quant import QuantSpec
+
+        QuantSpec.from_dict(quant)
+    except (KeyError, TypeError, ValueError) as e:
+        raise L4QInputError(f"{path}: invalid quant spec {quant!r} ({e})") from None
+    lora = cfg.get("lora")
+    if not isinstance(lora, dict):
+        raise L4QInputError(f"{path}: lora settings are missing")
+    for key in ("rank", "alpha", "scaling"):
+        x = lora.get(key)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x < 0:
+            raise L4QInputError(f"{path}: lora.{key} must be a non-negative number, not {x!r}")
+
+
+def _base_shapes(ck) -> dict[str, tuple[int, ...]]:
+    base = ck.base()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in base.shards:
+        with base._open(shard) as f:
+            for k in f.keys():
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return shapes
+
+
+def validate_checkpoint(ck) -> None:
+    """Every module present with every tensor its method needs, right shapes and dtypes, finite, scales > 0."""
+    from .checkpoint import ADAPTER_FILE, check_architecture
+
+    validate_base(ck.base_dir, check_architecture(ck.base_dir), ck.base().names())
+    path = ck.dir / ADAPTER_FILE
+    if not path.is_file():
+        raise L4QInputError(f"adapter file missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise L4QInputError(f"corrupt adapter file {path}: {' '.join(str(e).split())}") from None
+    cfg = ck.config
+    rank = int(cfg["lora"]["rank"])
+    zp = cfg["quant"].get("zero_point", "float")
+    needed = [
+        n
+        for n in _METHOD_TENSORS[cfg["method"]]
+        if not (n == "offset" and zp == "symmetric") and not (n.startswith("lora_") and rank == 0)
+    ]
+    if cfg["method"] == "qalora" and cfg.get("qalora", {}).get("base") == "gptq":
+        needed.append("base_codes")
+    shapes = _base_shapes(ck)
+    modules = set(ck.modules)
+    for key in tensors:
+        if key.rsplit(".", 1)[0] not in modules:
+            raise L4QInputError(f"{path}: tensor {key} belongs to no module listed in {ck.dir}/l4q_config.json")
+    for m in ck.modules:
+        w = shapes.get(m + ".weight")
+        if w is None or len(w) != 2:
+            raise L4QInputError(f"module {m} (in l4q_config.json) has no 2-D weight {m}.weight in the base model {ck.base_dir}")
+        out_f, in_f = w
+        for n in needed:
+            key = f"{m}.{n}"
+            t = tensors.get(key)
+            if t is None:
+                raise L4QInputError(f"{path}: tensor {key} is missing (method {cfg['method']} needs {', '.join(needed)})")
+            if n in _INT_TENSORS:
+                continue
+            if not t.dtype.is_floating_point:
+                raise L4QInputError(f"{path}: tensor {key} has dtype {t.dtype}; expected a float tensor")
+            if t.dim() < 1 or t.shape[0] != (rank if n == "lora_A" else out_f):
+                want = f"[{rank}, ...]" if n == "lora_A" else f"[{out_f}, ...]"
+                raise L4QInputError(
+                    f"{path}: tensor {key} has shape {list(t.shape)}; expected {want} (base {m}.weight is {list(w)})"
+                )
+            if n == "lora_B" and list(t.shape) != [out_f, rank]:
+                raise L4QInputError(f"{path}: tensor {key} has shape {list(t.shape)}; expected {[out_f, rank]}")
+            if n == "lora_A" and (t.dim() != 2 or t.shape[1] > in_f):
+                raise L4QInputError(f"{path}: tensor {key} has shape {list(t.shape)}; expected [{rank}, <= {in_f}]")
+            if not torch.isfinite(t).all():
+                raise L4QInputError(f"{path}: tensor {key} contains NaN/Inf")
+            if n == "scale" and (t <= 0).any():
+                raise L4QInputError(f"{path}: tensor {key} has zero or negative scales")
+    # Same base shape => same adapter shapes: catches a wrongly shaped scale/offset that the rules above cannot.
+    seen: dict[tuple[tuple[int, ...], str], tuple[str, list[int]]] = {}
+    for m in ck.modules:
+        for n in needed:
+            sig = (shapes[m + ".weight"], n)
+            shape = list(tensors[f"{m}.{n}"].shape)
+            other = seen.setdefault(sig, (m, shape))
+            if other[1] != shape:
+                raise L4QInputError(
+                    f"{path}: tensor {m}.{n} has shape {shape} but {other[0]}.{n} (same base shape) has {other[1]}"
+                )
+
+
+def validate_base(base_dir: Path, cfg: dict[str, Any], names: list[str]) -> None:
+    """The base's config.json must describe the shards it ships: as many decoder layers as it says."""
+    layers = {int(n.split(".layers.", 1)[1].split(".", 1)[0]) for n in names if ".layers." in n}
+    want = cfg["num_hidden_layers"]
+    if layers != set(range(want)):
+        raise L4QInputError(
+            f"{base_dir}/config.json says num_hidden_layers={want} but the weights hold layers "
+            f"{min(layers, default=0)}..{max(layers, default=-1)} ({len(layers)}); restore the original config.json"
+        )
