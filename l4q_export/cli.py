@@ -123,7 +123,7 @@ def _fail(e: Exception) -> None:
 @click.option(
     "--scale-grid",
     type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
+    default="fp16",
     show_default=True,
     help="fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale formats export bit-exactly.",
 )

@@ -26,7 +26,7 @@ from ..errors import L4QInputError
 from ..quant import QuantSpec
 from . import methods
 from .data import collate, load_examples, load_tokenizer
-from .surgery import adapter_state, load_adapter_state, load_base_model
+from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 
 STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
@@ -54,7 +54,7 @@ class TrainArgs:
     seed: int = 0
     resume: bool = False
     init: str = "l4q"
-    scale_grid: str = "fp32"
+    scale_grid: str = "fp16"
     lsq_grad_scale: bool = True
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -142,6 +142,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     model = load_base_model(base_dir)
+    model.to(compute_dtype(model.dtype, device))
     modules = methods.setup_model(model, args)
     model.to(device)
     model.config.use_cache = False
@@ -253,6 +254,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "seconds": elapsed,
         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
         "device": device,
+        "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
