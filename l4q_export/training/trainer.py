@@ -75,7 +75,8 @@ class TrainArgs:
     init: str = _opt("l4q", "Scale/offset init: l4q (symmetric, clip-free), minmax (asymmetric), absmax.",
                      choices=INIT_METHODS)
     scale_grid: str = _opt("fp16", "fp16 (default) keeps scales/offsets on the fp16 grid in the forward (STE) so "
-                           "fp16-scale formats (GGUF, ONNX fp16, MLX) export bit-exactly; fp32 keeps full-precision scales.", choices=("fp32", "fp16"))
+                           "fp16-scale formats (GGUF, ONNX fp16, MLX) export bit-exactly; fp32 keeps full-precision scales.",
+                           choices=("fp32", "fp16"))
     lsq_grad_scale: bool = _opt(True, "Disable LSQ's 1/sqrt(group*Q_P) gradient scale on s and b.",
                                 flag="--no-lsq-grad-scale")
     weight_decay: float = _opt(0.01, "AdamW weight decay (LoRA matrices only; never on scales).")
