@@ -165,7 +165,8 @@ def save_checkpoint(
     base_dir = Path(base_dir)
     hf_cfg = check_architecture(base_dir)
     if hf_cfg["architectures"][0] != type(inner).__name__:
-        raise L4QInputError(f"model is a {type(inner).__name__} but {base_dir}/config.json describes {hf_cfg['architectures'][0]}")
+        arch = hf_cfg["architectures"][0]
+        raise L4QInputError(f"model is a {type(inner).__name__} but {base_dir}/config.json describes {arch}")
     base = BaseWeights(base_dir)
     hashes = base.shard_hashes()
     if s.base_hashes and hashes != s.base_hashes:
