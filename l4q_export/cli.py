@@ -152,6 +152,28 @@ def _fail(e: Exception) -> None:
 )
 @click.option("--copy-base", is_flag=True, help="Copy the base shards into OUT/base so the checkpoint is self-contained.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option(
+    "--data-format",
+    type=click.Choice(["auto", "json", "jsonl", "parquet", "arrow", "csv", "dataset-dir", "text"]),
+    default="auto",
+    show_default=True,
+    help="How to read --data: auto picks by suffix (a directory = a datasets save_to_disk dir); parquet/arrow/csv/"
+    "dataset-dir are read with `datasets`. Records: messages (chat template, assistant-only loss), prompt+completion, "
+    "instruction+output (Alpaca) or text.",
+)
+@click.option(
+    "--packing",
+    is_flag=True,
+    help="Pack short examples into --seq-len blocks; position_ids restart per example so attention stays inside it.",
+)
+@click.option(
+    "--report-to",
+    type=click.Choice(["none", "tensorboard", "csv"]),
+    default="none",
+    show_default=True,
+    help="Step metrics (loss, lr, tokens/s, grad-norm) and per-layer quantizer health (clipped fraction, scale range) "
+    "to OUT/tensorboard or OUT/metrics.csv + OUT/quantizer_health.csv.",
+)
 def train_cmd(**kw: Any) -> None:
     """Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
 

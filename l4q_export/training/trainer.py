@@ -27,6 +27,7 @@ from ..quant import QuantSpec
 from . import methods
 from .data import collate, load_examples, load_tokenizer
 from .surgery import adapter_state, load_adapter_state, load_base_model
+from .telemetry import Telemetry, summary_table
 
 STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
@@ -62,6 +63,9 @@ class TrainArgs:
     eval_examples: int = 32
     copy_base: bool = False
     device: str | None = None
+    data_format: str = "auto"
+    packing: bool = False
+    report_to: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def spec(self) -> QuantSpec:
@@ -133,7 +137,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     tok = load_tokenizer(base_dir)
     max_pos = int(hf_cfg.get("max_position_embeddings", args.seq_len))
     seq_len = min(args.seq_len, max_pos)
-    examples = load_examples(args.data, tok, seq_len)
+    examples = load_examples(args.data, tok, seq_len, args.data_format, args.packing)
     n_eval = min(args.eval_examples, len(examples) // 10)
     eval_set, train_set = examples[len(examples) - n_eval :] if n_eval else [], examples[: len(examples) - n_eval]
     per_step = args.batch_size * args.grad_accum * world
@@ -146,6 +150,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model.to(device)
     model.config.use_cache = False
     out = Path(args.out)
+    telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
     decay, no_decay = methods.optimizer_groups(model, args.method)
     opt = torch.optim.AdamW(
@@ -174,9 +179,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
     stream = _Stream(len(train_set), args.seed)
     eval_before = _eval_loss(trained_model, eval_set, pad_id, device, args.batch_size, autocast) if start == 0 else None
 
+    health: list[dict[str, Any]] = []
+
     def save(step: int, final: bool) -> None:
+        nonlocal health
         if rank != 0:
             return
+        health = telemetry.log_health(step, trained_model)
         write_checkpoint(
             out,
             method=args.method,
@@ -221,21 +230,28 @@ def train(args: TrainArgs) -> dict[str, Any]:
                     loss = model(**batch).loss / args.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(decay + no_decay, args.max_grad_norm)
+            mask = batch.get("attention_mask")
+            step_tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
+            tokens += step_tokens  # packed blocks have no attention_mask: count the learned tokens
+        clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(decay + no_decay, clip)) if decay + no_decay else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
         methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss became {step_loss} at step {step}; lower --lr")
         losses.append(step_loss)
+        telemetry.log_step(step, loss=step_loss, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                           tokens_per_s=tokens * world / max(time.time() - t0, 1e-9))
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens * world / max(time.time() - t0, 1e-9):.0f}")
         bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save(step + 1, final=False)
     bar.close()
     save(total, final=True)
+    telemetry.close()
+    if rank == 0:
+        tqdm.write(summary_table(telemetry.rows, health))
     eval_after = _eval_loss(trained_model, eval_set, pad_id, device, args.batch_size, autocast)
     elapsed = time.time() - t0
     report = {
@@ -254,6 +270,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
         "device": device,
         "world_size": world,
+        "max_clipped_frac": max((h["clipped_frac"] for h in health if h["clipped_frac"] is not None), default=None),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
     if rank == 0:
