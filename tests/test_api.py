@@ -129,6 +129,7 @@ def test_save_refuses_an_unprepared_model(tiny_base, tmp_path):
 def test_hf_trainer_example_grad_accum_and_its_checkpoints(tiny_base, tmp_path):
     import hf_trainer
 
+    pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (pip install 'l4q-export[train]')")
     ck, trainer_dir = hf_trainer.run(tiny_base, tmp_path / "ck", tmp_path / "hf", steps=4, grad_accum=2, save_steps=2,
                                      group_size=32, data=_demo_data(tmp_path))
     export_and_verify(ck, tmp_path)
@@ -147,7 +148,15 @@ def test_trl_sft_trainer_example(tiny_base, tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (pip install 'l4q-export[train]')")
     import trl_sft
 
-    ck = trl_sft.run(tiny_base, tmp_path / "ck", tmp_path / "trl", steps=3, group_size=32, data=_chat_data(tmp_path))
+    base = tmp_path / "chat_base"  # tiny_base + a chat template in tokens its vocabulary has
+    shutil.copytree(tiny_base, base)
+    (base / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    ck = trl_sft.run(base, tmp_path / "ck", tmp_path / "trl", steps=4, group_size=32, data=_chat_data(tmp_path))
+    assert (tmp_path / "trl" / "checkpoint-2").is_dir()  # TRL's own checkpointing ran mid-way
+    assert any(v.abs().max() > 0 for k, v in load_file(str(ck / ADAPTER_FILE)).items() if k.endswith("lora_B"))  # it trained
     export_and_verify(ck, tmp_path)
 
 
