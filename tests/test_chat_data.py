@@ -198,3 +198,20 @@ def test_l4q_train_on_chat_with_packing_and_csv_telemetry(chat_base, tmp_path):
     health = list(csv.DictReader((out / "quantizer_health.csv").open()))
     assert len(health) == 14 and all(0 < float(h["scale_min"]) <= float(h["scale_max"]) for h in health)
     assert verify_fold(out)["passed"]
+
+
+def test_report_to_tensorboard_writes_events(chat_base, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'l4q-export[train]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from l4q_export.training.trainer import TrainArgs, train
+
+    out = tmp_path / "ck"
+    train(TrainArgs(model=chat_base, data=chat_jsonl(tmp_path / "chat.jsonl", 16), out=out, bits=4, group_size=32, steps=2,
+                    batch_size=2, grad_accum=1, seq_len=128, save_every=0, eval_examples=0, report_to="tensorboard"))
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= tags
+    assert "quant/model.layers.0.self_attn.q_proj/clipped_frac" in tags
+    assert [e.step for e in ev.Scalars("train/loss")] == [0, 1]
