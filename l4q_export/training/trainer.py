@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from ..api import prepare
 from ..checkpoint import ADAPTER_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
 from ..errors import L4QInputError
 from ..quant import QuantSpec
@@ -146,7 +147,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     model = load_base_model(base_dir)
-    modules = methods.setup_model(model, args)
+    prepare(model, method=args.method, bits=args.bits, group_size=args.group_size, zero_point=args.zero_point,
+            rank=args.rank, alpha=args.alpha, scale_grid=args.scale_grid, init=args.init,
+            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, **args.extra)
+    modules = model.l4q_settings.modules
     model.to(device)
     model.config.use_cache = False
     out = Path(args.out)
