@@ -10,3 +10,14 @@ The package is layered so that one module owns each fact:
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["prepare", "save_checkpoint", "load_checkpoint"]
+
+
+def __getattr__(name: str):
+    """`l4q_export.prepare` etc. (docs/python-api.md), imported lazily so the CLIs do not pay for torch twice."""
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'l4q_export' has no attribute {name!r}")

@@ -116,16 +116,27 @@ def text_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int], list[i
     return [(b, list(b)) for b in blocks]
 
 
-def load_examples(path: Path, tok, seq_len: int) -> list[tuple[list[int], list[int]]]:
+def load_examples(path: Path, tok, seq_len: int, data_format: str = "auto", packing: bool = False) -> list[tuple]:
+    """Chat / prompt-completion / datasets-readable files go through chat_data.py; Alpaca JSON and text stay here."""
+    from .chat_data import load_any, pack
+
     path = Path(path)
-    if not path.is_file():
-        raise L4QInputError(f"data file not found: {path}")
-    if path.suffix in (".json", ".jsonl"):
-        return instruction_examples(path, tok, seq_len)
-    return text_examples(path, tok, seq_len)
+    examples = load_any(path, tok, seq_len, data_format)
+    if examples is None:
+        if not path.is_file():
+            raise L4QInputError(f"data file not found: {path}")
+        if path.suffix in (".json", ".jsonl") and data_format != "text":
+            examples = instruction_examples(path, tok, seq_len)
+        else:
+            examples = text_examples(path, tok, seq_len)
+    return pack(examples, seq_len) if packing else examples
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    if len(batch[0]) == 3:  # packed blocks carry position_ids (chat_data.pack)
+        from .chat_data import collate_packed
+
+        return collate_packed(batch, pad_id)
     n = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from ..api import prepare
 from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, AtomicFile, BaseWeights, check_architecture, write_checkpoint
 from ..errors import L4QInputError
 from ..guard import check_output
@@ -29,6 +30,7 @@ from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
 from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
+from .telemetry import Telemetry, summary_table
 
 STATE_FILE = "trainer_state.pt"
 REPORT_FILE = "train_report.json"
@@ -86,6 +88,15 @@ class TrainArgs:
                               "before/after loss.")
     copy_base: bool = _opt(False, "Copy the base shards into OUT/base so the checkpoint is self-contained.")
     device: str | None = _opt(None, "torch device (default: cuda if available, else cpu).")
+    data_format: str = _opt("auto", "How to read --data: auto picks by suffix (a directory = a datasets save_to_disk dir); "
+                            "parquet/arrow/csv/dataset-dir are read with `datasets`. Records: messages (chat template, "
+                            "assistant-only loss), prompt+completion, instruction+output (Alpaca) or text.",
+                            choices=("auto", "json", "jsonl", "parquet", "arrow", "csv", "dataset-dir", "text"))
+    packing: bool = _opt(False, "Pack short examples into --seq-len blocks; position_ids restart per example so "
+                         "attention stays inside it.")
+    report_to: str = _opt("none", "Step metrics (loss, lr, tokens/s, grad-norm) and per-layer quantizer health (clipped "
+                          "fraction, scale range) to OUT/tensorboard or OUT/metrics.csv + OUT/quantizer_health.csv.",
+                          choices=("none", "tensorboard", "csv"))
     extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:
@@ -206,7 +217,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     tok = load_tokenizer(base_dir)
     max_pos = int(hf_cfg.get("max_position_embeddings", args.seq_len))
     seq_len = min(args.seq_len, max_pos)
-    examples = load_examples(args.data, tok, seq_len)
+    examples = load_examples(args.data, tok, seq_len, args.data_format, args.packing)
     n_eval = min(args.eval_examples, len(examples) // 10)
     eval_set, train_set = examples[len(examples) - n_eval :] if n_eval else [], examples[: len(examples) - n_eval]
     per_step = args.batch_size * args.grad_accum * world
@@ -216,10 +227,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = load_base_model(base_dir)
     model.to(compute_dtype(model.dtype, device))
-    modules = methods.setup_model(model, args)
+    prepare(model, method=args.method, bits=args.bits, group_size=args.group_size, zero_point=args.zero_point,
+            rank=args.rank, alpha=args.alpha, scale_grid=args.scale_grid, init=args.init,
+            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, **args.extra)
+    modules = model.l4q_settings.modules
     model.to(device)
     model.config.use_cache = False
     out = Path(args.out)
+    telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
     decay, no_decay = methods.optimizer_groups(model, args.method)
     opt = torch.optim.AdamW(
@@ -248,9 +263,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
     stream = _Stream(len(train_set), args.seed)
     eval_before = _eval_loss(trained_model, eval_set, pad_id, device, args.batch_size, autocast) if start == 0 else None
 
+    health: list[dict[str, Any]] = []
+
     def save(step: int, final: bool) -> None:
+        nonlocal health
         if rank != 0:
             return
+        health = telemetry.log_health(step, trained_model)
         write_checkpoint(
             out,
             method=args.method,
@@ -295,21 +314,28 @@ def train(args: TrainArgs) -> dict[str, Any]:
                     loss = model(**batch).loss / args.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(decay + no_decay, args.max_grad_norm)
+            mask = batch.get("attention_mask")
+            step_tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
+            tokens += step_tokens  # packed blocks have no attention_mask: count the learned tokens
+        clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(decay + no_decay, clip)) if decay + no_decay else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
         methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss became {step_loss} at step {step}; lower --lr")
         losses.append(step_loss)
+        telemetry.log_step(step, loss=step_loss, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                           tokens_per_s=tokens * world / max(time.time() - t0, 1e-9))
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens * world / max(time.time() - t0, 1e-9):.0f}")
         bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save(step + 1, final=False)
     bar.close()
     save(total, final=True)
+    telemetry.close()
+    if rank == 0:
+        tqdm.write(summary_table(telemetry.rows, health))
     eval_after = _eval_loss(trained_model, eval_set, pad_id, device, args.batch_size, autocast)
     elapsed = time.time() - t0
     report = {
@@ -329,6 +355,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "device": device,
         "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
+        "max_clipped_frac": max((h["clipped_frac"] for h in health if h["clipped_frac"] is not None), default=None),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
     if rank == 0:
