@@ -48,7 +48,7 @@ def instruction_records(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
 
 
 def _corpus(records: list[dict[str, str]]) -> str:
-    from .training.data import PROMPT_INPUT, PROMPT_NO_INPUT
+    from .training.prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 
     lines = []
     for r in records:

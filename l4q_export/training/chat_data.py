@@ -206,7 +206,7 @@ def record_example(tok, where: str, rec: dict[str, Any], schema: str) -> Example
         ci = tok(c, add_special_tokens=False).input_ids + eos
         return pi + ci, [IGNORE] * len(pi) + ci
     if schema == "alpaca":
-        from .data import PROMPT_INPUT, PROMPT_NO_INPUT
+        from .prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 
         tmpl = PROMPT_INPUT if rec.get("input") else PROMPT_NO_INPUT
         text = {k: str(rec.get(k) or "") for k in ("instruction", "input")}

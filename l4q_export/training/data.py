@@ -13,17 +13,9 @@ from typing import Any
 import torch
 
 from ..errors import L4QInputError
+from .prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 
 IGNORE = -100
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 def load_tokenizer(path: Path):
