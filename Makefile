@@ -20,7 +20,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install -q -c $(CONSTRAINTS) "$(TORCH)"
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[runtime,dev$(MLX_EXTRA)]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[runtime,dev,train$(MLX_EXTRA)]"
 	$(BIN)/python -c "import sentencepiece, llama_cpp, onnxruntime, gguf, onnx, compressed_tensors; print('install ok')"
 	touch $(STAMP)
 
@@ -50,7 +50,7 @@ upgrade-deps:
 	$(PY) -m venv .venv-upgrade
 	.venv-upgrade/bin/pip install -q --upgrade pip
 	.venv-upgrade/bin/pip install -q "$(TORCH)"
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv-upgrade/bin/pip install -q -e ".[runtime,dev$(MLX_EXTRA)]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv-upgrade/bin/pip install -q -e ".[runtime,dev,train$(MLX_EXTRA)]"
 	{ sed -n '1,2p' $(CONSTRAINTS); .venv-upgrade/bin/pip freeze --exclude-editable | grep -viE '^l4q[-_]export' \
 	  | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf .venv-upgrade
