@@ -233,3 +233,25 @@ def test_stories260k(stories_checkpoint, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["quantization"]["model.layers.0.mlp.down_proj"] is False
     _assert_exact_pass(verify(Path(rep["artifact"]), stories_checkpoint), 35, n_dense=5)
+
+
+def test_registry_lists_mlx_only_with_its_runtime(monkeypatch):
+    """The registry entry is there, but `available()` drops it when mlx / mlx_lm cannot be imported."""
+    from l4q_export import formats
+
+    assert "mlx" in formats.available() and formats.get_target("mlx") is TARGET
+    monkeypatch.setitem(formats.REQUIRES, "mlx", ("l4q_no_such_runtime",))
+    assert "mlx" not in formats.available()
+
+
+def test_l4q_eval_cli_dispatches_to_mlx(art_4g32, tmp_path):
+    """`l4q-eval DIR` on an MLX export reaches mlx-lm through detect_target, with no MLX hook in eval."""
+    from click.testing import CliRunner
+
+    from l4q_export.eval.cli import main as eval_main
+
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little rabbit in the garden. " * 8)
+    r = CliRunner().invoke(eval_main, [str(art_4g32), "--tasks", "ppl", "--text", str(text), "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.json").read_text())["backend"] == "mlx-lm"

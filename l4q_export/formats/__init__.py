@@ -38,10 +38,10 @@ def unregister(name: str) -> None:
 
 
 def available() -> list[str]:
-    """Targets whose package exists in this installation."""
+    """Targets whose package exists in this installation (and whose runtime, where `REQUIRES` names one)."""
     return [name for name, ref in TARGETS.items()
-            if name in _LOADED or (importlib.util.find_spec(ref.split(":")[0]) is not None
-                                   and all(importlib.util.find_spec(m) is not None for m in REQUIRES.get(name, ())))]
+            if (name in _LOADED or importlib.util.find_spec(ref.split(":")[0]) is not None)
+            and all(importlib.util.find_spec(m) is not None for m in REQUIRES.get(name, ()))]
 
 
 def get_target(name: str) -> Target:
