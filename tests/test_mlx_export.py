@@ -20,9 +20,18 @@ pytest.importorskip("mlx_lm", reason="mlx-lm not installed (pip install 'l4q-exp
 from conftest import make_checkpoint  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from l4q_export.formats import mlx as M  # noqa: E402
-from l4q_export.formats.mlx import check as C  # noqa: E402
+from l4q_export.formats.mlx import TARGET, TOLERANCE  # noqa: E402
+from l4q_export.formats.mlx.layout import capability  # noqa: E402
 from l4q_export.quant import QuantSpec, pack_bits  # noqa: E402
+from l4q_export.verify import verify_artifact, verify_tensors  # noqa: E402
+
+
+def export(ck: Path, out: Path, **kw) -> dict:
+    return TARGET.write(ck, out, **kw).to_dict()
+
+
+def verify(art: Path, ck: Path) -> dict:
+    return verify_artifact(TARGET, Path(art), Path(ck))
 
 pytestmark = pytest.mark.runtime
 
@@ -40,13 +49,20 @@ def test_packing_matches_mx_quantize(bits, group):
 
 
 def test_capability():
+    """layout's kinds (dense = exact but uncompressed), and the protocol answer built on them."""
+    import torch
+
+    from l4q_export.formats.base import Bounded, Exact
+
+    assert isinstance(TARGET.capability(QuantSpec(4, 32, "integer"), (64, 64), torch.float16), Exact)
+    assert isinstance(TARGET.capability(QuantSpec(4, 32, "integer"), (64, 64), torch.float32), Bounded)
     f4 = QuantSpec(4, 32, "float")
-    assert M.capability(f4, (64, 64)).kind == "exact"
-    assert M.capability(f4, (64, 172)).kind == "dense"  # partial last group
-    assert M.capability(QuantSpec(4, 16, "float"), (64, 64)).kind == "dense"  # MLX has no group of 16
-    assert M.capability(QuantSpec(4, 32, "integer"), (64, 64)).kind == "bounded"
+    assert capability(f4, (64, 64)).kind == "exact"
+    assert capability(f4, (64, 172)).kind == "dense"  # partial last group
+    assert capability(QuantSpec(4, 16, "float"), (64, 64)).kind == "dense"  # MLX has no group of 16
+    assert capability(QuantSpec(4, 32, "integer"), (64, 64)).kind == "bounded"
     per_channel = QuantSpec(4, -1, "float")
-    assert (M.capability(per_channel, (8, 64)).group_size, M.capability(per_channel, (8, 192)).kind) == (64, "dense")
+    assert (capability(per_channel, (8, 64)).group_size, capability(per_channel, (8, 192)).kind) == (64, "dense")
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +72,18 @@ def ck_4g32(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="module")
 def art_4g32(tmp_path_factory, ck_4g32):
-    return Path(M.export(ck_4g32, tmp_path_factory.mktemp("mlx_out") / "m")["artifact"])
+    return Path(export(ck_4g32, tmp_path_factory.mktemp("mlx_out") / "m")["artifact"])
 
 
 def _assert_exact_pass(v: dict, n: int, n_dense: int = 0) -> None:
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == v["n_quantized"] == n and v["n_dense"] == n_dense and v["max_abs_error"] == 0.0
-    lg = v["logits"]
-    assert lg["top1_agreement"] >= C.MIN_TOP1 and lg["mean_kl"] <= C.MAX_MEAN_KL
-    assert lg["max_abs_dlogit"] <= lg["tolerance"]["max_abs_dlogit"]
-    assert lg["greedy_match"] >= lg["greedy_decisive"] and lg["tokenizer_identical"]
+    lg, gr = v["logits"], v["greedy"]
+    assert v["runtime"] == "mlx-lm" and v["n_exact"] == n
+    assert lg["top1_agreement"] >= TOLERANCE.min_top1 and lg["mean_kl"] <= TOLERANCE.max_mean_kl
+    assert lg["max_abs_dlogit"] <= TOLERANCE.max_abs_dlogit * max(1.0, lg["max_abs_logit"]) == lg["dlogit_limit"]
+    assert gr["passed"] and gr["matched"] == gr["required"]
+    assert v["checks"]["tokenizer"]["passed"] and v["checks"]["mlx_lm_modules"]["passed"]
 
 
 def test_tiny_gqa_4bit_g32(ck_4g32, art_4g32):
@@ -76,23 +94,23 @@ def test_tiny_gqa_4bit_g32(ck_4g32, art_4g32):
     q = "model.layers.0.self_attn.q_proj"
     assert shard[f"{q}.weight"].dtype == np.uint32 and shard[f"{q}.weight"].shape == (64, 64 * 4 // 32)
     assert shard[f"{q}.scales"].dtype == shard[f"{q}.biases"].dtype == np.float16  # fp16 grid -> fp16, exact
-    _assert_exact_pass(M.verify(art_4g32, ck_4g32), 14)
+    _assert_exact_pass(verify(art_4g32, ck_4g32), 14)
 
 
 def test_tiny_gqa_3bit_g64(tiny_base, tmp_path):
     ck = make_checkpoint(tiny_base, tmp_path / "ck", bits=3, group_size=64, fp16_grid=True, seed=3)
-    rep = M.export(ck, tmp_path / "m")
-    assert rep["exact"] and rep["n_packed"] == 14 and rep["scale_dtypes"] == "float16"
-    _assert_exact_pass(M.verify(Path(rep["artifact"]), ck), 14)
+    rep = export(ck, tmp_path / "m")
+    assert rep["exact"] and rep["n_packed"] == 14 and rep["scale_dtypes"] == "float16" and rep["n_exact"] == 14
+    _assert_exact_pass(verify(Path(rep["artifact"]), ck), 14)
 
 
 def test_qwen2_symmetric_8bit(tiny_qwen2, tmp_path):
     """Qwen2 (q/k/v biases stay float beside the packed weights), symmetric zero point at 8 bits."""
     ck = make_checkpoint(tiny_qwen2, tmp_path / "ck", bits=8, group_size=64, zero_point="symmetric", fp16_grid=True)
-    rep = M.export(ck, tmp_path / "m")
+    rep = export(ck, tmp_path / "m")
     assert rep["n_packed"] == 14
-    v = M.verify(Path(rep["artifact"]), ck)
-    assert v["passed"] and v["n_codes_identical"] == 14 and v["max_abs_error"] <= rep["max_abs_err"], v["summary"]
+    v = verify(Path(rep["artifact"]), ck)
+    assert v["passed"] and v["n_codes_identical"] == 14 and v["max_abs_error"] <= rep["max_abs_error"], v["summary"]
 
 
 def test_per_channel_mixed_groups(tmp_path):
@@ -102,43 +120,50 @@ def test_per_channel_mixed_groups(tmp_path):
 
     base = build_tiny_model(tmp_path / "base", intermediate=128)
     ck = make_checkpoint(base, tmp_path / "ck", bits=4, group_size=-1, fp16_grid=True)
-    rep = M.export(ck, tmp_path / "m")
+    rep = export(ck, tmp_path / "m")
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
     assert (q["group_size"], q["bits"]) == (64, 4)
     assert q["model.layers.1.mlp.down_proj"] == {"group_size": 128, "bits": 4, "mode": "affine"}
-    v = M.verify(Path(rep["artifact"]), ck)
+    v = verify(Path(rep["artifact"]), ck)
     _assert_exact_pass(v, 14)
-    assert {r["mlx_lm_module"] for r in v["layers"] if "down_proj" in r["tensor"]} == {"QuantizedLinear/128/4"}
+    built = v["checks"]["mlx_lm_modules"]["built"]
+    assert {b for m, b in built.items() if "down_proj" in m} == {"QuantizedLinear/128/4"}
 
 
 def test_fp32_grid_stores_fp32(tiny_base, tmp_path):
     """Scales off the fp16 grid would round in fp16: the exporter keeps them fp32 (mlx-lm accepts it), still exact."""
     ck = make_checkpoint(tiny_base, tmp_path / "ck", bits=5, group_size=32, fp16_grid=False)
-    rep = M.export(ck, tmp_path / "m")
+    rep = export(ck, tmp_path / "m")
     assert rep["exact"] and rep["scale_dtypes"] == "float32"
-    v = M.verify(Path(rep["artifact"]), ck)
+    v = verify(Path(rep["artifact"]), ck)
     assert v["passed"] and v["max_abs_error"] == 0.0, v["summary"]
 
 
 def test_integer_zero_point_bounded(tiny_base, tmp_path):
     """biases = -d*z: fl(d*u) + fl(-d*z) vs fl((u - z)*d) differs by ulps on an fp32 grid; the bound is declared
-    at export (numpy emulation) and verify measures it with mx.dequantize."""
+    at export (numpy emulation) and verify measures it with mx.dequantize.  Not bit-identical, so it needs
+    --allow-lossy (refused without)."""
+    from l4q_export.errors import FidelityError
+
     ck = make_checkpoint(tiny_base, tmp_path / "ck", bits=4, group_size=32, zero_point="integer", fp16_grid=False)
-    rep = M.export(ck, tmp_path / "m")
-    assert not rep["exact"] and 0.0 < rep["max_abs_err"] < 1e-6  # measured: 7.5e-9
+    with pytest.raises(FidelityError, match="allow-lossy"):
+        export(ck, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    rep = export(ck, tmp_path / "m", allow_lossy=True)
+    assert not rep["exact"] and 0.0 < rep["max_abs_error"] < 1e-6  # measured: 7.5e-9
     assert {r["capability"] for r in rep["layers"]} == {"bounded"}
-    v = M.verify(Path(rep["artifact"]), ck)
+    v = verify(Path(rep["artifact"]), ck)
     assert v["passed"], v["summary"]
-    assert v["n_codes_identical"] == 14 and v["n_within_bound"] == 14 and 0.0 < v["max_abs_error"] <= rep["max_abs_err"]
+    assert v["n_codes_identical"] == 14 and v["n_within_bound"] == 14 and 0.0 < v["max_abs_error"] <= rep["max_abs_error"]
 
 
 def test_dense_fallback(tiny_base, tmp_path):
     """Group 16 is not an MLX group: every linear stays dense (fp32 W_q, exact), no quantization block."""
     ck = make_checkpoint(tiny_base, tmp_path / "ck", bits=4, group_size=16, fp16_grid=True)
-    rep = M.export(ck, tmp_path / "m")
+    rep = export(ck, tmp_path / "m")
     assert rep["n_dense"] == 14 and rep["n_packed"] == 0 and rep["exact"]
     assert "quantization" not in json.loads((tmp_path / "m" / "config.json").read_text())
-    _assert_exact_pass(M.verify(Path(rep["artifact"]), ck), 14, n_dense=14)
+    _assert_exact_pass(verify(Path(rep["artifact"]), ck), 14, n_dense=14)
 
 
 def test_flipped_code_fails_verify(ck_4g32, art_4g32, tmp_path):
@@ -153,9 +178,12 @@ def test_flipped_code_fails_verify(ck_4g32, art_4g32, tmp_path):
     t[name] = t[name].copy()
     t[name][3, 2] ^= np.uint32(1)  # lowest bit of code (3, 16)
     save_file(t, str(shard), metadata={"format": "mlx"})
-    v = M.verify(bad, ck_4g32, runtime_check=False)
-    assert not v["passed"]
-    assert [r["tensor"] for r in v["layers"] if not r["codes_identical"]] == [name]
+    v = verify_tensors(TARGET, bad, ck_4g32)  # levels (a)/(b): no runtime needed to catch it
+    assert v["n_codes_identical"] == v["n_quantized"] - 1
+    bad_rows = [r for r in v["layers"] if not r["codes_identical"]]
+    assert [r["tensor"] for r in bad_rows] == [name] and bad_rows[0]["fields_differing"] == ["codes"]
+    assert not bad_rows[0]["within_bound"]
+    assert not verify(bad, ck_4g32)["passed"]
 
 
 def test_mlx_lm_generate_runs(art_4g32):
@@ -200,8 +228,30 @@ def test_eval_backend_matches_torch(ck_4g32, art_4g32):
 @pytest.mark.shared
 def test_stories260k(stories_checkpoint, tmp_path):
     """Really trained stories260K (4-bit g32, fp16 grid): down_proj (in 172) stays dense, the rest packs, all exact."""
-    rep = M.export(stories_checkpoint, tmp_path / "m")
+    rep = export(stories_checkpoint, tmp_path / "m")
     assert rep["n_packed"] == 30 and rep["n_dense"] == 5 and rep["exact"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["quantization"]["model.layers.0.mlp.down_proj"] is False
-    _assert_exact_pass(M.verify(Path(rep["artifact"]), stories_checkpoint), 35, n_dense=5)
+    _assert_exact_pass(verify(Path(rep["artifact"]), stories_checkpoint), 35, n_dense=5)
+
+
+def test_registry_lists_mlx_only_with_its_runtime(monkeypatch):
+    """The registry entry is there, but `available()` drops it when mlx / mlx_lm cannot be imported."""
+    from l4q_export import formats
+
+    assert "mlx" in formats.available() and formats.get_target("mlx") is TARGET
+    monkeypatch.setitem(formats.REQUIRES, "mlx", ("l4q_no_such_runtime",))
+    assert "mlx" not in formats.available()
+
+
+def test_l4q_eval_cli_dispatches_to_mlx(art_4g32, tmp_path):
+    """`l4q-eval DIR` on an MLX export reaches mlx-lm through detect_target, with no MLX hook in eval."""
+    from click.testing import CliRunner
+
+    from l4q_export.eval.cli import main as eval_main
+
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little rabbit in the garden. " * 8)
+    r = CliRunner().invoke(eval_main, [str(art_4g32), "--tasks", "ppl", "--text", str(text), "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.json").read_text())["backend"] == "mlx-lm"

@@ -2,7 +2,7 @@
 (the protocol is in `base.py`).  `l4q-export`'s options, `--allow-lossy`, `demo`, `verify` and `l4q-eval` all read
 this registry, so a new target is its own package plus one line here (or one `register` call).
 
-Targets are imported lazily: a missing optional runtime (llama-cpp-python, onnxruntime) only removes that target.
+Targets are imported lazily: a missing optional runtime (llama-cpp-python, onnxruntime, mlx) only removes that target.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ TARGETS: dict[str, str] = {
     "gguf": "l4q_export.formats.gguf:TARGET",
     "onnx": "l4q_export.formats.onnx:TARGET",
     "safetensors": "l4q_export.formats.safetensors:TARGET",
+    "mlx": "l4q_export.formats.mlx:TARGET",
 }
 _LOADED: dict[str, Target] = {}
+# Targets whose package imports a runtime at write time or whose every use but writing needs one: listed only where
+# these top-level modules are installed.
+REQUIRES: dict[str, tuple[str, ...]] = {"mlx": ("mlx", "mlx_lm")}
 
 
 def register(target: Target) -> None:
@@ -34,9 +38,10 @@ def unregister(name: str) -> None:
 
 
 def available() -> list[str]:
-    """Targets whose package exists in this installation."""
+    """Targets whose package exists in this installation (and whose runtime, where `REQUIRES` names one)."""
     return [name for name, ref in TARGETS.items()
-            if name in _LOADED or importlib.util.find_spec(ref.split(":")[0]) is not None]
+            if (name in _LOADED or importlib.util.find_spec(ref.split(":")[0]) is not None)
+            and all(importlib.util.find_spec(m) is not None for m in REQUIRES.get(name, ()))]
 
 
 def get_target(name: str) -> Target:

@@ -1,18 +1,10 @@
-"""`l4q-export --to mlx`: an mlx-lm model directory (Apple MLX affine quantization).
+"""`--to mlx`: an mlx-lm model directory (Apple MLX affine quantization).  See docs/mlx.md.
 
 MLX stores per group a scale and a float *bias* (``w = scales*q + biases``) -- the canonical ``W = d*u + m`` --
-so L4Q's learned float offsets, which integer-zero-point formats cannot hold, are exact here.  See docs/mlx.md.
-
-Pieces, one per part of the target protocol:
-    capability(spec, shape)   layout.py   exact / bounded / dense / refused, with the reason
-    write(model_dir, out)     export.py   streaming fold -> shards, atomic; returns the report
-    read_back(artifact)       check.py    decode with MLX itself (mx.dequantize)
-    detect(artifact)          export.py
-    MlxBackend(artifact)      runtime.py  eval backend: mlx-lm forward on CPU
-    verify(artifact, ck)      check.py    codes, weights vs the fold, mlx-lm vs the PyTorch reference
-
-The module-level NAME / CLI_OPTIONS / export / detect / verify are today's format-module protocol
-(formats/__init__.py).  Writing needs no MLX; reading back, verify and eval need `pip install l4q-export[mlx]`.
+so L4Q's learned float offsets, which integer-zero-point formats cannot hold, are exact here.  layout.py says what
+MLX can hold and packs one tensor, export.py writes the directory, check.py reads it back with MLX itself
+(`mx.dequantize`) and holds the mlx-lm module-build check, runtime.py runs it in mlx-lm.  Writing needs no MLX,
+but the target is only registered where `mlx` and `mlx_lm` import (`pip install l4q-export[mlx]`).
 """
 
 from __future__ import annotations
@@ -21,33 +13,64 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
-from .export import detect, write
-from .layout import Capability, capability
+from ...checkpoint import Checkpoint
+from ...quant import QuantSpec
+from ..base import ArtifactReader, Bounded, Capability, Exact, ExportReport, Refused, Tolerance
+from . import export, layout
 
-NAME = "mlx"
-
-CLI_OPTIONS: list[click.Option] = [
-    click.Option(["--mlx-shard-size", "mlx_shard_size"], default="5GB", show_default=True,
-                 help="mlx: maximum safetensors shard size (e.g. 5GB, 500MB); also bounds the exporter's memory."),
-]
-
-
-def export(model_dir: Path, output: Path | None, mlx_shard_size: str | int = "5GB") -> dict[str, Any]:
-    """Write the mlx-lm directory (default: MODEL_DIR-mlx beside the checkpoint)."""
-    return write(Path(model_dir), output, shard_size=mlx_shard_size)
+# Runtime tolerances, from the measured floor (docs/mlx.md): bit-identical weights, fp32 everywhere, so only
+# summation order differs -- max |dlogit| ~1e-6 of max |logit|, mean KL <= 3e-12.  The limits sit ~100x above it;
+# a reference top-2 margin below 1e-3 of max(1, max |logit|) (~1000x the floor) is a near-tie.
+TOLERANCE = Tolerance(min_top1=0.99, max_mean_kl=1e-8, max_abs_dlogit=1e-4, tie_margin=1e-3, relative=True)
 
 
-def verify(artifact: Path, model_dir: Path, **options: Any) -> dict[str, Any]:
-    from .check import verify as _verify
+class MLXTarget:
+    name = "mlx"
+    lossy = "MLX integer/symmetric zero points off the fp16 grid (biases = -d*z, within a per-tensor ulp bound)"
 
-    return _verify(Path(artifact), Path(model_dir), **options)
+    @property
+    def options(self) -> list[click.Option]:
+        return [click.Option(["--mlx-shard-size", "mlx_shard_size"], default="5GB", show_default=True,
+                             help="mlx: maximum safetensors shard size (e.g. 5GB, 500MB); also bounds the "
+                                  "exporter's memory.")]
+
+    def capability(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> Capability:
+        """Float offsets: exact (packed, or dense where MLX has no group layout).  Integer zero points: exact on
+        the fp16 grid (every product and sum is exact in fp32), else bounded by an ulp of the largest weight."""
+        cap = layout.capability(spec, shape)
+        if cap.kind == "refused":
+            return Refused(cap.reason, "train with 1-6 or 8 bits")
+        if cap.kind == "bounded" and dtype != torch.float16:
+            return Bounded(2.0 ** -(23 - spec.bits), cap.reason)
+        return Exact()
+
+    def write(self, model_dir: Path, output: Path | None, allow_lossy: bool = False,
+              mlx_shard_size: str | int = "5GB", **_: Any) -> ExportReport:
+        return export.write(Path(model_dir), output, shard_size=mlx_shard_size, allow_lossy=allow_lossy)
+
+    def detect(self, artifact: Path) -> bool:
+        return export.detect(Path(artifact))
+
+    def read_back(self, artifact: Path) -> ArtifactReader:
+        from .check import MLXArtifact
+
+        return MLXArtifact(Path(artifact))
+
+    def runtime(self, artifact: Path, threads: int | None = None, n_ctx: int | None = None):
+        from .runtime import MlxBackend
+
+        return MlxBackend(Path(artifact))
+
+    def tolerance(self, artifact: Path) -> Tolerance:
+        return TOLERANCE
+
+    def checks(self, artifact: Path, ck: Checkpoint, backend: Any) -> dict[str, dict[str, Any]]:
+        from .check import module_build, tokenizer_parity
+
+        return {"mlx_lm_modules": module_build(Path(artifact), backend.model),
+                "tokenizer": tokenizer_parity(Path(artifact), ck)}
 
 
-def read_back(artifact: Path) -> dict[str, dict[str, Any]]:
-    from .check import read_back as _read_back
-
-    return _read_back(Path(artifact))
-
-
-__all__ = ["CLI_OPTIONS", "NAME", "Capability", "capability", "detect", "export", "read_back", "verify", "write"]
+TARGET = MLXTarget()

@@ -14,10 +14,11 @@ from typing import Any
 
 from ... import __version__
 from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint, read_json
-from ...errors import L4QInputError
+from ...errors import FidelityError, L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
-from ..safetensors_io import ShardWriter, parse_size
+from ..base import ExportReport
+from ..safetensors.io import ShardWriter, parse_size
 from .layout import capability, encode, mlx_config, quantization_block
 
 EXPORT_INFO = "l4q_mlx.json"
@@ -25,8 +26,11 @@ EXPORT_INFO = "l4q_mlx.json"
 MLX_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
-def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB") -> dict[str, Any]:
-    """Export `model_dir` (an L4Q checkpoint) to the mlx-lm directory `out`; returns the per-tensor report."""
+def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB", allow_lossy: bool = False) -> ExportReport:
+    """Export `model_dir` (an L4Q checkpoint) to the mlx-lm directory `out`; returns the per-tensor report.
+
+    A tensor whose MLX decode is not bit-identical (integer zero points off the fp16 grid) is refused unless
+    `allow_lossy`; its measured bound is then declared in l4q_mlx.json and held by verify."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
     if ck.architecture not in MLX_MODEL_TYPES:
@@ -54,9 +58,14 @@ def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB") -> d
             if cap.kind == "dense":
                 writer.add(name, t.dequantize())  # the fold's fp32 W_q: exact, just not compressed
                 dense.append(module)
-                rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_err": 0.0, "reason": cap.reason})
+                rows.append({**base_row, "encoding": "dense-fp32", "exact": True, "max_abs_error": 0.0,
+                             "reason": cap.reason})
                 continue
             enc = encode(t, cap)
+            if not enc.row["exact"] and not allow_lossy:
+                raise FidelityError(f"{name}: MLX decodes it within {enc.row['max_abs_error']:.3g} of the trained "
+                                    "weights, not bit for bit (integer zero point off the fp16 grid); pass "
+                                    "--allow-lossy to accept that bound, or train with --scale-grid fp16")
             writer.add(f"{module}.weight", enc.weight)
             writer.add(f"{module}.scales", enc.scales)
             writer.add(f"{module}.biases", enc.biases)
@@ -71,16 +80,19 @@ def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB") -> d
         lossy = [r for r in rows if not r["exact"]]
         info = {"format": "mlx", "exporter": f"l4q-export {__version__}", "source": str(model_dir.resolve()),
                 "spec": spec.to_dict(), "method": ck.method, "dense_modules": dense,
-                "declared": {r["tensor"]: r["max_abs_err"] for r in rows}}
+                "declared": {r["tensor"]: r["max_abs_error"] for r in rows}}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     scale_dtypes = sorted({r["scale_dtype"] for r in rows if "scale_dtype" in r})
-    return {
-        "artifact": str(out), "format": "mlx", "bits": spec.bits, "group_size": spec.group_size,
-        "zero_point": spec.zero_point, "n_quantized": len(rows), "n_packed": len(packed), "n_dense": len(dense),
-        "scale_dtypes": ",".join(scale_dtypes), "n_shards": len(set(index["weight_map"].values())),
-        "total_bytes": index["metadata"]["total_size"], "exact": not lossy,
-        "max_abs_err": max((r["max_abs_err"] for r in rows), default=0.0), "layers": rows,
-    }
+    return ExportReport(
+        target="mlx", artifact=str(out), n_quantized=len(rows), n_exact=sum(bool(r["exact"]) for r in rows),
+        n_dense=len(dense), max_abs_error=max((r["max_abs_error"] for r in rows), default=0.0),
+        bytes=index["metadata"]["total_size"],
+        details={"bits": spec.bits, "group_size": spec.group_size, "zero_point": spec.zero_point,
+                 "n_packed": len(packed), "scale_dtypes": ",".join(scale_dtypes),
+                 "n_shards": len(set(index["weight_map"].values()))},
+        warnings=[f"{len(lossy)} tensors within a declared bound (--allow-lossy)"] if lossy else [],
+        layers=rows,
+    )
 
 
 def detect(artifact: Path) -> bool:

@@ -99,7 +99,7 @@ def encode(qt: QuantizedTensor, cap: Capability) -> Encoded:
     decoded = mlx_dequantize_np(codes, scales.numpy(), biases.numpy(), cap.group_size)
     err = float(np.abs(decoded.astype(np.float64) - qt.dequantize().numpy().astype(np.float64)).max())
     row = {"encoding": "packed", "group_size": cap.group_size, "bits": cap.bits,
-           "scale_dtype": str(dtype).removeprefix("torch."), "exact": err == 0.0, "max_abs_err": err}
+           "scale_dtype": str(dtype).removeprefix("torch."), "exact": err == 0.0, "max_abs_error": err}
     if cap.kind == "bounded":
         row["note"] = cap.reason
     return Encoded(torch.from_numpy(words.copy()), scales.contiguous(), biases.contiguous(), row)

@@ -1,20 +1,20 @@
-"""The exported directory in its real runtime: mlx-lm's model forward on MLX's CPU device.
+"""The exported directory in its real runtime: mlx-lm's model forward on MLX's CPU device, as a `Backend`.
 
 `load` goes through `mlx_lm.utils.load_model` (the code path `mlx_lm generate` uses: config.json's
 `quantization` block, `nn.quantize` with mlx-lm's class predicate, strict `load_weights`), never through our
-own reader, so a layout mlx-lm would misread shows up here.
+own reader, so a layout mlx-lm would misread shows up here.  Greedy decoding runs through mlx-lm's KV cache
+(`make_prompt_cache`, as `generate_step` does) and returns the raw logits each token was chosen from.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import L4QInputError
-from ...eval.backends import HFTokenizer, log_softmax
+from ..runtime import HFTokenizer, log_softmax, max_positions
 
 
 def require_mlx() -> Any:
@@ -38,35 +38,34 @@ def load(artifact: Path) -> Any:
     return model
 
 
-def logits(model: Any, ids: list[int]) -> np.ndarray:
-    """[len(ids), vocab] fp32 logits of one full forward (no cache)."""
-    import mlx.core as mx
-
-    out = model(mx.array([ids]))
-    return np.array(out[0].astype(mx.float32))
-
-
-def greedy(model: Any, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens through mlx-lm's own decode loop (`generate_step`: prefill + KV cache, argmax sampler)."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
-    out = []
-    for tok, _ in generate_step(mx.array(ids), model, max_tokens=n):
-        out.append(int(tok))
-    return out
-
-
 class MlxBackend:
-    """`eval.backends.Backend` for an exported MLX directory: mlx-lm forward on CPU, tokenizer from the dir."""
+    """An exported MLX directory in mlx-lm (CPU, fp32 activations); tokenizer from the directory."""
 
-    def __init__(self, path: Path, tokenizer: Path | None = None) -> None:
+    def __init__(self, path: Path) -> None:
+        self.mx = require_mlx()
         self.model = load(path)
-        tk = HFTokenizer(tokenizer or path)
+        tk = HFTokenizer(Path(path))
         self.encode, self.bos_id, self.eot_id = tk.encode, tk.bos_id, tk.eot_id
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        self.max_length = int(cfg.get("max_position_embeddings", 2048))
+        self.max_length = max_positions(Path(path))
         self.name = "mlx-lm"
 
+    def _row(self, out: Any) -> np.ndarray:
+        return np.array(out[0].astype(self.mx.float32))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self._row(self.model(self.mx.array([ids])))
+
     def logprobs(self, ids: list[int]) -> np.ndarray:
-        return log_softmax(logits(self.model, ids))
+        return log_softmax(self.logits(ids))
+
+    def greedy(self, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        row = self._row(self.model(self.mx.array([ids]), cache=cache))[-1]
+        out, rows = [], []
+        for _ in range(n):
+            rows.append(row)
+            out.append(int(np.argmax(row)))
+            row = self._row(self.model(self.mx.array([[out[-1]]]), cache=cache))[-1]
+        return out, np.stack(rows)
