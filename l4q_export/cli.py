@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .arch import SUPPORTED
 from .errors import FidelityError, L4QInputError, boundary, debug_option
 from .guard import check_not_input, check_output
 from .training.methods import QAT_LORA_EXPORT
@@ -112,7 +113,7 @@ train_cmd = click.Command(
     callback=boundary(_train),
     params=[*_train_options(), debug_option()],
     context_settings=CTX,
-    help="""Quantization-aware LoRA fine-tuning (L4Q) of a local LLaMA/Mistral/Qwen2 model.
+    help=f"""Quantization-aware LoRA fine-tuning (L4Q) of a local HF model: {', '.join(SUPPORTED)}.
 
     Writes an L4Q checkpoint that `l4q-export` turns into GGUF, ONNX or packed safetensors with the
     trained integers intact. Run under `torchrun --nproc-per-node N` for DDP.

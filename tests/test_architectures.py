@@ -21,9 +21,9 @@ from conftest import require_shared
 
 from l4q_export.checkpoint import check_architecture, load_checkpoint
 from l4q_export.errors import L4QInputError
-from l4q_export.formats import get_format
+from l4q_export.formats import get_target
 from l4q_export.training.trainer import TrainArgs, train
-from l4q_export.verify import verify_fold
+from l4q_export.verify import compare_runtime, verify_artifact, verify_fold
 
 TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. "
         "It's a quiet day; we'll see 1234 stars. ") * 30
@@ -39,7 +39,7 @@ def _bpe_tokenizer(out: Path, n_vocab: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from l4q_export.demo import _corpus, instruction_records
-    from l4q_export.formats.gguf_vocab import _QWEN2_RE
+    from l4q_export.formats.gguf.vocab import _QWEN2_RE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -141,6 +141,27 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("arch_work")
 
 
+def export(target: str, ck: Path, out: Path, **kw) -> dict:
+    """`l4q-export --json`'s report (ExportReport.to_dict: target-specific keys such as arch/fused/n_packed inline)."""
+    return get_target(target).write(ck, out, **kw).to_dict()
+
+
+def verify(target: str, artifact: Path, ck: Path) -> dict:
+    return verify_artifact(get_target(target), Path(artifact), Path(ck))
+
+
+def runtime_check(art: Path, ck: Path) -> dict:
+    """Level (c) of the GGUF verifier plus its tokenizer check, without the read-back levels: llama.cpp on `art`
+    against the PyTorch reference of `ck`."""
+    t = get_target("gguf")
+    ckpt = load_checkpoint(ck)
+    backend = t.runtime(art)
+    logits, greedy = compare_runtime(backend, ckpt, t.tolerance(art))
+    tok = t.checks(art, ckpt, backend)["tokenizer"]
+    return {"logits": logits, "greedy": greedy, "tokenizer": tok,
+            "passed": logits["passed"] and greedy["passed"] and tok["passed"]}
+
+
 def _names(art: Path) -> set[str]:
     return {t.name for t in gguf.GGUFReader(str(art)).tensors}
 
@@ -206,7 +227,7 @@ def _llama_log(art: Path, capfd) -> str:
 @pytest.mark.parametrize(("bits", "group"), SPECS)
 def test_gguf(bases, text_data, work, tmp_path, capfd, arch, bits, group):
     ck = trained(bases[arch], text_data, work, bits=bits, group=group)
-    rep = get_format("gguf").export(ck, tmp_path / "m.gguf")
+    rep = export("gguf", ck, tmp_path / "m.gguf")
     art = Path(rep["artifact"])
     assert rep["arch"] == arch and rep["n_quantized"] == 2 * (4 if arch == "phi3" else 7)
     names = _names(art)
@@ -224,7 +245,7 @@ def test_gguf(bases, text_data, work, tmp_path, capfd, arch, bits, group):
     log = _llama_log(art, capfd)
     assert "llama_model_loader" in log  # the loader's log was captured ...
     assert "missing" not in log.lower() and "not found" not in log.lower()  # ... and names no absent tensor
-    v = get_format("gguf").verify(art, ck)
+    v = verify("gguf", art, ck)
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == v["n_quantized"] == rep["n_quantized"]
 
@@ -257,11 +278,8 @@ def _copy_gguf(src: Path, dst: Path, drop: tuple[str, ...] = (), ones: tuple[str
 def test_gguf_without_qk_norm_fails(bases, text_data, work, tmp_path, capfd):
     """Negative controls: a qwen3 GGUF without attn_q_norm/attn_k_norm does not load in llama.cpp (required
     tensors), and one whose q/k-norm gains are lost (all 1) loads but fails verify (c)."""
-    from l4q_export.formats.gguf_check import check_runtime
-
     ck = trained(bases["qwen3"], text_data, work)
-    ckpt = load_checkpoint(ck)
-    art = Path(get_format("gguf").export(ck, tmp_path / "m.gguf")["artifact"])
+    art = Path(export("gguf", ck, tmp_path / "m.gguf")["artifact"])
     norms = ("attn_q_norm.weight", "attn_k_norm.weight")
     missing = tmp_path / "no_qk_norm.gguf"
     _copy_gguf(art, missing, drop=norms)
@@ -270,14 +288,14 @@ def test_gguf_without_qk_norm_fails(bases, text_data, work, tmp_path, capfd):
     assert "tensor 'blk.0.attn_k_norm.weight' not found" in capfd.readouterr().err
     lost = tmp_path / "qk_norm_gain_lost.gguf"
     _copy_gguf(art, lost, ones=norms)
-    rt = check_runtime(lost, ckpt)
+    rt = runtime_check(lost, ck)
     assert not rt["logits"]["passed"], rt["logits"]
     assert rt["tokenizer"]["passed"]  # the vocabulary is intact: only the q/k norms break the logits
-    assert not get_format("gguf").verify(lost, ck)["passed"]
+    assert not verify("gguf", lost, ck)["passed"]
     # the untouched rewrite passes, so the copy itself is faithful
     same = tmp_path / "copy.gguf"
     _copy_gguf(art, same)
-    assert check_runtime(same, ckpt)["passed"]
+    assert runtime_check(same, ck)["passed"]
 
 
 @pytest.mark.slow
@@ -286,14 +304,13 @@ def test_gguf_without_qk_norm_fails(bases, text_data, work, tmp_path, capfd):
 @pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
 def test_onnx(bases, text_data, work, tmp_path, arch, bits, group, form):
     ck = trained(bases[arch], text_data, work, bits=bits, group=group)
-    fmt = get_format("onnx")
-    rep = fmt.export(ck, tmp_path / "onnx", onnx_form=form)
+    rep = export("onnx", ck, tmp_path / "onnx", onnx_form=form)
     assert rep["fused"] == (form == "matmulnbits")
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node}
     assert ("GroupQueryAttention" in ops) == (form == "matmulnbits")
-    v = fmt.verify(tmp_path / "onnx", ck)
+    v = verify("onnx", tmp_path / "onnx", ck)
     assert v["passed"], v.get("summary")
 
 
@@ -302,8 +319,7 @@ def test_onnx(bases, text_data, work, tmp_path, arch, bits, group, form):
 @pytest.mark.parametrize(("bits", "group"), SPECS)
 def test_safetensors_compressed_tensors(bases, text_data, work, tmp_path, arch, bits, group):
     ck = trained(bases[arch], text_data, work, bits=bits, group=group, zero_point="integer")
-    fmt = get_format("safetensors")
-    rep = fmt.export(ck, tmp_path / "ct")
+    rep = export("safetensors", ck, tmp_path / "ct")
     assert rep["exact"] and rep["n_packed"] == rep["n_quantized"]
     keys = set(json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())["weight_map"])
     if arch == "phi3":
@@ -311,7 +327,7 @@ def test_safetensors_compressed_tensors(bases, text_data, work, tmp_path, arch, 
         assert "model.layers.0.mlp.gate_up_proj.weight_packed" in keys
     else:
         assert "model.layers.0.self_attn.q_norm.weight" in keys
-    v = fmt.verify(tmp_path / "ct", ck)
+    v = verify("safetensors", tmp_path / "ct", ck)
     assert v["passed"], v.get("summary")
 
 
@@ -319,10 +335,9 @@ def test_safetensors_compressed_tensors(bases, text_data, work, tmp_path, arch, 
 @pytest.mark.parametrize("arch", ["qwen3", "phi3"])
 def test_safetensors_gptq(bases, text_data, work, tmp_path, arch):
     ck = trained(bases[arch], text_data, work, zero_point="integer", scale_grid="fp16")
-    fmt = get_format("safetensors")
-    rep = fmt.export(ck, tmp_path / "gptq", flavor="gptq")
+    rep = export("safetensors", ck, tmp_path / "gptq", flavor="gptq")
     assert rep["exact"]
-    v = fmt.verify(tmp_path / "gptq", ck)
+    v = verify("safetensors", tmp_path / "gptq", ck)
     assert v["passed"], v.get("summary")
 
 
@@ -332,8 +347,8 @@ def test_eval_runs_on_artifacts(bases, text_data, work, tmp_path, arch):
     from l4q_export.eval.cli import run_eval
 
     ck = trained(bases[arch], text_data, work)
-    gg = Path(get_format("gguf").export(ck, tmp_path / "m.gguf")["artifact"])
-    get_format("onnx").export(ck, tmp_path / "onnx")
+    gg = Path(export("gguf", ck, tmp_path / "m.gguf")["artifact"])
+    export("onnx", ck, tmp_path / "onnx")
     ppl = {}
     for name, target in (("checkpoint", ck), ("gguf", gg), ("onnx", tmp_path / "onnx")):
         r = run_eval(Path(target), ["ppl"], text=text_data, max_tokens=256, ctx=64)
@@ -346,8 +361,8 @@ def test_eval_runs_on_artifacts(bases, text_data, work, tmp_path, arch):
 
 def test_phi3_longrope_refused(bases, tmp_path):
     """Phi-3.5/4-mini longrope is refused by GGUF and ONNX with the reason (never silently dropped)."""
-    from l4q_export.formats.gguf_vocab import add_hparams
-    from l4q_export.formats.onnx_graph import DecoderSpec
+    from l4q_export.formats.gguf.vocab import add_hparams
+    from l4q_export.formats.onnx.graph import DecoderSpec
 
     cfg = json.loads((bases["phi3"] / "config.json").read_text())
     cfg["rope_scaling"] = {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
@@ -363,11 +378,11 @@ def test_qwen3_untied_embeddings(tmp_path, text_data, work):
     """Untied Qwen3 (the 4B+ checkpoints): the head is its own tensor in GGUF and ONNX, and both verify."""
     base = build_qwen3(tmp_path / "qwen3_untied", tie=False)
     ck = trained(base, text_data, work)
-    rep = get_format("gguf").export(ck, tmp_path / "m.gguf")
+    rep = export("gguf", ck, tmp_path / "m.gguf")
     assert not rep["tied_embeddings"] and "output.weight" in _names(Path(rep["artifact"]))
-    assert get_format("gguf").verify(rep["artifact"], ck)["passed"]
-    get_format("onnx").export(ck, tmp_path / "onnx")
-    v = get_format("onnx").verify(tmp_path / "onnx", ck)
+    assert verify("gguf", rep["artifact"], ck)["passed"]
+    export("onnx", ck, tmp_path / "onnx")
+    v = verify("onnx", tmp_path / "onnx", ck)
     assert v["passed"], v.get("summary")
 
 
@@ -378,22 +393,22 @@ def test_phi3_sliding_window_onnx(tmp_path_factory, text_data, work, tmp_path, f
     root = tmp_path_factory.mktemp("phi3_swa")
     base = root / "phi3" if (root / "phi3" / "config.json").is_file() else build_phi3(root / "phi3", sliding_window=5)
     ck = trained(base, text_data, work)
-    get_format("onnx").export(ck, tmp_path / "onnx", onnx_form=form)
-    v = get_format("onnx").verify(tmp_path / "onnx", ck)
+    export("onnx", ck, tmp_path / "onnx", onnx_form=form)
+    v = verify("onnx", tmp_path / "onnx", ck)
     assert v["passed"], v.get("summary")
     # negative control: the same graph without the window does not match HF (so the window is really exercised)
-    from l4q_export.formats import onnx_graph
+    from l4q_export.formats.onnx import graph as onnx_graph
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_graph, "_windows", lambda cfg, arch, n: tuple([None] * n))
-        get_format("onnx").export(ck, tmp_path / "nowin", onnx_form=form)
-    assert not get_format("onnx").verify(tmp_path / "nowin", ck)["passed"]
+        export("onnx", ck, tmp_path / "nowin", onnx_form=form)
+    assert not verify("onnx", tmp_path / "nowin", ck)["passed"]
 
 
 @pytest.mark.slow
 def test_phi3_sliding_window_gguf_warns(tmp_path, text_data, work):
     """llama.cpp disables Phi-3 SWA: the GGUF export says so in its report instead of passing it silently."""
     ck = trained(build_phi3(tmp_path / "phi3", sliding_window=5), text_data, work)
-    rep = get_format("gguf").export(ck, tmp_path / "m.gguf")
+    rep = export("gguf", ck, tmp_path / "m.gguf")
     assert _field(Path(rep["artifact"]), "phi3.attention.sliding_window") == 5
     assert any("sliding_window=5" in w for w in rep["warnings"])

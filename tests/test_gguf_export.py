@@ -177,6 +177,29 @@ def test_bad_input(tmp_path, llama_ck):
         verify(tmp_path / "x.gguf", llama_ck)
 
 
+def test_truncated_file_is_one_input_error(tmp_path, llama_ck):
+    """gguf-py raises a bare ValueError on a cut-off file: verify and the runtime (l4q-eval) name the file instead."""
+    art = Path(export(llama_ck, tmp_path / "m.gguf")["artifact"])
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
+    with pytest.raises(ValueError):  # the library's own behaviour, which the target must not leak
+        gguf.GGUFReader(str(cut))
+    assert TARGET.detect(cut)  # the magic is intact: it is handed to the gguf target
+    for call in (lambda: verify(cut, llama_ck), lambda: TARGET.runtime(cut), lambda: TARGET.read_back(cut)):
+        with pytest.raises(L4QInputError, match=r"cut\.gguf is not a complete GGUF file"):
+            call()
+
+
+def test_architecture_mismatch_is_an_input_error(tmp_path, llama_ck, tiny_qwen2, checkpoint_factory):
+    """A llama GGUF verified against a Qwen2 checkpoint is a wrong pairing (exit 2), named as such -- not a
+    fidelity failure reported as missing or differing tensors."""
+    art = Path(export(llama_ck, tmp_path / "m.gguf")["artifact"])
+    qwen_ck = checkpoint_factory(tiny_qwen2, bits=4, group_size=32, fp16_grid=True)
+    with pytest.raises(L4QInputError, match=r"architecture 'llama', but the checkpoint .* is 'qwen2'"):
+        verify(art, qwen_ck)
+    assert verify(art, llama_ck)["passed"]  # the same file against its own checkpoint passes
+
+
 def test_tampered_file_fails_verification(llama_ck, tmp_path):
     art = Path(export(llama_ck, tmp_path / "m.gguf")["artifact"])
     r = gguf.GGUFReader(str(art), "r+")

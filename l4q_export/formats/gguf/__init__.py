@@ -53,16 +53,19 @@ class GGUFTarget:
         return GGUFArtifact(Path(artifact))
 
     def runtime(self, artifact: Path, threads: int | None = None, n_ctx: int | None = None):
+        from .check import open_reader
         from .runtime import LlamaCppBackend
 
+        open_reader(artifact)  # a truncated file: one clear line, not llama.cpp's "Failed to load model"
         return LlamaCppBackend(Path(artifact), n_ctx, threads)
 
     def tolerance(self, artifact: Path) -> Tolerance:
         return TOLERANCE
 
     def checks(self, artifact: Path, ck: Checkpoint, backend: Any) -> dict[str, dict[str, Any]]:
-        from .check import tokenizer_parity
+        from .check import check_architecture, tokenizer_parity
 
+        check_architecture(Path(artifact), ck)
         return {"tokenizer": tokenizer_parity(Path(artifact), ck)}
 
 

@@ -38,14 +38,32 @@ def field(reader: gguf.GGUFReader, key: str) -> Any:
     return None if f is None else f.contents()
 
 
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader, with its bare ValueError (truncated or damaged file) as one clear input-error line."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise L4QInputError(f"{path} is not a complete GGUF file: {why}") from None
+
+
+def check_architecture(artifact: Path, ck: Checkpoint) -> None:
+    """The file must be a GGUF of the checkpoint's architecture: verifying a llama file against a qwen3 checkpoint
+    is a wrong pairing of inputs (exit 2), not a fidelity failure hidden among 'missing' tensors."""
+    from .vocab import gguf_arch
+
+    got = field(open_reader(artifact), "general.architecture")
+    want = gguf_arch(ck.model_config())
+    if got != want:
+        raise L4QInputError(f"{artifact} is a GGUF of architecture {got!r}, but the checkpoint {ck.dir} is {want!r} "
+                            f"({(ck.model_config().get('architectures') or ['?'])[0]}); pass the checkpoint it was exported from")
+
+
 class GGUFArtifact:
     """`read_back` of a .gguf file: decoded tensors by HF name, in HF row order."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError) as e:
-            raise L4QInputError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+        self.reader = open_reader(path)
         self.arch = field(self.reader, "general.architecture")
         if self.arch not in MODEL_ARCH:
             raise L4QInputError(f"{path}: GGUF architecture {self.arch!r} is not one l4q-export writes")
@@ -61,7 +79,10 @@ class GGUFArtifact:
         return iter(self.tensors)
 
     def get(self, hf_name: str) -> Decoded | torch.Tensor | None:
-        gname = gguf_name(self.tmap, hf_name)
+        try:
+            gname = gguf_name(self.tmap, hf_name)
+        except L4QInputError:  # a tensor this file's architecture has no name for: the file lacks it
+            return None
         rt = self.tensors.get(gname)
         if rt is None:
             return None
