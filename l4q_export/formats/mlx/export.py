@@ -17,6 +17,7 @@ from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint, read_json
 from ...errors import L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
+from ..base import refuse_kgrid
 from ..safetensors_io import ShardWriter, parse_size
 from .layout import capability, encode, mlx_config, quantization_block
 
@@ -29,6 +30,7 @@ def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB") -> d
     """Export `model_dir` (an L4Q checkpoint) to the mlx-lm directory `out`; returns the per-tensor report."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
+    refuse_kgrid(ck, "mlx")
     if ck.architecture not in MLX_MODEL_TYPES:
         raise L4QInputError(f"architecture {ck.architecture} has no mlx-lm mapping here; supported: "
                             f"{', '.join(MLX_MODEL_TYPES)}")
