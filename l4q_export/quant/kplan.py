@@ -18,11 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import gguf
+import numpy as np
+import torch
 from gguf import GGMLQuantizationType as T
 
 from ..arch import ARCHS
 from ..errors import L4QInputError
-from .kquant import KQUANT_SPECS, KQuantSpec, kquant_spec
+from .kquant import KQUANT_SPECS, KQuantSpec, encode, ggml_init_kquant, kquant_spec
 from .krecipe import ArchInfo, fallback, recipe
 from .spec import QuantSpec
 
@@ -120,3 +122,27 @@ def grid_from_dict(d: Any, where: str) -> ModuleGrid:
     except (KeyError, TypeError, ValueError, L4QInputError) as e:
         raise L4QInputError(f"{where}: invalid module grid {d!r} ({e})") from None
 
+
+
+def quantize_untrained(t: T, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(GGUF bytes, decoded fp32) of a tensor the recipe quantizes but training never touched (token embeddings,
+    output head): ggml's own reference quantizer for K types (kquant.ggml_init_kquant, the bytes llama-quantize
+    writes without an imatrix), gguf-py's for Q8_0 (a port of ggml's), so the file and verify's runtime reference
+    hold the same weights."""
+    w = w.detach().float().cpu()
+    if t.name.lower() in KQUANT_SPECS:
+        spec = kquant_spec(t.name)
+        raw = encode(spec, w, *ggml_init_kquant(spec, w)).pack()
+    elif t == T.Q8_0:
+        raw = gguf.quants.quantize(w.numpy(), T.Q8_0)
+    else:
+        raise ValueError(f"quantize_untrained: {t.name} is not a type a K recipe gives embeddings")
+    return raw, gguf.quants.dequantize(raw, t).reshape(tuple(w.shape)).astype(np.float32)
+
+
+def recipe_embedding_type(grid: str | None, gguf_name: str, shape: tuple[int, ...], cfg: dict[str, Any]) -> T | None:
+    """The recipe's type for token_embd / output (None: not a recipe checkpoint, or kept as float)."""
+    if grid not in RECIPE_GRIDS:
+        return None
+    t = tensor_type(grid, gguf_name, shape, cfg)
+    return t if t is not None and (t.name.lower() in KQUANT_SPECS or t == T.Q8_0) else None

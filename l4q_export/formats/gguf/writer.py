@@ -36,8 +36,8 @@ from ...errors import FidelityError, L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
 from ...quant.kplan import FILE_TYPES as KFILE_TYPES
-from ...quant.kplan import RECIPE_GRIDS, tensor_type
-from ...quant.kquant import KQUANT_SPECS, KQuantized, encode, ggml_init_kquant, kquant_spec
+from ...quant.kplan import RECIPE_GRIDS, quantize_untrained, recipe_embedding_type
+from ...quant.kquant import KQuantized
 from ..base import ExportReport
 from . import pack as P
 from .vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch, rope_freq_factors
@@ -180,14 +180,13 @@ def convert_float(gname: str, t: torch.Tensor, embed_type: str,
     w = t.float().numpy()
     if w.ndim == 1 or gname not in ("token_embd.weight", "output.weight") or embed_type == "f32":
         return w, T.F32, {"type": "F32", "exact": True, "max_abs_error": 0.0}
-    if embed_type == "recipe" and recipe_type is not None and recipe_type.name.lower() in KQUANT_SPECS:
-        spec = kquant_spec(recipe_type.name)
-        d, sc, dmin, mn = ggml_init_kquant(spec, t.float())
-        raw = encode(spec, t.float(), d, sc, dmin, mn, name=gname).pack()
-        err = float(np.abs(_decode(raw, recipe_type, w.shape) - w).max())
-        return raw, recipe_type, {"type": recipe_type.name, "exact": err == 0.0, "max_abs_error": err}
     if embed_type == "recipe":
-        embed_type = "q8_0" if recipe_type == T.Q8_0 else "f16"
+        if recipe_type is None:
+            embed_type = "f16"
+        else:
+            raw, decoded = quantize_untrained(recipe_type, t)
+            err = float(np.abs(decoded - w).max())
+            return raw, recipe_type, {"type": recipe_type.name, "exact": err == 0.0, "max_abs_error": err}
     if embed_type == "q8_0" and w.shape[1] % P.QK == 0:
         raw = gguf.quants.quantize(w, T.Q8_0)  # original float weights (not trained-quantized): plain Q8_0 is fine
         err = float(np.abs(_decode(raw, T.Q8_0, w.shape) - w).max())
@@ -228,11 +227,13 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
     cfg = ck.model_config()
     grid = ck.config.get("grid")  # l4q-train --grid: K modules exact, legacy-type modules must land on their type
     grids = ck.config.get("module_grids") or {}
-    if embed_type is None:
-        embed_type = "recipe" if grid in RECIPE_GRIDS else "f16"
+    if grid in RECIPE_GRIDS and embed_type not in (None, "recipe"):
+        raise L4QInputError(f"--embed-type {embed_type}: a --grid {grid} checkpoint's embeddings and output head are "
+                            "typed by the recipe (as llama-quantize types them; verify's reference holds the same)")
     if embed_type == "recipe" and grid not in RECIPE_GRIDS:
         raise L4QInputError("--embed-type recipe needs a checkpoint trained with an l4q-train --grid recipe "
                             f"({', '.join(RECIPE_GRIDS)})")
+    embed_type = embed_type or ("recipe" if grid in RECIPE_GRIDS else "f16")
     arch = gguf_arch(cfg)
     out = resolve_output(model_dir, output)
     n_layers = int(cfg["num_hidden_layers"])
@@ -257,7 +258,7 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             else:
                 if gname == "token_embd.weight":
                     n_vocab = shape[0]
-                rtype = tensor_type(grid, gname, shape, cfg) if embed_type == "recipe" else None
+                rtype = recipe_embedding_type(grid, gname, shape, cfg)
                 arr, qtype, row = convert_float(gname, t if idx is None else t[torch.from_numpy(idx)], embed_type, rtype)
             row = {"tensor": hf_name, "gguf": gname, "shape": list(shape), "permuted": idx is not None, **row}
             rows.append(row)

@@ -19,6 +19,7 @@ from torch import nn
 from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
 from ...quant import QuantizedTensor, QuantSpec
+from ...quant.kplan import gguf_tensor_name, quantize_untrained, recipe_embedding_type
 from ..layer import MethodLinear
 from ..surgery import load_base_model, quantized_layers, swap_linears
 
@@ -267,4 +268,22 @@ def reference_model(ck: Checkpoint) -> nn.Module:
     """
     model = load_base_model(ck.base_dir, dtype=torch.float32)
     apply_checkpoint(model, ck, forward=checkpoint_method(ck).reference_forward)
+    _recipe_embeddings(model, ck)
     return model.eval()
+
+
+@torch.no_grad()
+def _recipe_embeddings(model: nn.Module, ck: Checkpoint) -> None:
+    """A --grid recipe's GGUF quantizes the (untrained) token embeddings and output head as llama-quantize does
+    (Q6_K / Q4_K ...); the reference holds those same decoded weights, so the runtime check measures the runtime."""
+    grid = ck.config.get("grid")
+    cfg = ck.model_config()
+    names = set(ck.base().names())
+    for hf_name, lin in (("model.embed_tokens.weight", model.get_input_embeddings()),
+                         ("lm_head.weight", model.get_output_embeddings())):
+        if hf_name not in names:  # tied: the one shared matrix is typed as token_embd (recipe's tied rule)
+            continue
+        w = lin.weight
+        t = recipe_embedding_type(grid, gguf_tensor_name(hf_name, cfg), tuple(w.shape), cfg)
+        if t is not None:
+            w.copy_(torch.from_numpy(quantize_untrained(t, w)[1]))
