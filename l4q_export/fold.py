@@ -3,7 +3,8 @@
 For each base tensor, `fold` yields either the float tensor (embeddings, norms, biases, lm_head) or a
 `QuantizedTensor` (a `KQuantized` for K-grid modules, l4q-train --grid) computed by the checkpoint's method's fold
 (the method registry's `fold_module`), which uses exactly the training forward's operations and dtype, so
-`dequantize()` equals the training W_q bit for bit.  Peak memory is one layer.  This module knows methods only through the registry.
+`dequantize()` equals the training W_q bit for bit.  Peak memory is one layer.
+This module knows methods only through the registry.
 """
 
 from __future__ import annotations
