@@ -30,9 +30,11 @@ from .arch import SUPPORTED
 from .errors import L4QInputError
 from .guard import check_not_input, protect
 from .quant import QuantSpec
+from .quant.kplan import ModuleGrid, grid_from_dict
+from .quant.kquant import KQuantSpec
 
 FORMAT_NAME = "l4q-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a grid per quantized module (`module_grids`, l4q-train --grid); 1 still reads
 CONFIG_FILE = "l4q_config.json"
 ADAPTER_FILE = "l4q_adapter.safetensors"
 SUPPORTED_ARCHITECTURES = SUPPORTED  # the table in arch.py
@@ -160,6 +162,36 @@ class Checkpoint:
         return QuantSpec.from_dict(self.config["quant"])
 
     @property
+    def module_grids(self) -> dict[str, ModuleGrid] | None:
+        """Per-module grids of a format-version-2 checkpoint (None: every module uses `spec`)."""
+        raw = self.config.get("module_grids")
+        if raw is None:
+            return None
+        return {m: grid_from_dict(g, f"{self.dir / CONFIG_FILE} module_grids[{m!r}]") for m, g in raw.items()}
+
+    @property
+    def kspec(self) -> KQuantSpec | None:
+        """The K-quant grid of a per-module view (`for_module`); None for uniform-grid modules."""
+        g = self.config.get("module_grid")
+        return None if g is None or g.get("grid") != "kquant" else grid_from_dict(g, str(self.dir / CONFIG_FILE))
+
+    def for_module(self, module: str) -> Checkpoint:
+        """The checkpoint as one module sees it: `spec` is that module's uniform spec, `kspec` its K grid.
+
+        Methods read `ck.spec` / `ck.kspec`, so per-module grids reach every fold and rebuild without new
+        signatures; a version-1 checkpoint (one spec for all) is returned unchanged."""
+        grids = self.config.get("module_grids")
+        if grids is None:
+            return self
+        g = grids.get(module)
+        if g is None:
+            raise L4QInputError(f"{self.dir / CONFIG_FILE}: module_grids has no entry for {module}")
+        quant = self.config["quant"] if g["grid"] == "kquant" else {k: g[k] for k in ("bits", "group_size", "zero_point")}
+        view = Checkpoint(dir=self.dir, config={**self.config, "quant": quant, "module_grid": g}, base_dir=self.base_dir)
+        view._adapter, view._adapter_keys = self._adapter, getattr(self, "_adapter_keys", None)
+        return view
+
+    @property
     def modules(self) -> list[str]:
         return list(self.config["modules"])
 
@@ -192,12 +224,12 @@ class Checkpoint:
                 raise L4QInputError(f"corrupt adapter file {path}: {e}") from None
         prefix = module + "."
         out = {k[len(prefix) :]: self._adapter.get_tensor(k) for k in self._adapter_keys if k.startswith(prefix)}
-        if "scale" not in out:
+        if "scale" not in out and "d" not in out:  # d: a K-grid module (KQuantLinear)
             raise L4QInputError(f"adapter has no tensors for module {module} ({self.dir / ADAPTER_FILE})")
         for k, t in out.items():
             if not torch.isfinite(t).all():
                 raise L4QInputError(f"adapter tensor {module}.{k} contains NaN/Inf")
-        if (out["scale"] <= 0).any():
+        if "scale" in out and (out["scale"] <= 0).any():
             raise L4QInputError(f"adapter tensor {module}.scale has zero or negative scales")
         return out
 
@@ -404,7 +436,7 @@ def write_checkpoint(
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp), metadata={"format": FORMAT_NAME})
     cfg = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if extra and "module_grids" in extra else 1,  # v1 bytes unchanged for one-spec runs
         "method": method,
         "quant": spec.to_dict(),
         "scale_grid": "fp16" if fp16_grid else "fp32",

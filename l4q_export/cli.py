@@ -17,6 +17,7 @@ import click
 from .arch import SUPPORTED
 from .errors import FidelityError, L4QInputError, boundary, debug_option
 from .guard import check_not_input, check_output
+from .quant.kplan import GRIDS
 from .training.methods import QAT_LORA_EXPORT
 from .training.trainer import TrainArgs
 
@@ -43,6 +44,15 @@ _METHOD_OPTIONS = [
         show_default=True,
         help="qat-lora only: its float LoRA branch cannot be folded into integers; 'merge' accepts re-quantizing "
         "W0 + alpha*B@A on the learned grid at export (lossy, reported by verify).",
+    ),
+    click.Option(
+        ["--grid"],
+        type=click.Choice(GRIDS),
+        default=None,
+        help="l4q only: train on exact GGUF K-quant grids. q2_k..q6_k: one K type for every linear; q2_k_m (llama.cpp's "
+        "Q2_K), q3_k_m, q4_k_s, q4_k_m, q5_k_m: llama.cpp's own per-tensor recipe for that file type. Rows that are not "
+        "a multiple of 256 (or that the recipe gives a legacy type) train on the exactly matching Q4_0/Q5_0/Q5_1/Q8_0 "
+        "grid. Implies --scale-grid fp16; --bits/--group-size/--zero-point do not apply. See docs/gguf.md.",
     ),
     click.Option(
         ["--qalora-base"],
@@ -84,8 +94,9 @@ def _train_args(kw: dict[str, Any]) -> TrainArgs:
             kw[f.name] = not kw[f.name]  # --no-X given -> X False
         elif f.name in kw and f.metadata.get("choices") and kw[f.name] is not None:
             kw[f.name] = type(f.metadata["choices"][0])(kw[f.name])
-    qalora_base = kw.pop("qalora_base")
-    kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export"), **({"qalora_base": str(qalora_base)} if qalora_base else {})}
+    qalora_base, grid = kw.pop("qalora_base"), kw.pop("grid")
+    kw["extra"] = {"qat_lora_export": kw.pop("qat_lora_export"), **({"qalora_base": str(qalora_base)} if qalora_base else {}),
+                   **({"grid": grid} if grid else {})}
     return TrainArgs(**kw)
 
 

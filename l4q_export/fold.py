@@ -1,9 +1,10 @@
 """Streaming fold: turn a checkpoint into the tensors an exporter writes, one tensor at a time.
 
 For each base tensor, `fold` yields either the float tensor (embeddings, norms, biases, lm_head) or a
-`QuantizedTensor` computed by the checkpoint's method's fold (the method registry's `fold_module`), which uses
-exactly the training forward's operations and dtype, so `QuantizedTensor.dequantize()` equals the training W_q
-bit for bit.  Peak memory is one layer.  This module knows methods only through the registry.
+`QuantizedTensor` (a `KQuantized` for K-grid modules, l4q-train --grid) computed by the checkpoint's method's fold
+(the method registry's `fold_module`), which uses exactly the training forward's operations and dtype, so
+`dequantize()` equals the training W_q bit for bit.  Peak memory is one layer.
+This module knows methods only through the registry.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import L4QInputError
 from .quant import QuantizedTensor
+from .quant.kquant import KQuantized
 from .training.methods import checkpoint_method, fold_module
 
-FoldedTensor = torch.Tensor | QuantizedTensor
+FoldedTensor = torch.Tensor | QuantizedTensor | KQuantized  # KQuantized: a K-grid module (l4q-train --grid)
+QUANTIZED = (QuantizedTensor, KQuantized)  # isinstance test for "a quantized linear of the fold"
 
 
 def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:

@@ -87,14 +87,23 @@ def validate_checkpoint(ck) -> None:
         raise L4QInputError(f"corrupt adapter file {path}: {' '.join(str(e).split())}") from None
     cfg = ck.config
     rank = int(cfg["lora"]["rank"])
-    zp = cfg["quant"].get("zero_point", "float")
-    needed = [
-        n
-        for n in _METHOD_TENSORS[cfg["method"]]
-        if not (n == "offset" and zp == "symmetric") and not (n.startswith("lora_") and rank == 0)
-    ]
-    if cfg["method"] == "qalora" and cfg.get("qalora", {}).get("base") == "gptq":
-        needed.append("base_codes")
+    grids = ck.module_grids  # format version 2: a grid per module (K-quant or uniform)
+
+    def needed_for(m: str) -> list[str]:
+        from .quant.kquant import KQuantSpec
+
+        g = None if grids is None else grids.get(m)
+        if g is None and grids is not None:
+            raise L4QInputError(f"{ck.dir}/l4q_config.json: module_grids has no entry for module {m}")
+        if isinstance(g, KQuantSpec):
+            names = ["d", "sc", *(["dmin", "mn"] if g.has_min else []), "lora_A", "lora_B"]
+        else:
+            zp = (g.zero_point if g is not None else cfg["quant"].get("zero_point", "float"))
+            names = [n for n in _METHOD_TENSORS[cfg["method"]] if not (n == "offset" and zp == "symmetric")]
+            if cfg["method"] == "qalora" and cfg.get("qalora", {}).get("base") == "gptq":
+                names.append("base_codes")
+        return [n for n in names if not (n.startswith("lora_") and rank == 0)]
+
     shapes = _base_shapes(ck)
     modules = set(ck.modules)
     for key in tensors:
@@ -105,6 +114,7 @@ def validate_checkpoint(ck) -> None:
         if w is None or len(w) != 2:
             raise L4QInputError(f"module {m} (in l4q_config.json) has no 2-D weight {m}.weight in the base model {ck.base_dir}")
         out_f, in_f = w
+        needed = needed_for(m)
         for n in needed:
             key = f"{m}.{n}"
             t = tensors.get(key)
@@ -130,8 +140,8 @@ def validate_checkpoint(ck) -> None:
     # Same base shape => same adapter shapes: catches a wrongly shaped scale/offset that the rules above cannot.
     seen: dict[tuple[tuple[int, ...], str], tuple[str, list[int]]] = {}
     for m in ck.modules:
-        for n in needed:
-            sig = (shapes[m + ".weight"], n)
+        for n in needed_for(m):
+            sig = (shapes[m + ".weight"], n, str(None if grids is None else grids[m]))
             shape = list(tensors[f"{m}.{n}"].shape)
             other = seen.setdefault(sig, (m, shape))
             if other[1] != shape:

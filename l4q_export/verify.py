@@ -19,11 +19,12 @@ import torch
 
 from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from .errors import FidelityError, L4QInputError, guarded_command
-from .fold import fold_checkpoint
+from .fold import QUANTIZED, fold_checkpoint
 from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax
 from .guard import check_output
 from .quant import QuantizedTensor
+from .quant.kquant import KQuantized
 from .training.methods import build_layer, checkpoint_method
 
 IDENTITY_ROWS = 1024
@@ -48,11 +49,11 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
     base = ck.base()
     rows = []
     for name, t in fold_checkpoint(ck):
-        if not isinstance(t, QuantizedTensor):
+        if not isinstance(t, QUANTIZED):
             continue
         module = name[: -len(".weight")]
         W0 = base.get(name)
-        layer = build_layer(ck, W0, ck.adapter(module))  # the method's own training layer
+        layer = build_layer(ck, W0, ck.adapter(module), module)  # the method's own training layer
         ref = layer.quantized(name)
         deq = t.dequantize()
         wq = training_forward_weight(layer, W0.shape[1])
@@ -63,6 +64,7 @@ def verify_fold(model_dir: Path) -> dict[str, Any]:
             {
                 "tensor": name,
                 "shape": list(t.shape),
+                **({"grid": t.spec.name} if isinstance(t, KQuantized) else {}),
                 "codes_identical": codes_equal,
                 "bit_identical": bit_equal,
                 "forward_identical": fwd_equal,
@@ -112,7 +114,7 @@ GREEDY_TOKENS = 24
 MAX_PROMPT_TOKENS = 256
 
 
-def compare_tensor(qt: QuantizedTensor, got: Decoded | torch.Tensor | None) -> dict[str, Any]:
+def compare_tensor(qt: QuantizedTensor | KQuantized, got: Decoded | torch.Tensor | None) -> dict[str, Any]:
     """Levels (a) and (b) for one quantized linear."""
     row: dict[str, Any] = {"tensor": qt.name, "shape": list(qt.shape)}
     if got is None:
@@ -209,7 +211,7 @@ def verify_tensors(target: Target, artifact: Path, model_dir: Path) -> dict[str,
     """Levels (a) and (b) only (no runtime): per quantized linear of the fold, the artifact's decoded copy."""
     ck = load_checkpoint(model_dir)
     reader = target.read_back(artifact)
-    rows = [compare_tensor(t, reader.get(name)) for name, t in fold_checkpoint(ck) if isinstance(t, QuantizedTensor)]
+    rows = [compare_tensor(t, reader.get(name)) for name, t in fold_checkpoint(ck) if isinstance(t, QUANTIZED)]
     return {"n_quantized": len(rows), "n_codes_identical": sum(bool(r["codes_identical"]) for r in rows),
             "n_within_bound": sum(bool(r["within_bound"]) for r in rows), "layers": rows}
 

@@ -56,6 +56,20 @@ class Refused:
 Capability = Exact | Bounded | Refused
 
 
+def refuse_kgrid(ck: Checkpoint, target: str) -> None:
+    """Targets without ggml's K-quant blocks refuse a checkpoint with K-grid modules (l4q-train --grid) up front:
+    a super-block's fp16 d times 6-bit sub-scales has no exact form there that we write yet, and re-quantizing
+    would break the promise silently."""
+    from ..errors import FidelityError
+
+    grids = ck.config.get("module_grids") or {}
+    k = sorted(m for m, g in grids.items() if g.get("grid") == "kquant")
+    if k:
+        raise FidelityError(f"{ck.dir}: {len(k)} module(s) (e.g. {k[0]}) were trained on a GGUF K-quant grid "
+                            f"(--grid {ck.config.get('grid')}), which {target} cannot hold exactly; export it with "
+                            "--to gguf, or retrain without --grid for this target")
+
+
 # ------------------------------------------------------------------------------------------------ reports
 
 @dataclass

@@ -132,6 +132,15 @@ class KQuantFunction(torch.autograd.Function):
 _ADAPTER_KEYS = ("d", "sc", "dmin", "mn", "lora_A", "lora_B")
 
 
+@torch.no_grad()
+def fold_kquant_tensors(spec: KQuantSpec, name: str, W0: torch.Tensor, alpha: float, t: dict[str, torch.Tensor]) -> KQuantized:
+    """The fold of one K-grid module from its saved tensors: encode(W0 + alpha*B@A) under the effective
+    (fp16 d/dmin, integer sc/mn) -- the training forward's operations, so dequantize() equals its W_q bit for bit."""
+    d, sc, dmin, mn = effective_kparams(spec, t["d"], t["sc"], t.get("dmin"), t.get("mn"))
+    w = combined_weight(W0.float(), t.get("lora_A"), t.get("lora_B"), alpha)
+    return encode(spec, w, d, sc, dmin, mn, name=name)
+
+
 class KQuantLinear(MethodLinear):
     """A frozen base linear whose effective weight is the K-quant decode of W0 + alpha*B@A.
 
@@ -182,9 +191,8 @@ class KQuantLinear(MethodLinear):
     @torch.no_grad()
     def quantized(self, name: str = "") -> KQuantized:
         """The integers + fp16 super-scales of the current parameters: what the GGUF writer packs (KQuantized.pack)."""
-        d, sc, dmin, mn = effective_kparams(self.spec, self.d, self.sc, self.dmin, self.mn)
-        w = combined_weight(self.weight, self.lora_A, self.lora_B, self.cfg.alpha)
-        return encode(self.spec, w, d, sc, dmin, mn, name=name)
+        t = {k: getattr(self, k) for k in _ADAPTER_KEYS if getattr(self, k) is not None}
+        return fold_kquant_tensors(self.spec, name, self.weight, self.cfg.alpha, t)
 
     def dequantized_weight(self) -> torch.Tensor:
         """W_q as the forward uses it (no gradient)."""

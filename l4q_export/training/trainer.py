@@ -236,10 +236,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     out = Path(args.out)
     telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
-    decay, no_decay = methods.optimizer_groups(model, args.method)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
+    groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
+    trainable = [p for g in groups for p in g["params"]]
     state_path = out / STATE_FILE
     if args.resume:
         if not state_path.is_file():
@@ -287,6 +286,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             extra={
                 "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
                 **methods.checkpoint_extra(args),
+                **methods.grid_extra(trained_model),
             },
         )
         with AtomicFile(state_path) as tmp:
@@ -302,7 +302,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     bar = tqdm(total=total, initial=start, desc="l4q-train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start, total):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.lr)
+            g["lr"] = lr_at(step, total, args.lr) * g["lr_scale"] if "lr_scale" in g else lr_at(step, total, args.lr)
         step_loss = 0.0
         for j in range(args.grad_accum):
             p0 = ((step * args.grad_accum + j) * world + rank) * args.batch_size
@@ -318,7 +318,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             step_tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
             tokens += step_tokens  # packed blocks have no attention_mask: count the learned tokens
         clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(decay + no_decay, clip)) if decay + no_decay else 0.0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip)) if trainable else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
         methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate

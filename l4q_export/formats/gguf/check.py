@@ -3,7 +3,10 @@
 Every quantized tensor is read with gguf-py's `GGUFReader` and decoded with `gguf.quants.dequantize`; the stored
 integers are recovered from that decoder alone (`pack.recover_codes`) and must be what the fold's codes become in
 that block type (`pack.expected_stored_codes`: u, or u - z for types without a minimum).  The decoded weights are
-held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Names and the q/k row
+held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Trained K-grid tensors
+(declared ``kgrid``) are unpacked field by field from ggml's block layout (`kquant.unpack_blocks`): codes,
+sub-scales, sub-minima and the fp16 super-scales must all equal the fold's, and gguf-py's decode its W_q
+exactly.  Names and the q/k row
 permutation come from the file's own header, so the reader needs nothing but the artifact.
 """
 
@@ -20,6 +23,7 @@ import torch
 
 from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
+from ...quant.kquant import KQuantized, kquant_spec, unpack_blocks
 from ..base import Decoded
 from ..runtime import HFTokenizer, tokenizer_truth
 from . import pack as P
@@ -96,12 +100,28 @@ class GGUFArtifact:
         weight = torch.from_numpy(np.ascontiguousarray(unperm(decoded)).astype(np.float32))
         bound = float(self.declared.get(gname, {}).get("max_abs_error", 0.0))
         tname = qtype.name.lower()
+        if self.declared.get(gname, {}).get("kgrid"):  # a trained K-grid module: every stored field, block by block
+            kq = unpack_blocks(kquant_spec(tname), raw, shape, hf_name)
+            return Decoded(hf_name, {k: unperm(v) for k, v in kfields(kq).items()}, kfields, weight=weight, bound=bound,
+                           info={"type": qtype.name, "gguf": gname, "codes_from": "ggml block layout (kquant.unpack_blocks)"})
         if tname not in P.QTYPES:  # F32/F16 of W_q: the weight is the whole content
             return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
                            info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
         codes = unperm(P.recover_codes(raw, tname).reshape(shape))
         return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
                        bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "gguf-py decoder"})
+
+
+def kfields(kq: Any) -> dict[str, np.ndarray]:
+    """The stored integers and fp16 super-scales of a K-grid tensor: codes, sc, d (and mn, dmin), as numpy.
+
+    A fold that is not a KQuantized (a checkpoint without this K grid) has none of them: every field differs."""
+    if not isinstance(kq, KQuantized):
+        return {}
+    out = {"codes": kq.codes.numpy(), "d": kq.d.half().numpy(), "sc": kq.sc.numpy()}
+    if kq.dmin is not None:
+        out.update(dmin=kq.dmin.half().numpy(), mn=kq.mn.numpy())
+    return out
 
 
 def tokenizer_parity(artifact: Path, ck: Checkpoint, texts: tuple[str, ...] | list[str] = TOKENIZER_TEXTS) -> dict[str, Any]:

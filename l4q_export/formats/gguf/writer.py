@@ -35,21 +35,26 @@ from ...checkpoint import AtomicFile, load_checkpoint
 from ...errors import FidelityError, L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
+from ...quant.kplan import FILE_TYPES as KFILE_TYPES
+from ...quant.kplan import RECIPE_GRIDS, quantize_untrained, recipe_embedding_type
+from ...quant.kquant import KQuantized
 from ..base import ExportReport
 from . import pack as P
 from .vocab import MODEL_ARCH, add_hparams, add_tokenizer, gguf_arch, rope_freq_factors
 
 NAME = "gguf"
 GGUF_TYPES = ("auto", *P.LEGACY, *P.KQUANTS)
-EMBED_TYPES = ("f16", "q8_0", "f32")
+EMBED_TYPES = ("f16", "q8_0", "f32", "recipe")
 REPORT_KEY = "l4q.tensor_report"
 
 CLI_OPTIONS: list[click.Option] = [
     click.Option(["--gguf-type", "gguf_type"], type=click.Choice(GGUF_TYPES), default="auto", show_default=True,
                  help="GGUF block type for quantized linears; auto = smallest type holding the trained codes exactly. "
                       "K-quants re-encode the learned scales (lossy) and need --allow-lossy."),
-    click.Option(["--embed-type", "embed_type"], type=click.Choice(EMBED_TYPES), default="f16", show_default=True,
-                 help="GGUF type of the token embeddings and output head (never quantization-aware trained)."),
+    click.Option(["--embed-type", "embed_type"], type=click.Choice(EMBED_TYPES), default=None,
+                 help="GGUF type of the token embeddings and output head (never quantization-aware trained). Default: "
+                      "f16; for a checkpoint trained with an l4q-train --grid recipe (q4_k_m ...), 'recipe': the type "
+                      "llama-quantize gives them, quantized by ggml's own reference quantizer."),
 ]
 
 _AUTO_ORDER = {  # (zero-point kind, bits) -> candidate types, smallest first
@@ -99,6 +104,16 @@ def permute_quantized(qt: QuantizedTensor, idx: np.ndarray | None) -> QuantizedT
                            zero=None if qt.zero is None else qt.zero[i])
 
 
+def permute_kquantized(kq: KQuantized, idx: np.ndarray | None) -> KQuantized:
+    """Whole rows move (codes with their super-block scales and sub-scales): nothing is re-rounded."""
+    if idx is None:
+        return kq
+    i = torch.from_numpy(idx)
+    pick = lambda t: None if t is None else t[i]  # noqa: E731
+    return KQuantized(spec=kq.spec, codes=kq.codes[i], d=kq.d[i], sc=kq.sc[i], dmin=pick(kq.dmin), mn=pick(kq.mn),
+                      name=kq.name)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Per-tensor conversion
 # --------------------------------------------------------------------------------------------------------
@@ -143,11 +158,35 @@ def convert_quantized(qt: QuantizedTensor, gguf_type: str) -> tuple[np.ndarray, 
                                           "rel_error": 0.0, "warning": warning}
 
 
-def convert_float(gname: str, t: torch.Tensor, embed_type: str) -> tuple[np.ndarray, T, dict[str, Any]]:
-    """Float tensors: norms/biases F32; token embeddings and output head per --embed-type."""
+def convert_kquantized(kq: KQuantized, gguf_type: str) -> tuple[np.ndarray, T, dict[str, Any]]:
+    """A K-grid module: its trained integers and fp16 super-scales packed as ggml's blocks (KQuantized.pack).
+
+    The decoded file (gguf-py's dequantize) is compared with the fold right away; a difference is a bug, refused."""
+    if gguf_type not in ("auto", kq.spec.name):
+        raise FidelityError(f"{kq.name} was trained on the {kq.spec.name.upper()} grid; --gguf-type {gguf_type} would "
+                            "re-quantize it. Use --gguf-type auto, which writes it exactly")
+    raw = kq.pack()
+    err = float(np.abs(_decode(raw, kq.spec.ggml_type, kq.shape) - kq.dequantize().numpy()).max())
+    if err != 0.0:
+        raise FidelityError(f"{kq.name}: packed {kq.spec.name.upper()} blocks decode {err:.3g} away from the fold (bug)")
+    return raw, kq.spec.ggml_type, {"type": kq.spec.name.upper(), "exact": True, "max_abs_error": 0.0,
+                                    "lossy_scales": False, "rel_error": 0.0, "kgrid": True}
+
+
+def convert_float(gname: str, t: torch.Tensor, embed_type: str,
+                  recipe_type: T | None = None) -> tuple[np.ndarray, T, dict[str, Any]]:
+    """Float tensors: norms/biases F32; token embeddings and output head per --embed-type ("recipe": `recipe_type`,
+    quantized by ggml's reference quantizer, i.e. the bytes llama-quantize writes without an imatrix)."""
     w = t.float().numpy()
     if w.ndim == 1 or gname not in ("token_embd.weight", "output.weight") or embed_type == "f32":
         return w, T.F32, {"type": "F32", "exact": True, "max_abs_error": 0.0}
+    if embed_type == "recipe":
+        if recipe_type is None:
+            embed_type = "f16"
+        else:
+            raw, decoded = quantize_untrained(recipe_type, t)
+            err = float(np.abs(decoded - w).max())
+            return raw, recipe_type, {"type": recipe_type.name, "exact": err == 0.0, "max_abs_error": err}
     if embed_type == "q8_0" and w.shape[1] % P.QK == 0:
         raw = gguf.quants.quantize(w, T.Q8_0)  # original float weights (not trained-quantized): plain Q8_0 is fine
         err = float(np.abs(_decode(raw, T.Q8_0, w.shape) - w).max())
@@ -170,14 +209,14 @@ def resolve_output(model_dir: Path, output: Path | None) -> Path:
     return output
 
 
-def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_type: str = "f16",
+def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_type: str | None = None,
            allow_lossy: bool = False) -> ExportReport:
     """Write MODEL_DIR's trained model as a GGUF file; returns the report (per-tensor type and error bound)."""
     from tqdm import tqdm
 
     if gguf_type not in GGUF_TYPES:
         raise L4QInputError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
-    if embed_type not in EMBED_TYPES:
+    if embed_type is not None and embed_type not in EMBED_TYPES:
         raise L4QInputError(f"--embed-type {embed_type!r} is not one of {', '.join(EMBED_TYPES)}")
     if gguf_type in P.KQUANTS and not allow_lossy:
         raise FidelityError(f"{gguf_type} stores one fp16 scale per 256 weights times small integer sub-scales, which cannot "
@@ -186,6 +225,15 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
     cfg = ck.model_config()
+    grid = ck.config.get("grid")  # l4q-train --grid: K modules exact, legacy-type modules must land on their type
+    grids = ck.config.get("module_grids") or {}
+    if grid in RECIPE_GRIDS and embed_type not in (None, "recipe"):
+        raise L4QInputError(f"--embed-type {embed_type}: a --grid {grid} checkpoint's embeddings and output head are "
+                            "typed by the recipe (as llama-quantize types them; verify's reference holds the same)")
+    if embed_type == "recipe" and grid not in RECIPE_GRIDS:
+        raise L4QInputError("--embed-type recipe needs a checkpoint trained with an l4q-train --grid recipe "
+                            f"({', '.join(RECIPE_GRIDS)})")
+    embed_type = embed_type or ("recipe" if grid in RECIPE_GRIDS else "f16")
     arch = gguf_arch(cfg)
     out = resolve_output(model_dir, output)
     n_layers = int(cfg["num_hidden_layers"])
@@ -199,12 +247,19 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             gname = gguf_name(tmap, hf_name)
             shape = tuple(t.shape)
             idx = qk_permutation(hf_name, arch, cfg, shape[0])
-            if isinstance(t, QuantizedTensor):
+            if isinstance(t, KQuantized):
+                arr, qtype, row = convert_kquantized(permute_kquantized(t, idx), gguf_type)
+            elif isinstance(t, QuantizedTensor):
                 arr, qtype, row = convert_quantized(permute_quantized(t, idx), gguf_type)
+                want = grids.get(hf_name[: -len(".weight")], {}).get("ggml_type")
+                if want is not None and row["type"] != want:
+                    raise FidelityError(f"{hf_name} was trained on the {want} grid (--grid {grid}) but would be stored "
+                                        f"as {row['type']}; use --gguf-type auto")
             else:
                 if gname == "token_embd.weight":
                     n_vocab = shape[0]
-                arr, qtype, row = convert_float(gname, t if idx is None else t[torch.from_numpy(idx)], embed_type)
+                rtype = recipe_embedding_type(grid, gname, shape, cfg)
+                arr, qtype, row = convert_float(gname, t if idx is None else t[torch.from_numpy(idx)], embed_type, rtype)
             row = {"tensor": hf_name, "gguf": gname, "shape": list(shape), "permuted": idx is not None, **row}
             rows.append(row)
             arr = np.ascontiguousarray(arr)
@@ -217,15 +272,18 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
         if freqs is not None:
             scratch.write(freqs.tobytes())
             infos.append(("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes, None))
-        tensor_report = {r["gguf"]: {"type": r["type"], "max_abs_error": r["max_abs_error"], "exact": r["exact"]} for r in rows}
+        tensor_report = {r["gguf"]: {"type": r["type"], "max_abs_error": r["max_abs_error"], "exact": r["exact"],
+                                     **({"kgrid": True} if r.get("kgrid") else {})} for r in rows}
         w = gguf.GGUFWriter(tmp, arch)
         add_hparams(w, cfg, arch, n_vocab, model_dir.name)
         main_type = _main_type(rows)
-        w.add_file_type(int(FILE_TYPE.get(main_type.lower(), _L.ALL_F32)))
+        w.add_file_type(int(_L[KFILE_TYPES[grid]] if grid else FILE_TYPE.get(main_type.lower(), _L.ALL_F32)))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = add_tokenizer(w, ck.dir, n_vocab)
         w.add_string("l4q.quant", json.dumps(ck.spec.to_dict(), sort_keys=True))
         w.add_string("l4q.scale_grid", "fp16" if ck.fp16_grid else "fp32")
+        if grid:
+            w.add_string("l4q.grid", grid)
         w.add_string(REPORT_KEY, json.dumps(tensor_report, sort_keys=True))
         for gname, shape, dtype, nbytes, qtype in infos:
             w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=qtype if dtype == np.uint8 else None)
@@ -246,7 +304,8 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
         n_dense=sum(r["type"] == "F32" for r in quant_rows),
         max_abs_error=max((r["max_abs_error"] for r in quant_rows), default=0.0), bytes=out.stat().st_size,
         details={"arch": arch, "gguf_type": gguf_type, "main_type": main_type, "embed_type": embed_type,
-                 "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(), "n_tensors": len(rows),
+                 "scale_grid": "fp16" if ck.fp16_grid else "fp32", "spec": ck.spec.to_dict(),
+                 **({"grid": grid, "file_type": KFILE_TYPES[grid]} if grid else {}), "n_tensors": len(rows),
                  "tied_embeddings": "output.weight" not in tensor_report, "tokenizer": tok,
                  "seconds": round(time.time() - t0, 2)},
         warnings=warnings, layers=rows)

@@ -17,7 +17,7 @@ from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint, read_json
 from ...errors import FidelityError, L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
-from ..base import ExportReport
+from ..base import ExportReport, refuse_kgrid
 from ..safetensors.io import ShardWriter, parse_size
 from .layout import capability, encode, mlx_config, quantization_block
 
@@ -33,6 +33,7 @@ def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB", allo
     `allow_lossy`; its measured bound is then declared in l4q_mlx.json and held by verify."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
+    refuse_kgrid(ck, "mlx")
     if ck.architecture not in MLX_MODEL_TYPES:
         raise L4QInputError(f"architecture {ck.architecture} has no mlx-lm mapping here; supported: "
                             f"{', '.join(MLX_MODEL_TYPES)}")

@@ -26,7 +26,7 @@ from ...checkpoint import TOKENIZER_FILES, AtomicDir, load_checkpoint
 from ...errors import L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
-from ..base import ExportReport
+from ..base import ExportReport, refuse_kgrid
 from .graph import (
     DATA_FILE,
     DTYPES,
@@ -127,6 +127,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
         raise L4QInputError(f"onnx_accuracy_level={onnx_accuracy_level} must be in 0..4")
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
+    refuse_kgrid(ck, "onnx")
     cfg = ck.model_config()
     spec = DecoderSpec.from_config(cfg, ck.architecture)
     out = Path(output) if output is not None else _default_output(model_dir, onnx_form, dtype)

@@ -31,7 +31,7 @@ from ...checkpoint import TOKENIZER_FILES, AtomicDir, Checkpoint, load_checkpoin
 from ...errors import FidelityError, L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor, QuantSpec
-from ..base import ExportReport
+from ..base import ExportReport, refuse_kgrid
 from .io import ShardWriter, parse_size
 from .layout import (
     FLAVORS,
@@ -121,6 +121,7 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
     """Stream the fold into a sharded HF model directory (atomically); returns the per-tensor report."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
+    refuse_kgrid(ck, "safetensors")
     _check_flavor(flavor, ck)
     max_bytes = parse_size(shard_size)
     spec = ck.spec

@@ -1,6 +1,8 @@
 """The built-in methods, one `register(Method(...))` each:
 
     l4q       LoRA merged inside a learned LSQ+ quantizer (layer.py)              exact, float offsets
+              --grid q4_k / q4_k_m ...: per module a GGUF K-quant grid (kquant_layer.py) or the legacy ggml
+              type llama.cpp's recipe gives it (quant/kplan.py); the fold is then a KQuantized for K modules
     qalora    frozen RTN (or GPTQ) base + group-pooled LoRA merged into float minima (qalora.py)   exact
     dlqat     frozen (s, z), per-group magnitude, LoRA in the integer space (dlqat.py)    exact, integer zeros
     qat-lora  LSQ+ on W0 + separate float LoRA (baselines.py)      refuses export unless merge is accepted
@@ -22,18 +24,24 @@ from ...checkpoint import Checkpoint
 from ...errors import FidelityError, L4QInputError
 from ...quant import QuantizedTensor, combined_weight, effective_params, quantize
 from ...quant.grids import float_spec, integer_spec
+from ...quant.kplan import check_grid, grid_to_dict, module_grid
+from ...quant.kquant import KQuantized, KQuantSpec
 from ..baselines import FloatLoRALinear, QATLoRALinear
 from ..dlqat import DLQATLinear, fold_dlqat_tensors
-from ..layer import L4QLinear
+from ..kquant_layer import KQuantLinear, fold_kquant_tensors
+from ..layer import L4QLinear, MethodLinear
 from ..qalora import GPTQBase, QALoRALinear, fold_qalora_tensors
 from .registry import Method, register
 
 QAT_LORA_EXPORT = ("refuse", "merge")
 
 
-def fold_merged(ck: Checkpoint, module: str, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> QuantizedTensor:
+def fold_merged(ck: Checkpoint, module: str, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> QuantizedTensor | KQuantized:
     """quantize(W0 + alpha*B@A) on the stored grid: L4Q's fold (and lora's / rtn's / merged qat-lora's), with
-    exactly the training forward's operations and dtype (`quant.combined_weight` + `quant.quantize`)."""
+    exactly the training forward's operations and dtype (`quant.combined_weight` + `quant.quantize`).
+    A K-grid module (`l4q-train --grid`, ck.kspec) folds to its K-quant integers instead."""
+    if ck.kspec is not None:
+        return fold_kquant_tensors(ck.kspec, module + ".weight", W0, ck.lora_scale, t)
     p = effective_params(ck.spec, t["scale"], t.get("offset"), ck.fp16_grid)
     return quantize(module + ".weight", combined_weight(W0, t.get("lora_A"), t.get("lora_B"), ck.lora_scale), p, ck.spec)
 
@@ -63,8 +71,33 @@ def _fp16(args: Any) -> bool:
 
 # ---- l4q / rtn: L4QLinear -------------------------------------------------------------------------
 
-def _make_l4q(lin: nn.Linear, name: str, gen: torch.Generator, args: Any, ctx: Any) -> L4QLinear:
-    return L4QLinear(lin, args.spec(), args.rank, args.alpha, args.init, _fp16(args), args.lsq_grad_scale, generator=gen)
+def _grid_context(args: Any) -> dict[str, Any] | None:
+    """--grid: the base config the per-module choice reads (quant.kplan); None without --grid."""
+    if not args.extra.get("grid"):
+        return None
+    from ...checkpoint import check_architecture
+
+    return check_architecture(args.model)
+
+
+def _check_grid(args: Any) -> None:
+    if args.extra.get("grid"):
+        args.extra["grid"] = check_grid(args.extra["grid"])
+        args.scale_grid = "fp16"  # legacy-type modules are exact only on the fp16 scale grid; K modules always are
+
+
+def _make_l4q(lin: nn.Linear, name: str, gen: torch.Generator, args: Any, cfg: dict[str, Any] | None) -> MethodLinear:
+    """L4QLinear on --bits/--group-size; with --grid, the module's own grid (KQuantLinear or a legacy-type spec)."""
+    if cfg is None:
+        return L4QLinear(lin, args.spec(), args.rank, args.alpha, args.init, _fp16(args), args.lsq_grad_scale, generator=gen)
+    grid = module_grid(args.extra["grid"], name, tuple(lin.weight.shape), cfg)
+    if isinstance(grid, KQuantSpec):  # ggml's own quantizer picks the initial scales: step 0 = llama-quantize's bytes
+        layer: MethodLinear = KQuantLinear(lin, grid, args.rank, args.alpha, init="ggml", generator=gen)
+    else:
+        init = "minmax" if grid.zero_point == "float" else "l4q"
+        layer = L4QLinear(lin, grid, args.rank, args.alpha, init, True, args.lsq_grad_scale, generator=gen)
+    layer.grid = grid_to_dict(grid)  # recorded per module in l4q_config.json (methods.grid_extra)
+    return layer
 
 
 def _make_rtn(lin: nn.Linear, name: str, gen: torch.Generator, args: Any, ctx: Any) -> L4QLinear:
@@ -73,11 +106,16 @@ def _make_rtn(lin: nn.Linear, name: str, gen: torch.Generator, args: Any, ctx: A
     return L4QLinear(lin, spec, 0, args.alpha, init, _fp16(args), args.lsq_grad_scale, generator=gen)
 
 
-def _rebuild_l4q(lin: nn.Linear, ck: Checkpoint, rank: int, lora_alpha: float, t: dict) -> L4QLinear:
-    return L4QLinear(lin, ck.spec, rank if "lora_A" in t else 0, lora_alpha, fp16_grid=ck.fp16_grid)
+def _rebuild_l4q(lin: nn.Linear, ck: Checkpoint, rank: int, lora_alpha: float, t: dict) -> MethodLinear:
+    rank = rank if "lora_A" in t else 0
+    if ck.kspec is not None:  # init is overwritten by load_tensors; "rtn" is the cheap closed form
+        return KQuantLinear(lin, ck.kspec, rank, lora_alpha, init="rtn")
+    return L4QLinear(lin, ck.spec, rank, lora_alpha, fp16_grid=ck.fp16_grid)
 
 
-register(Method("l4q", L4QLinear, "LoRA merged inside a learned LSQ+ quantizer", _make_l4q, _rebuild_l4q, fold_merged))
+register(Method("l4q", L4QLinear, "LoRA merged inside a learned LSQ+ quantizer (or, with --grid, a GGUF K-quant grid)",
+                _make_l4q, _rebuild_l4q, fold_merged, options=("grid",), validate=_check_grid, prepare=_grid_context,
+                checkpoint_extra=lambda args: {"grid": args.extra["grid"]} if args.extra.get("grid") else {}))
 
 # ---- qalora ---------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from torch import nn
 from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
 from ...quant import QuantizedTensor, QuantSpec
+from ...quant.kplan import gguf_tensor_name, quantize_untrained, recipe_embedding_type
 from ..layer import MethodLinear
 from ..surgery import load_base_model, quantized_layers, swap_linears
 
@@ -170,6 +171,32 @@ def optimizer_groups(model: nn.Module, method: str) -> tuple[list[nn.Parameter],
     return decay, no_decay
 
 
+def lr_param_groups(model: nn.Module, method: str, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: the (decayed LoRA, undecayed quantizer) pair of `optimizer_groups`, then one group per
+    parameter set of layers that want their own learning rate (`lr_groups`: KQuantLinear's d ~ 1e-3 and integer
+    sub-scales cannot share LoRA's lr).  Each group's `lr_scale` multiplies the schedule's lr."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    own: list[dict[str, Any]] = []
+    if trains(method):
+        for _, layer in quantized_layers(model):
+            if hasattr(layer, "lr_groups"):
+                for i, g in enumerate(layer.lr_groups(lr)):
+                    own.append({"params": g["params"], "weight_decay": weight_decay if i == 0 else 0.0,
+                                "lr_scale": g["lr"] / lr})
+                continue
+            d, n = layer.param_groups()
+            decay += d
+            no_decay += n
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *own]
+
+
+def grid_extra(model: nn.Module) -> dict[str, Any]:
+    """`module_grids` for l4q_config.json (format version 2) when layers carry a per-module grid; else nothing."""
+    grids = {name: layer.grid for name, layer in quantized_layers(model) if getattr(layer, "grid", None) is not None}
+    return {"module_grids": grids} if grids else {}
+
+
 @torch.no_grad()
 def project_(model: nn.Module) -> None:
     """After each step: learned scales stay above SCALE_FLOOR (each layer's MethodLinear.project_)."""
@@ -185,7 +212,7 @@ def fold_module(ck: Checkpoint, module: str, W0: torch.Tensor) -> QuantizedTenso
     """The folded weight of one quantized module (refuses a non-finite base weight)."""
     if not torch.isfinite(W0).all():
         raise L4QInputError(f"base weight {module}.weight contains NaN/Inf")
-    return checkpoint_method(ck).fold(ck, module, W0, ck.adapter(module))
+    return checkpoint_method(ck).fold(ck.for_module(module), module, W0, ck.adapter(module))
 
 
 def meta_linear(W0: torch.Tensor) -> nn.Linear:
@@ -195,10 +222,13 @@ def meta_linear(W0: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> MethodLinear:
-    """Rebuild the module's *training* layer from its base weight and saved tensors (verify and l4q-eval use it)."""
+def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor], module: str | None = None) -> MethodLinear:
+    """Rebuild the module's *training* layer from its base weight and saved tensors (verify and l4q-eval use it).
+
+    `module` selects the module's own grid in a per-module (format version 2) checkpoint."""
     rank, lora_alpha = int(ck.config["lora"]["rank"]), float(ck.config["lora"]["alpha"])
-    layer = checkpoint_method(ck).rebuild_layer(meta_linear(W0), ck, rank, lora_alpha, t)
+    view = ck if module is None else ck.for_module(module)
+    layer = checkpoint_method(ck).rebuild_layer(meta_linear(W0), view, rank, lora_alpha, t)
     layer.load_tensors(t)
     return layer
 
@@ -222,7 +252,7 @@ def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") ->
                 model.get_submodule(module).weight.copy_(fold_module(ck, module, W0).dequantize())
             continue
         orig = model.get_submodule(module)
-        layer = build_layer(ck, W0.float(), ck.adapter(module))
+        layer = build_layer(ck, W0.float(), ck.adapter(module), module)
         layer.bias = orig.bias
         parent, child = module.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
@@ -238,4 +268,22 @@ def reference_model(ck: Checkpoint) -> nn.Module:
     """
     model = load_base_model(ck.base_dir, dtype=torch.float32)
     apply_checkpoint(model, ck, forward=checkpoint_method(ck).reference_forward)
+    _recipe_embeddings(model, ck)
     return model.eval()
+
+
+@torch.no_grad()
+def _recipe_embeddings(model: nn.Module, ck: Checkpoint) -> None:
+    """A --grid recipe's GGUF quantizes the (untrained) token embeddings and output head as llama-quantize does
+    (Q6_K / Q4_K ...); the reference holds those same decoded weights, so the runtime check measures the runtime."""
+    grid = ck.config.get("grid")
+    cfg = ck.model_config()
+    names = set(ck.base().names())
+    for hf_name, lin in (("model.embed_tokens.weight", model.get_input_embeddings()),
+                         ("lm_head.weight", model.get_output_embeddings())):
+        if hf_name not in names:  # tied: the one shared matrix is typed as token_embd (recipe's tied rule)
+            continue
+        w = lin.weight
+        t = recipe_embedding_type(grid, gguf_tensor_name(hf_name, cfg), tuple(w.shape), cfg)
+        if t is not None:
+            w.copy_(torch.from_numpy(quantize_untrained(t, w)[1]))
