@@ -275,7 +275,7 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
                 )
     from .schema import validate_checkpoint
 
-    validate_checkpoint(ck)
+    validate_checkpoint(ck, d / ADAPTER_FILE, check_architecture(base_dir))
     return ck
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from .arch import SUPPORTED
-from .errors import FidelityError, L4QInputError, boundary, debug_option
+from .boundary import boundary, debug_option
+from .errors import FidelityError, L4QInputError
 from .guard import check_not_input, check_output
 from .quant.kplan import GRIDS
 from .training.methods import QAT_LORA_EXPORT

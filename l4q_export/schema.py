@@ -26,6 +26,8 @@ _METHOD_TENSORS: dict[str, tuple[str, ...]] = {
     "dlqat": ("scale", "zero", "magnitude", "lora_A", "lora_B"),
 }
 _INT_TENSORS = ("base_codes",)
+# Extra tensors a method stores when its config section says `"base": "gptq"` (QA-LoRA's frozen GPTQ codes).
+_GPTQ_BASE_TENSORS: dict[str, tuple[str, ...]] = {"qalora": ("base_codes",)}
 
 
 def validate_config(cfg: dict[str, Any], path: Path) -> None:
@@ -72,12 +74,11 @@ def _base_shapes(ck) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_checkpoint(ck) -> None:
+def validate_checkpoint(ck, adapter_path: Path, base_config: dict[str, Any]) -> None:
     """Every module present with every tensor its method needs, right shapes and dtypes, finite, scales > 0."""
-    from .checkpoint import ADAPTER_FILE, check_architecture
-
-    validate_base(ck.base_dir, check_architecture(ck.base_dir), ck.base().names())
-    path = ck.dir / ADAPTER_FILE
+    # The caller (checkpoint.load_checkpoint) passes what it knows, so this module never imports it back.
+    validate_base(ck.base_dir, base_config, ck.base().names())
+    path = adapter_path
     if not path.is_file():
         raise L4QInputError(f"adapter file missing: {path}")
     try:
@@ -100,8 +101,8 @@ def validate_checkpoint(ck) -> None:
         else:
             zp = (g.zero_point if g is not None else cfg["quant"].get("zero_point", "float"))
             names = [n for n in _METHOD_TENSORS[cfg["method"]] if not (n == "offset" and zp == "symmetric")]
-            if cfg["method"] == "qalora" and cfg.get("qalora", {}).get("base") == "gptq":
-                names.append("base_codes")
+            if cfg.get(cfg["method"], {}).get("base") == "gptq":
+                names += _GPTQ_BASE_TENSORS.get(cfg["method"], ())
         return [n for n in names if not (n.startswith("lora_") and rank == 0)]
 
     shapes = _base_shapes(ck)

@@ -17,8 +17,9 @@ import click
 import numpy as np
 import torch
 
+from .boundary import guarded_command
 from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
-from .errors import FidelityError, L4QInputError, guarded_command
+from .errors import FidelityError, L4QInputError
 from .fold import QUANTIZED, fold_checkpoint
 from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax

@@ -1,7 +1,8 @@
 """The package's import graph is layered and acyclic (issue 10), checked on the source with `ast` (nothing runs).
 
 Levels, low to high; a module may import its own level or below, never above:
-    0 errors, quant, arch, guard   1 checkpoint, schema   2 training, api   3 fold   4 formats   5 verify, eval   6 cli, demo
+    0 errors, quant, arch, guard, boundary   1 checkpoint, schema   2 training, api   3 fold   4 formats
+    5 verify, eval   6 cli, demo
 Lazy (function-level) imports count: they are dependencies all the same.  A cycle between modules fails too.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "l4q_export"
 
 LEVELS = {
-    "errors": 0, "quant": 0, "arch": 0, "guard": 0, "checkpoint": 1, "schema": 1, "training": 2, "api": 2,
+    "errors": 0, "quant": 0, "arch": 0, "guard": 0, "boundary": 0, "checkpoint": 1, "schema": 1, "training": 2, "api": 2,
     "fold": 3, "formats": 4,
     "verify": 5, "eval": 5, "cli": 6, "demo": 6,
 }

@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from ..errors import L4QInputError, guarded_command
+from ..boundary import guarded_command
+from ..errors import L4QInputError
 from ..guard import check_output
 from .backends import open_backend
 from .perplexity import perplexity

@@ -129,6 +129,7 @@ class KQuantFunction(torch.autograd.Function):
         )
 
 
+_KINIT = {"rtn": init_kquant, "ggml": ggml_init_kquant}  # --init for K grids: closed-form RTN or ggml's quantizer
 _ADAPTER_KEYS = ("d", "sc", "dmin", "mn", "lora_A", "lora_B")
 
 
@@ -173,7 +174,7 @@ class KQuantLinear(MethodLinear):
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
         with torch.no_grad():
-            d, sc, dmin, mn = (init_kquant if init == "rtn" else ggml_init_kquant)(spec, self.weight.detach())
+            d, sc, dmin, mn = _KINIT[init](spec, self.weight.detach())
         self.d = nn.Parameter(d.to(dev))
         self.sc = nn.Parameter(sc.to(dev))
         if dmin is None:
