@@ -81,13 +81,16 @@ def linear_bytes(gguf_path: Path) -> dict[str, Any]:
             "n_linears": len(lin), "linear_types": types}
 
 
-def evaluate(gguf_path: Path, data: Path, limit: int, max_tokens: int, threads: int) -> dict[str, Any]:
+def evaluate(gguf_path: Path, data: Path, limit: int, max_tokens: int, threads: int, tasks: str) -> dict[str, Any]:
     rep = gguf_path.with_suffix(".eval.json")
-    if not rep.is_file():
-        run([bin_("l4q-eval"), str(gguf_path), "--tasks", "ppl,arc_easy,piqa", "--text",
-             str(data / "text" / "wikitext2_test.txt"), "--data-dir", str(data / "eval"), "--limit", str(limit),
-             "--max-tokens", str(max_tokens), "--threads", str(threads), "--json", str(rep)],
-            gguf_path.with_suffix(".eval.log"))
+    if rep.is_file():
+        cached = json.loads(rep.read_text())
+        if set(tasks.split(",")) <= set(cached["results"]):
+            return cached
+    run([bin_("l4q-eval"), str(gguf_path), "--tasks", tasks, "--text",
+         str(data / "text" / "wikitext2_test.txt"), "--data-dir", str(data / "eval"), "--limit", str(limit),
+         "--max-tokens", str(max_tokens), "--threads", str(threads), "--json", str(rep)],
+        gguf_path.with_suffix(".eval.log"))
     return json.loads(rep.read_text())
 
 
@@ -272,11 +275,13 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
 @click.option("--peer-types", default=",".join(PEER_TYPES), show_default=True, help="llama-quantize types.")
 @click.option("--steps", type=int, default=None, help="Training steps (preset default).")
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--tasks", default="ppl,arc_easy,piqa", show_default=True,
+              help="l4q-eval tasks per file (ppl alone when the multiple-choice sets cost too much CPU time).")
 @click.option("--md", type=click.Path(path_type=Path), default=REPO / "docs" / "results" / "smollm2.md",
               show_default=True)
 @click.option("--report-only", is_flag=True, help="Only rewrite the markdown and plot from WORK/results.json.")
 def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir: Path, quantize_bin: Path,
-         configs: str | None, methods: str | None, peer_types: str, steps: int | None, threads: int, md: Path,
+         configs: str | None, methods: str | None, peer_types: str, steps: int | None, threads: int, tasks: str, md: Path,
          report_only: bool) -> None:
     p = dict(PRESETS["quick" if quick else "full"])
     if steps:
@@ -309,7 +314,7 @@ def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir:
             return
         try:
             row = {**row, "key": key, **linear_bytes(path), **scores(evaluate(path, data, p["limit"],
-                                                                               p["max_tokens"], threads))}
+                                                                               p["max_tokens"], threads, tasks))}
         except RuntimeError as e:
             click.echo(f"{key}: {e}")
             row = {**row, "key": key, "error": str(e)[:500]}
