@@ -184,7 +184,23 @@ def fmt_acc(r: dict[str, Any], task: str) -> str:
     return "-" if a is None else f"{a:.3f} ± {s:.3f}" if s is not None else f"{a:.3f}"
 
 
-def write_report(res: Results, md: Path, png: Path) -> None:
+def frontier_lines(rows: list[dict[str, Any]], front: set[str]) -> list[str]:
+    """For each of our rows: on the frontier, or which peer files beat it on both linear bytes and ppl."""
+    out = []
+    peers = [r for r in rows if r["group"] == "peer" and r.get("ppl")]
+    for r in rows:
+        if r["group"] != "ours" or not r.get("ppl"):
+            continue
+        beat = [o["label"] for o in peers if o["linear_bytes"] <= r["linear_bytes"] and o["ppl"] < r["ppl"]]
+        lo = [o for o in peers if o["linear_bytes"] >= r["linear_bytes"]]
+        state = "on the frontier" if r["key"] in front else "not on the frontier"
+        out.append(f"- {r['label']} ({r['linear_bytes'] / 2**20:.1f} MiB, ppl {r['ppl']:.2f}): {state}; "
+                   + (f"dominated by {', '.join(beat)}" if beat else "no peer file is both smaller and better")
+                   + ("; peers at >= its bytes: " + ", ".join(f"{o['label']} {o['ppl']:.2f}" for o in lo) if lo else ""))
+    return out
+
+
+def write_report(res: Results, md: Path, png: Path, notes: Path | None = None) -> None:
     rows = sorted(res.rows, key=lambda r: (r["group"] != "reference", r["group"], r.get("linear_bytes", 0)))
     quantized = [r for r in rows if r["group"] != "reference"]
     front = frontier(quantized)
@@ -195,8 +211,10 @@ def write_report(res: Results, md: Path, png: Path) -> None:
         f"Produced by `{m.get('command', 'python tools/bench_real.py --quick')}` on {m.get('host', 'CPU')} "
         f"({m.get('date', '')}). Training: {m['steps']} steps x batch {m['batch']} x seq {m['seq']} of "
         f"`alpaca_en_demo.json`, the same for every method. Scoring: `l4q-eval` on the exported file in llama.cpp: "
-        f"WikiText-2 test perplexity on the first {m['max_tokens']} tokens, ARC-easy and PIQA on the first "
-        f"{m['limit']} items (acc ± binomial stderr). `linear MiB` = bytes of the 210 blk.* attention/MLP matrices "
+        f"WikiText-2 test perplexity on the first {m['max_tokens']} tokens (one window), "
+        f"{' and '.join(t for t in m.get('tasks', 'ppl,arc_easy,piqa').split(',') if t != 'ppl') or 'no MC sets'} "
+        f"on the first {m['limit']} items (acc_norm ± binomial stderr; ARC-e only where measured). "
+        "`linear MiB` = bytes of the 210 blk.* attention/MLP matrices "
         "(the plot's x axis); `file MiB` also counts embeddings (f16 in ours, re-quantized by llama-quantize).",
         "",
         "Peer path = float LoRA (same steps) -> merge W0 + alpha*B@A in fp32 -> llama.cpp `convert_hf_to_gguf.py "
@@ -218,8 +236,9 @@ def write_report(res: Results, md: Path, png: Path) -> None:
     if missing:
         lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
     lines += ["", "![ppl vs bytes of the quantized linears](smollm2.png)", ""]
-    if m.get("verdict"):
-        lines += ["## Verdict", "", m["verdict"], ""]
+    lines += ["## Frontier (computed from the table)", ""] + frontier_lines(quantized, front) + [""]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
     plot(rows, front, png)
@@ -279,21 +298,24 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
               help="l4q-eval tasks per file (ppl alone when the multiple-choice sets cost too much CPU time).")
 @click.option("--md", type=click.Path(path_type=Path), default=REPO / "docs" / "results" / "smollm2.md",
               show_default=True)
+@click.option("--notes", type=click.Path(path_type=Path), default=None,
+              help="Markdown appended to the report (the hand-written verdict on the measured numbers).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the markdown and plot from WORK/results.json.")
 def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir: Path, quantize_bin: Path,
          configs: str | None, methods: str | None, peer_types: str, steps: int | None, threads: int, tasks: str, md: Path,
-         report_only: bool) -> None:
+         notes: Path | None, report_only: bool) -> None:
     p = dict(PRESETS["quick" if quick else "full"])
     if steps:
         p["steps"] = steps
     data = data_dir or shared_data()
     work.mkdir(parents=True, exist_ok=True)
     cmd = "python tools/bench_real.py" + (" --quick" if quick else "") + "".join(
-        f" --{k} {v}" for k, v in (("configs", configs), ("methods", methods), ("steps", steps)) if v)
+        f" --{k} {v}" for k, v in (("configs", configs), ("methods", methods), ("steps", steps),
+                                        ("tasks", None if tasks == "ppl,arc_easy,piqa" else tasks)) if v)
     res = Results(work / "results.json", {**p, "command": cmd, "date": time.strftime("%Y-%m-%d"),
-                                          "host": f"{os.cpu_count()}-core CPU"})
+                                          "host": f"{os.cpu_count()}-core CPU", "tasks": tasks})
     if report_only:
-        write_report(res, md, md.with_suffix(".png"))
+        write_report(res, md, md.with_suffix(".png"), notes)
         return
     for need in (model / "config.json", data / "instruct" / "alpaca_en_demo.json",
                  data / "text" / "wikitext2_test.txt", data / "eval" / "arc_easy.jsonl"):
