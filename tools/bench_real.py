@@ -241,6 +241,7 @@ def write_report(res: Results, md: Path, png: Path, notes: Path | None = None) -
         lines += [notes.read_text().rstrip(), ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
+    md.with_suffix(".json").write_text(json.dumps({"meta": m, "rows": res.rows}, indent=1) + "\n")
     plot(rows, front, png)
 
 
@@ -250,6 +251,7 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         click.echo("matplotlib is not installed: no plot written (pip install matplotlib)")
         return
@@ -271,6 +273,8 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
     ax.set_xlabel("bytes of the quantized linears (MiB)")
     ax.set_ylabel("WikiText-2 perplexity (llama.cpp)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title("SmolLM2-135M-Instruct: exported GGUF, quality per byte")
     ax.legend(fontsize=8)
     fig.tight_layout()
