@@ -108,3 +108,86 @@ def test_train_and_fold(base, text_data, work, bits, group):
     rep = verify_fold(ck)
     assert rep["passed"], rep.get("summary")
     assert rep["n_layers"] == 6 * 7 and rep["n_bit_identical"] == 6 * 7
+
+
+def _field(art: Path, key: str):
+    f = gguf.GGUFReader(str(art)).fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _copy_gguf(src: Path, dst: Path, fields: dict | None = None, shift_norms: float = 0.0) -> None:
+    """Rewrite a GGUF (gguf-py reader -> writer) with some metadata replaced and `shift_norms` added to every
+    norm gain (-1 undoes the (1 + w) the exporter stored)."""
+    fields = fields or {}
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), _field(src, "general.architecture"))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, fields.get(f.name, f.contents()), vtype, sub_type=sub)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if t.name.endswith("norm.weight"):
+            data = data + np.float32(shift_norms)
+        w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)) if data.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_gguf(base, text_data, work, tmp_path, bits, group):
+    ck = trained(base, text_data, work, bits=bits, group=group)
+    rep = get_target("gguf").write(ck, tmp_path / "m.gguf")
+    art = Path(rep.artifact)
+    assert rep.details["arch"] == "gemma3" and rep.n_quantized == 6 * 7 and rep.details["tied_embeddings"]
+    names = {t.name for t in gguf.GGUFReader(str(art)).tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
+            "blk.0.ffn_norm.weight"} <= names and "output.weight" not in names
+    assert _field(art, "gemma3.attention.sliding_window") == WINDOW
+    assert _field(art, "gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
+    assert _field(art, "gemma3.rope.freq_base") == 1e6 and _field(art, "gemma3.rope.freq_base_swa") == 1e4
+    assert _field(art, "gemma3.attention.key_length") == 32
+    # (1 + w) stored as the gain, computed in fp32 from the bf16 base weight
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(base / "model.safetensors"))["model.layers.0.input_layernorm.weight"].float()
+    stored = [t for t in gguf.GGUFReader(str(art)).tensors if t.name == "blk.0.attn_norm.weight"][0]
+    assert np.array_equal(np.asarray(stored.data), (w0 + 1).numpy())
+    v = verify_artifact(get_target("gguf"), art, ck)
+    assert v["passed"], v["summary"]
+
+
+@pytest.mark.slow
+def test_gguf_negative_controls(base, text_data, work, tmp_path):
+    """A wrong local/global pattern, or norms without the +1, load in llama.cpp but fail verify (c)."""
+    ck = trained(base, text_data, work)
+    art = Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact)
+    good = verify_artifact(get_target("gguf"), art, ck)
+    assert good["passed"], good["summary"]
+    key = "gemma3.attention.sliding_window_pattern"
+    for name, kw in {"pattern": {"fields": {key: [False] + [True] * 5}}, "no_plus_one": {"shift_norms": -1.0}}.items():
+        bad = tmp_path / f"{name}.gguf"
+        _copy_gguf(art, bad, **kw)
+        v = verify_artifact(get_target("gguf"), bad, ck)
+        assert not v["passed"], (name, v["summary"])
+
+
+def test_gguf_refuses_softcapping_and_query_scale(tmp_path):
+    from l4q_export.formats.gguf.vocab import add_hparams
+
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+           "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+           "sliding_window": 4, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+           "rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 1e6}}}
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gemma3")
+    add_hparams(w, cfg, "gemma3", 100, "x")  # the good config passes
+    for bad, match in [({"attn_logit_softcapping": 50.0}, "softcapping"), ({"query_pre_attn_scalar": 64}, "query_pre_attn"),
+                       ({"rope_parameters": {"sliding_attention": {"rope_theta": 1e4},
+                                             "full_attention": {"rope_type": "yarn", "factor": 4}}}, "yarn")]:
+        with pytest.raises(L4QInputError, match=match):
+            add_hparams(gguf.GGUFWriter(str(tmp_path / "y.gguf"), "gemma3"), {**cfg, **bad}, "gemma3", 100, "x")
