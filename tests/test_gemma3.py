@@ -191,3 +191,16 @@ def test_gguf_refuses_softcapping_and_query_scale(tmp_path):
                                              "full_attention": {"rope_type": "yarn", "factor": 4}}}, "yarn")]:
         with pytest.raises(L4QInputError, match=match):
             add_hparams(gguf.GGUFWriter(str(tmp_path / "y.gguf"), "gemma3"), {**cfg, **bad}, "gemma3", 100, "x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, group):
+    """Integer zero points: compressed-tensors pack-quantized, loaded by transformers, verify (c) passes."""
+    ck = trained(base, text_data, work, bits=bits, group=group, zero_point="integer")
+    rep = get_target("safetensors").write(ck, tmp_path / "ct", flavor="compressed-tensors")
+    art = Path(rep.artifact)
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" in cfg
+    v = verify_artifact(get_target("safetensors"), art, ck)
+    assert v["passed"], v["summary"]
