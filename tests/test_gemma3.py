@@ -204,3 +204,12 @@ def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, g
     assert cfg["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" in cfg
     v = verify_artifact(get_target("safetensors"), art, ck)
     assert v["passed"], v["summary"]
+
+
+def test_onnx_refuses_gemma3_loudly(base, text_data, work, tmp_path):
+    """Until the Gemma 3 graph exists, ONNX export refuses before writing anything (never a Llama-style graph)."""
+    ck = trained(base, text_data, work)
+    out = tmp_path / "onnx"
+    with pytest.raises(L4QInputError, match="Gemma 3 decoder.*not built"):
+        get_target("onnx").write(ck, out)
+    assert not out.exists()
