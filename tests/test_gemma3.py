@@ -213,3 +213,14 @@ def test_onnx_refuses_gemma3_loudly(base, text_data, work, tmp_path):
     with pytest.raises(L4QInputError, match="Gemma 3 decoder.*not built"):
         get_target("onnx").write(ck, out)
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qalora", "dlqat", "qat-lora", "lora", "rtn"])
+def test_every_method_trains_and_folds(base, text_data, work, method):
+    extra = {"qat_lora_export": "merge"} if method == "qat-lora" else {}
+    rep = verify_fold(trained(base, text_data, work, method, extra=extra))
+    assert rep["passed"], rep.get("summary")
+    assert rep["n_layers"] == 6 * 7
+    if method not in ("qat-lora", "lora"):
+        assert rep["n_bit_identical"] == 6 * 7
