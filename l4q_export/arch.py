@@ -14,7 +14,8 @@ the lists below say what each part must know:
 * ``gguf``: llama.cpp's ``general.architecture``; ``gguf_permute_qk``: llama.cpp rotates adjacent pairs
   (NORM rope) and needs HF's half-split q/k rows reordered (LLaMA only; Qwen2/3 and Phi-3 use NEOX rope).
 * ``sliding``: how HF applies ``sliding_window`` -- ``"all"`` layers (Mistral, Phi-3), ``"layer_types"``
-  (Qwen2/3: only with ``use_sliding_window``, per ``layer_types``/``max_window_layers``) or ``"none"``.
+  (Qwen2/3: only with ``use_sliding_window``, per ``layer_types``/``max_window_layers``), ``"gemma"`` (always,
+  on the ``sliding_attention`` entries of ``layer_types``) or ``"none"``.
 * ``required_keys``: config.json keys the exporters read without a default (for base-config validation).
 """
 
@@ -59,6 +60,10 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          required_keys=(*_COMMON_KEYS, "head_dim")),
     Arch("Phi3ForCausalLM", "phi3", "phi3", linears=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
          splits={"qkv_proj": ("q", "kv", "kv"), "gate_up_proj": ("ff", "ff")}, sliding="all"),
+    # Gemma 3 text: (1 + w) RMSNorms, sqrt(hidden)-scaled embeddings, GELU-tanh MLP, q/k-norm, interleaved local
+    # (sliding) / global layers per layer_types with two rope bases; query_pre_attn_scalar replaces head_dim
+    Arch("Gemma3ForCausalLM", "gemma3_text", "gemma3", qk_norm=True, sliding="gemma",
+         required_keys=(*_COMMON_KEYS, "head_dim", "query_pre_attn_scalar", "sliding_window")),
 )}
 SUPPORTED = tuple(ARCHS)
 # every linear name any supported architecture quantizes (surgery matches module names against it)

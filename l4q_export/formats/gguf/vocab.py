@@ -44,6 +44,7 @@ def head_dim(cfg: dict[str, Any]) -> int:
 def rope_theta(cfg: dict[str, Any]) -> float:
     """transformers 5 moved rope_theta into rope_parameters; read either spelling."""
     rp = cfg.get("rope_parameters") or {}
+    rp = rp.get("full_attention", rp)  # Gemma 3: per layer type; llama.cpp's rope.freq_base is the global one
     return float(rp.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
@@ -122,15 +123,59 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, n_vocab: int
     w.add_rope_freq_base(rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_rope_dimension_count(hd)
-    if hd * int(cfg["num_attention_heads"]) != int(cfg["hidden_size"]) or (arch == "qwen3" and cfg.get("head_dim")):
+    if hd * int(cfg["num_attention_heads"]) != int(cfg["hidden_size"]) or (arch in ("qwen3", "gemma3") and cfg.get("head_dim")):
         w.add_key_length(hd)  # the converter writes these whenever config.json has head_dim (Qwen3 always does)
         w.add_value_length(hd)
+    if arch == "gemma3":
+        _gemma3_hparams(w, cfg)
     if arch == "phi3":  # convert_hf_to_gguf.py Phi3MiniModel: orig context and sliding window (0 = none) always
         rp = cfg.get("rope_parameters") or {}
         orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
         w.add_rope_scaling_orig_ctx_len(int(orig or cfg.get("max_position_embeddings", 2048)))
         w.add_sliding_window(int(cfg.get("sliding_window") or 0))
     w.add_vocab_size(n_vocab)
+
+
+def _gemma3_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
+    """Gemma 3 keys as `Gemma3Model.set_gguf_parameters` writes them, plus what its graph would otherwise default.
+
+    llama.cpp's gemma3 graph scales the embeddings by sqrtf(n_embd) itself (fp32; transformers casts the scale to
+    the model dtype, identical when the reference runs in fp32) and its (1 + w) norms come from the stored
+    weights (the writer adds the 1, in fp32).  The layer pattern is written as the per-layer bool array read from
+    ``layer_types`` (the converter leaves llama.cpp's default "every 6th is global"), and the local rope base as
+    ``rope.freq_base_swa`` (the converter relies on the default 10000).  Everything llama.cpp cannot reproduce is
+    refused: attention softcapping, a query scale other than the one llama.cpp derives, rope scaling on local
+    layers or of a kind other than linear on global ones.
+    """
+    hd, heads, n = head_dim(cfg), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise L4QInputError("config.json attn_logit_softcapping: llama.cpp's gemma3 has no attention softcapping")
+    llama_scalar = int(cfg["hidden_size"]) // heads if n == 62 else hd  # llama.cpp: 1/sqrt(that), 27B special case
+    if float(cfg["query_pre_attn_scalar"]) != float(llama_scalar):
+        raise L4QInputError(f"config.json query_pre_attn_scalar={cfg['query_pre_attn_scalar']}: llama.cpp's gemma3 "
+                            f"scales queries by 1/sqrt({llama_scalar}) for this model, the logits would differ")
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    rp = cfg.get("rope_parameters") or {}
+    local, glob = rp.get("sliding_attention") or {}, rp.get("full_attention") or {}
+    if not local or not glob:
+        raise L4QInputError("config.json rope_parameters: Gemma 3 needs sliding_attention and full_attention entries")
+    if local.get("rope_type", "default") != "default":
+        raise L4QInputError(f"rope scaling {local.get('rope_type')!r} on local layers is not supported by llama.cpp's gemma3")
+    kind = glob.get("rope_type", "default")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(glob["factor"]))
+    elif kind != "default":
+        raise L4QInputError(f"rope scaling {kind!r} on Gemma 3 global layers is not supported by the GGUF exporter "
+                            "(supported: linear)")
+    w.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+    types = list(cfg.get("layer_types") or [])
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise L4QInputError(f"config.json layer_types must list {n} sliding_attention/full_attention entries")
+    if "sliding_attention" in types:
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
 
 
 def _bpe_pre(tok_json: dict[str, Any]) -> str:

@@ -258,6 +258,8 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
             else:
                 if gname == "token_embd.weight":
                     n_vocab = shape[0]
+                if arch == "gemma3" and hf_name.endswith("norm.weight"):
+                    t = t.float() + 1.0  # Gemma3RMSNorm computes x * (1 + w) in fp32; llama.cpp stores the gain
                 rtype = recipe_embedding_type(grid, gname, shape, cfg)
                 arr, qtype, row = convert_float(gname, t if idx is None else t[torch.from_numpy(idx)], embed_type, rtype)
             row = {"tensor": hf_name, "gguf": gname, "shape": list(shape), "permuted": idx is not None, **row}

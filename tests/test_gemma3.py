@@ -1,0 +1,226 @@
+"""Gemma 3 text (`Gemma3ForCausalLM`) through training, fold verify, every exporter and verify in the real runtimes.
+
+A tiny random Gemma 3 built here with transformers (bf16): 6 layers (5 local sliding-window + 1 global, the
+Gemma 3 pattern), GQA 4/1 (one KV head), head_dim 32 != hidden/heads = 16, q/k-norm, non-trivial (1 + w) norm
+gains, tied embeddings, a sliding window (4) shorter than the verify prompts so local and global layers really
+differ, and the real LLaMA-2 SentencePiece (byte fallback) with Gemma's turn markers and chat template added.
+Expected values come from the runtimes (llama.cpp, transformers + compressed-tensors) compared by the verifiers
+with the PyTorch training forward; the negative controls show those checks can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import require_shared
+
+from l4q_export.errors import L4QInputError
+from l4q_export.formats import get_target
+from l4q_export.training.trainer import TrainArgs, train
+from l4q_export.verify import verify_artifact, verify_fold
+
+TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. "
+        "It's a quiet day; we'll see 1234 stars. ") * 30
+SPECS = [(4, 32), (4, 64)]
+TURNS = ["<start_of_turn>", "<end_of_turn>"]
+CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+WINDOW = 4
+
+
+def build_gemma3(out: Path, **overrides) -> Path:
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(require_shared("tokenizers", "llama2_tokenizer.model"), out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.add_special_tokens({"additional_special_tokens": TURNS})  # ids 32000, 32001
+    tok.chat_template = CHAT
+    tok.save_pretrained(str(out))
+    kw = dict(vocab_size=32008, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=512,
+              rms_norm_eps=1e-6, sliding_window=WINDOW, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, initializer_range=0.3,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    kw.update(overrides)
+    cfg = Gemma3TextConfig(**kw)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # Gemma initialises norm weights to 0 (gain 1 + 0): make every (1 + w) gain matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_gemma3(tmp_path_factory.mktemp("gemma3") / "base")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("g3_data") / "train.txt"
+    p.write_text("\n\n".join([TEXT] * 4))
+    return p
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("g3_work")
+
+
+_CACHE: dict[tuple, Path] = {}
+
+
+def trained(base: Path, data: Path, tmp: Path, method: str = "l4q", bits: int = 4, group: int = 32, **kw) -> Path:
+    key = (str(base), method, bits, group, json.dumps(kw, sort_keys=True, default=str))
+    if key not in _CACHE:
+        out = tmp / f"{base.name}_{method}_{bits}_{group}_{len(_CACHE)}"
+        train(TrainArgs(model=base, data=data, out=out, method=method, bits=bits, group_size=group, steps=2, batch_size=2,
+                        grad_accum=1, seq_len=64, lr=5e-3, save_every=0, eval_examples=0, **kw))
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def test_base_has_both_layer_types(base):
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+    assert set(cfg["layer_types"]) == {"sliding_attention", "full_attention"}
+    assert cfg["num_key_value_heads"] == 1 and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
+
+
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_train_and_fold(base, text_data, work, bits, group):
+    ck = trained(base, text_data, work, bits=bits, group=group)
+    rep = verify_fold(ck)
+    assert rep["passed"], rep.get("summary")
+    assert rep["n_layers"] == 6 * 7 and rep["n_bit_identical"] == 6 * 7
+
+
+def _field(art: Path, key: str):
+    f = gguf.GGUFReader(str(art)).fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _copy_gguf(src: Path, dst: Path, fields: dict | None = None, shift_norms: float = 0.0) -> None:
+    """Rewrite a GGUF (gguf-py reader -> writer) with some metadata replaced and `shift_norms` added to every
+    norm gain (-1 undoes the (1 + w) the exporter stored)."""
+    fields = fields or {}
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), _field(src, "general.architecture"))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, fields.get(f.name, f.contents()), vtype, sub_type=sub)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if t.name.endswith("norm.weight"):
+            data = data + np.float32(shift_norms)
+        w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)) if data.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_gguf(base, text_data, work, tmp_path, bits, group):
+    ck = trained(base, text_data, work, bits=bits, group=group)
+    rep = get_target("gguf").write(ck, tmp_path / "m.gguf")
+    art = Path(rep.artifact)
+    assert rep.details["arch"] == "gemma3" and rep.n_quantized == 6 * 7 and rep.details["tied_embeddings"]
+    names = {t.name for t in gguf.GGUFReader(str(art)).tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
+            "blk.0.ffn_norm.weight"} <= names and "output.weight" not in names
+    assert _field(art, "gemma3.attention.sliding_window") == WINDOW
+    assert _field(art, "gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
+    assert _field(art, "gemma3.rope.freq_base") == 1e6 and _field(art, "gemma3.rope.freq_base_swa") == 1e4
+    assert _field(art, "gemma3.attention.key_length") == 32
+    # (1 + w) stored as the gain, computed in fp32 from the bf16 base weight
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(base / "model.safetensors"))["model.layers.0.input_layernorm.weight"].float()
+    stored = [t for t in gguf.GGUFReader(str(art)).tensors if t.name == "blk.0.attn_norm.weight"][0]
+    assert np.array_equal(np.asarray(stored.data), (w0 + 1).numpy())
+    v = verify_artifact(get_target("gguf"), art, ck)
+    assert v["passed"], v["summary"]
+
+
+@pytest.mark.slow
+def test_gguf_negative_controls(base, text_data, work, tmp_path):
+    """A wrong local/global pattern, or norms without the +1, load in llama.cpp but fail verify (c)."""
+    ck = trained(base, text_data, work)
+    art = Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact)
+    good = verify_artifact(get_target("gguf"), art, ck)
+    assert good["passed"], good["summary"]
+    key = "gemma3.attention.sliding_window_pattern"
+    for name, kw in {"pattern": {"fields": {key: [False] + [True] * 5}}, "no_plus_one": {"shift_norms": -1.0}}.items():
+        bad = tmp_path / f"{name}.gguf"
+        _copy_gguf(art, bad, **kw)
+        v = verify_artifact(get_target("gguf"), bad, ck)
+        assert not v["passed"], (name, v["summary"])
+
+
+def test_gguf_refuses_softcapping_and_query_scale(tmp_path):
+    from l4q_export.formats.gguf.vocab import add_hparams
+
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+           "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+           "sliding_window": 4, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+           "rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 1e6}}}
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gemma3")
+    add_hparams(w, cfg, "gemma3", 100, "x")  # the good config passes
+    for bad, match in [({"attn_logit_softcapping": 50.0}, "softcapping"), ({"query_pre_attn_scalar": 64}, "query_pre_attn"),
+                       ({"rope_parameters": {"sliding_attention": {"rope_theta": 1e4},
+                                             "full_attention": {"rope_type": "yarn", "factor": 4}}}, "yarn")]:
+        with pytest.raises(L4QInputError, match=match):
+            add_hparams(gguf.GGUFWriter(str(tmp_path / "y.gguf"), "gemma3"), {**cfg, **bad}, "gemma3", 100, "x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, group):
+    """Integer zero points: compressed-tensors pack-quantized, loaded by transformers, verify (c) passes."""
+    ck = trained(base, text_data, work, bits=bits, group=group, zero_point="integer")
+    rep = get_target("safetensors").write(ck, tmp_path / "ct", flavor="compressed-tensors")
+    art = Path(rep.artifact)
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" in cfg
+    v = verify_artifact(get_target("safetensors"), art, ck)
+    assert v["passed"], v["summary"]
+
+
+def test_onnx_refuses_gemma3_loudly(base, text_data, work, tmp_path):
+    """Until the Gemma 3 graph exists, ONNX export refuses before writing anything (never a Llama-style graph)."""
+    ck = trained(base, text_data, work)
+    out = tmp_path / "onnx"
+    with pytest.raises(L4QInputError, match="Gemma 3 decoder.*not built"):
+        get_target("onnx").write(ck, out)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qalora", "dlqat", "qat-lora", "lora", "rtn"])
+def test_every_method_trains_and_folds(base, text_data, work, method):
+    extra = {"qat_lora_export": "merge"} if method == "qat-lora" else {}
+    rep = verify_fold(trained(base, text_data, work, method, extra=extra))
+    assert rep["passed"], rep.get("summary")
+    assert rep["n_layers"] == 6 * 7
+    if method not in ("qat-lora", "lora"):
+        assert rep["n_bit_identical"] == 6 * 7
