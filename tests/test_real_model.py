@@ -95,3 +95,47 @@ def test_gguf_export_is_exact_in_llama_cpp_file(trained_3bit, tmp_path):
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["tensors_passed"] and v["n_codes_identical"] == 210 and v["max_abs_error"] == 0.0, v["summary"]
     assert v["logits"]["top1_agreement"] > 0.5, v["summary"]  # far from chance: the file really is this model
+
+
+# ------------------------------------------------------------------------------------------------ export preflight
+
+def _train_cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from l4q_export.cli import train_cmd
+
+    return CliRunner().invoke(train_cmd, args)
+
+
+def test_preflight_refuses_dense_g128_before_training(smollm2, tmp_path):
+    """g128 on SmolLM2: 576 is not a multiple of 128, so compressed-tensors would store 180 of the 210 linears dense
+    (fp32) -- the count comes from the target's own capability; 180 = 30 blocks x (q, k, v, o, gate, up), the 30
+    down_proj (in 1536) pack.  Refused before the model is loaded: nothing is written."""
+    data = require_shared("instruct", "alpaca_en_demo.json")
+    out = tmp_path / "ck"
+    res = _train_cli(["--model", str(smollm2), "--data", str(data), "--out", str(out), "--group-size", "128",
+                      "--zero-point", "integer", "--steps", "1"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: export preflight: safetensors:") and "180/210 layers stored dense" in line, line
+    dense_mb = 4 * 30 * 2 * (576 * 576 + 192 * 576 + 1536 * 576) / 1e6  # fp32 W_q: q,o + k,v + gate,up
+    assert f"{dense_mb:.1f} MB" in line and "--allow-dense" in line, line
+    assert not out.exists()
+
+
+def test_plan_prints_the_table_without_training(smollm2, tmp_path):
+    res = _train_cli(["--model", str(smollm2), "--group-size", "128", "--zero-point", "integer", "--plan"])
+    assert res.exit_code == 0, res.output
+    assert "safetensors: 30/210 exact and packed; 180/210 layers stored dense" in res.output
+    assert "gguf: 210/210 exact and packed" in res.output and "onnx: 210/210 exact and packed" in res.output
+
+
+@pytest.mark.slow
+def test_preflight_with_fewer_targets_trains(smollm2, tmp_path):
+    data = require_shared("instruct", "alpaca_en_demo.json")
+    out = tmp_path / "ck"
+    res = _train_cli(["--model", str(smollm2), "--data", str(data), "--out", str(out), "--group-size", "128",
+                      "--zero-point", "integer", "--targets", "gguf,onnx", "--steps", "1", "--batch-size", "1",
+                      "--grad-accum", "1", "--seq-len", "32", "--eval-examples", "0", "--save-every", "0"])
+    assert res.exit_code == 0, res.output
+    assert (out / "l4q_config.json").is_file()

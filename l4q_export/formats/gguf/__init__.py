@@ -31,11 +31,11 @@ class GGUFTarget:
     options: list[click.Option] = writer.CLI_OPTIONS
 
     def capability(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> Capability:
-        """Legacy block types (or F32 of W_q where no type tiles the tensor) hold every grid's codes; scales and
-        minima are stored as fp16, so only fp16-grid scales decode bit for bit."""
-        if dtype == torch.float16:
-            return Exact()
-        return Bounded(FP16_STEP, "scales and minima are stored as fp16 (train with --scale-grid fp16 for exact)")
+        """Legacy block types (or F32 of W_q where no type tiles the tensor: `Exact(dense=...)`) hold every grid's
+        codes; scales and minima are stored as fp16, so only fp16-grid scales decode bit for bit."""
+        if dtype != torch.float16:
+            return Bounded(FP16_STEP, "scales and minima are stored as fp16 (train with --scale-grid fp16 for exact)")
+        return Exact(dense=_dense_reason(spec, shape))
 
     def write(self, model_dir: Path, output: Path | None, allow_lossy: bool = False, **options: Any) -> ExportReport:
         return writer.export(model_dir, output, allow_lossy=allow_lossy, **options)
@@ -64,6 +64,24 @@ class GGUFTarget:
         from .check import tokenizer_parity
 
         return {"tokenizer": tokenizer_parity(Path(artifact), ck)}
+
+
+def _dense_reason(spec: QuantSpec, shape: tuple[int, int]) -> str:
+    """Why the writer's auto type ladder would store a layer of this shape as F32 ('' when a block type holds it).
+
+    Asks the writer itself on a probe tensor (mid-range codes, unit fp16 scales) rather than restating its rules.
+    """
+    from ...quant import QuantizedTensor
+
+    n, k = shape
+    g = spec.n_groups(k)
+    mid = (1 << spec.bits) // 2
+    zero = None if spec.zero_point == "float" else torch.full((n, g), float(mid))
+    probe = QuantizedTensor(name="probe", spec=spec, codes=torch.full((n, k), mid, dtype=torch.uint8),
+                            scale=torch.ones(n, g), minimum=-torch.full((n, g), float(mid)) if zero is not None
+                            else torch.zeros(n, g), zero=zero)
+    _, _, row = writer.convert_quantized(probe, "auto")
+    return row.get("warning", "").removeprefix("probe: ") if row["type"] == "F32" else ""
 
 
 TARGET = GGUFTarget()
