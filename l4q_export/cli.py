@@ -77,12 +77,13 @@ def _train_options() -> list[click.Option]:
             flag = meta.get("flag", name)
             opts.append(click.Option([flag, f.name], is_flag=True, default=False, help=meta["help"]))
         else:
-            required = f.default is dataclasses.MISSING
+            required = f.default is dataclasses.MISSING and not meta.get("unless_plan")
             choices = meta.get("choices")
             kind = click.Choice([str(c) for c in choices]) if choices else _CLICK_TYPES.get(str(f.type))
-            default = None if required else (str(f.default) if choices and f.default is not None else f.default)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            default = str(default) if choices and default is not None else default
             opts.append(click.Option([name, f.name], type=kind, required=required, default=default,
-                                     show_default=not required and f.default is not None, help=meta["help"]))
+                                     show_default=f.default not in (None, dataclasses.MISSING), help=meta["help"]))
         if f.name == "method":
             opts += _METHOD_OPTIONS
     return opts
@@ -101,11 +102,36 @@ def _train_args(kw: dict[str, Any]) -> TrainArgs:
     return TrainArgs(**kw)
 
 
+def _preflight(args: TrainArgs) -> None:
+    """--plan: print the export plan and exit 0; otherwise refuse (exit 2) a run some chosen target cannot hold
+    exactly and packed, before any training work (formats/plan.py asks each target's own capability)."""
+    from .formats.plan import parse_targets, plan
+    from .training import methods
+
+    if not args.plan:
+        for f in dataclasses.fields(TrainArgs):
+            if f.metadata.get("unless_plan") and getattr(args, f.name) is None:
+                raise L4QInputError(f"missing option '--{f.name.replace('_', '-')}' (only --plan runs without it)")
+        args.validate()
+    methods.check_args(args)
+    p = plan(Path(args.model), methods.checkpoint_spec(args), parse_targets(args.targets), args.scale_grid)
+    if args.plan:
+        click.echo(p.table())
+        sys.exit(0)
+    if (msg := p.refusal()) and not args.allow_dense:
+        raise L4QInputError(msg)
+    for t in p.targets:
+        if not t.ok:  # trained anyway under --allow-dense: say what the export will cost
+            click.echo(f"note: {t.target}: {p.verdict(t)}", err=True)
+
+
 def _train(**kw: Any) -> None:
     from .training.trainer import train
 
     try:
-        report = train(_train_args(kw))
+        args = _train_args(kw)
+        _preflight(args)
+        report = train(args)
     except L4QInputError as e:
         _fail(e)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -144,6 +170,17 @@ def check_paths(model_dir: Path, output: Path | None, json_path: Path | None) ->
             raise L4QInputError(f"--json {json_path} would overwrite the artifact -o {output}; give the report its own path")
 
 
+def _base_bytes(model_dir: Path) -> int | None:
+    """Bytes of the checkpoint's base-model shards, the yardstick of the export summary (None if unreadable)."""
+    from .checkpoint import load_checkpoint
+    from .formats.plan import base_bytes
+
+    try:
+        return base_bytes(load_checkpoint(model_dir, check_hashes=False).base_dir)
+    except (L4QInputError, OSError):
+        return None
+
+
 def _export_command() -> click.Command:
     """Build `l4q-export` from the target registry: each target's own options, `--allow-lossy` where it has a lossy path."""
     from .formats import available, get_target
@@ -174,7 +211,8 @@ def _export_command() -> click.Command:
         check_paths(model_dir, output, json_path)
         mine = {k: v for k, v in options.items() if owners.get(k) == to}
         try:
-            report = target.write(model_dir, output, allow_lossy=allow_lossy, **mine).to_dict()
+            result = target.write(model_dir, output, allow_lossy=allow_lossy, **mine)
+            report = result.to_dict(_base_bytes(model_dir))
         except L4QInputError as e:
             _fail(e)
         except FidelityError as e:

@@ -78,20 +78,77 @@ def test_l4q_trains_and_folds_bit_exactly(trained_3bit):
 
 @pytest.mark.slow
 def test_gguf_export_is_exact_in_llama_cpp_file(trained_3bit, tmp_path):
-    """The default (fp16 grid) export is exact: 210 Q4_1 linears, weight error 0, codes identical per gguf-py.
-
-    verify's (c) runtime tolerances (top-1 >= 0.90, KL <= 0.02) were set on stories260K; on SmolLM2 llama.cpp's
-    Q8 activations measure top-1 ~0.89, KL ~1.6e-2 (issue 11), so (c) is reported here, not asserted, until the
-    tolerances are calibrated from the runtimes' measured noise floors (issue 11, next part)."""
+    """The default (fp16 grid) export is exact: 210 Q4_1 linears, weight error 0, codes identical per gguf-py, and
+    verify passes with the depth-scaled llama.cpp tolerance (30 blocks: top-1 >= 0.778, KL <= 0.048; measured on
+    this checkpoint shape: top-1 0.87-0.89, KL 1.6e-2 -- llama.cpp's Q8 activations; docs/gguf.md "Tolerances")."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     art, rep = tmp_path / "m.gguf", tmp_path / "export.json"
     subprocess.run([sys.executable, "-c", "from l4q_export.cli import export_main; export_main()", "--to", "gguf",
                     str(trained_3bit), "-o", str(art), "--json", str(rep)], check=True, env=env, capture_output=True)
-    tensors = [r for r in json.loads(rep.read_text())["tensors"] if "lossy_scales" in r]  # the quantized linears
+    tensors = [r for r in json.loads(rep.read_text())["layers"] if "lossy_scales" in r]  # the quantized linears
     assert len(tensors) == 210 and max(r["max_abs_error"] for r in tensors) == 0.0
     r = subprocess.run([sys.executable, "-m", "l4q_export.verify", str(art), "--model", str(trained_3bit), "--json",
                         str(tmp_path / "v.json")], env=env, capture_output=True, text=True)
-    assert r.returncode in (0, 1), r.stderr[-2000:]  # 2 would be bad input
     v = json.loads((tmp_path / "v.json").read_text())
-    assert v["tensors_passed"] and v["n_codes_identical"] == 210 and v["max_abs_error"] == 0.0, v["summary"]
-    assert v["logits"]["top1_agreement"] > 0.5, v["summary"]  # far from chance: the file really is this model
+    assert v["n_codes_identical"] == 210 and v["n_exact"] == 210 and v["max_abs_error"] == 0.0, v["summary"]
+    assert r.returncode == 0 and v["passed"], v["summary"]
+    assert v["tolerance"]["max_mean_kl"] > 0.02  # the 30-block rule, not the 5-block stories260K one
+
+    # negative control: one tensor's codes shifted in place (first Q4_1 block of blk.0's q: nibbles +1 mod 16)
+    import gguf
+
+    from l4q_export.formats import get_target
+    from l4q_export.verify import verify_tensors
+
+    reader = gguf.GGUFReader(str(art), "r+")
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    block = t.data.reshape(-1)[:20]  # d (fp16), m (fp16), 16 bytes of 32 nibbles
+    block[4:] = (((block[4:] & 0x0F) + 1) & 0x0F) | (((block[4:] >> 4) + 1) << 4 & 0xF0)
+    del reader, t, block
+    bad = verify_tensors(get_target("gguf"), art, trained_3bit)
+    assert bad["n_codes_identical"] == 209, bad["n_codes_identical"]
+
+
+# ------------------------------------------------------------------------------------------------ export preflight
+
+def _train_cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from l4q_export.cli import train_cmd
+
+    return CliRunner().invoke(train_cmd, args)
+
+
+def test_preflight_refuses_dense_g128_before_training(smollm2, tmp_path):
+    """g128 on SmolLM2: 576 is not a multiple of 128, so compressed-tensors would store 180 of the 210 linears dense
+    (fp32) -- the count comes from the target's own capability; 180 = 30 blocks x (q, k, v, o, gate, up), the 30
+    down_proj (in 1536) pack.  Refused before the model is loaded: nothing is written."""
+    data = require_shared("instruct", "alpaca_en_demo.json")
+    out = tmp_path / "ck"
+    res = _train_cli(["--model", str(smollm2), "--data", str(data), "--out", str(out), "--group-size", "128",
+                      "--zero-point", "integer", "--steps", "1"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: export preflight: safetensors:") and "180/210 layers stored dense" in line, line
+    dense_mb = 4 * 30 * 2 * (576 * 576 + 192 * 576 + 1536 * 576) / 1e6  # fp32 W_q: q,o + k,v + gate,up
+    assert f"{dense_mb:.1f} MB" in line and "--allow-dense" in line, line
+    assert not out.exists()
+
+
+def test_plan_prints_the_table_without_training(smollm2, tmp_path):
+    res = _train_cli(["--model", str(smollm2), "--group-size", "128", "--zero-point", "integer", "--plan"])
+    assert res.exit_code == 0, res.output
+    assert "safetensors: 30/210 exact and packed; 180/210 layers stored dense" in res.output
+    assert "gguf: 210/210 exact and packed" in res.output and "onnx: 210/210 exact and packed" in res.output
+
+
+@pytest.mark.slow
+def test_preflight_with_fewer_targets_trains(smollm2, tmp_path):
+    data = require_shared("instruct", "alpaca_en_demo.json")
+    out = tmp_path / "ck"
+    res = _train_cli(["--model", str(smollm2), "--data", str(data), "--out", str(out), "--group-size", "128",
+                      "--zero-point", "integer", "--targets", "gguf,onnx", "--steps", "1", "--batch-size", "1",
+                      "--grad-accum", "1", "--seq-len", "32", "--eval-examples", "0", "--save-every", "0"])
+    assert res.exit_code == 0, res.output
+    assert (out / "l4q_config.json").is_file()

@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Exact:
-    """The target stores the trained integers and parameters bit for bit."""
+    """The target stores the trained integers and parameters bit for bit.
+
+    dense: non-empty when the target's packed encodings cannot tile this tensor, so it is stored as plain fp32 W_q
+    (still exact, but 32 bits per weight -- the training preflight and export summaries count its cost); the text
+    says why.
+    """
+
+    dense: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,11 +100,28 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self, base_bytes: int | None = None) -> str:
+        """One line that leads with exactness, then dense fallbacks and what they cost against the base model."""
+        line = (f"{self.target}: {self.n_exact}/{self.n_quantized} quantized layers exact, "
+                f"max |W_export - W_q| {self.max_abs_error:.3g}")
+        ratio = f"{self.bytes / base_bytes:.2f}x the base model ({base_bytes / 1e6:.1f} MB)" if base_bytes else ""
+        if self.n_dense:
+            line += f"; {self.n_dense}/{self.n_quantized} layers stored dense: file {self.bytes / 1e6:.1f} MB"
+            line += f", {ratio}" if ratio else ""
+        else:
+            line += f"; file {self.bytes / 1e6:.1f} MB" + (f" ({ratio})" if ratio else "")
+        return line
+
+    def to_dict(self, base_bytes: int | None = None) -> dict[str, Any]:
+        """Exactness first (summary, n_exact/n_quantized, max error, dense count), then the target's own keys."""
         d = asdict(self)
         details = d.pop("details")
         layers = d.pop("layers")
-        return {"format": self.target, **d, "exact": self.n_exact == self.n_quantized, **details, "layers": layers}
+        lead = {"format": self.target, "summary": self.summary(base_bytes), "exact": self.n_exact == self.n_quantized,
+                "n_exact": self.n_exact, "n_quantized": self.n_quantized, "max_abs_error": self.max_abs_error,
+                "n_dense": self.n_dense, "bytes": self.bytes,
+                "base_bytes": base_bytes, "bytes_vs_base": self.bytes / base_bytes if base_bytes else None}
+        return {**lead, **{k: v for k, v in d.items() if k not in lead}, **details, "layers": layers}
 
 
 @dataclass

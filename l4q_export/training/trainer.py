@@ -40,7 +40,7 @@ def _opt(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
     """A TrainArgs field whose metadata documents its `l4q-train` option; cli.py generates the options from it.
 
     cli keys: choices (values offered), flag (the option name of a bool that defaults to True, e.g.
-    --no-lsq-grad-scale, whose presence sets the field to False).
+    --no-lsq-grad-scale, whose presence sets the field to False), unless_plan (required, except with --plan).
     """
     meta = {"help": help, **cli}
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
@@ -55,9 +55,10 @@ class TrainArgs:
     """Every `l4q-train` option (the CLI is generated from these fields and maps 1:1 onto them)."""
 
     model: Path = _opt(help="Base model directory (HF format, safetensors; see docs/architectures.md).")
-    data: Path = _opt(help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; loss on the response) "
-                      "or plain text (causal LM).")
-    out: Path = _opt(help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
+    data: Path = _opt(unless_plan=True, help="Training data: Alpaca-style .json/.jsonl (instruction/input/output; "
+                      "loss on the response) or plain text (causal LM).")
+    out: Path = _opt(unless_plan=True,
+                     help="Output directory for the L4Q checkpoint (l4q_config.json + l4q_adapter.safetensors).")
     method: str = _opt("l4q", _method_help(), choices=methods.method_names())
     bits: int = _opt(4, "Weight bit width.", choices=SUPPORTED_BITS)
     group_size: int = _opt(128, "Quantization group along the input dimension; -1 = per output channel. "
@@ -97,6 +98,14 @@ class TrainArgs:
     report_to: str = _opt("none", "Step metrics (loss, lr, tokens/s, grad-norm) and per-layer quantizer health (clipped "
                           "fraction, scale range) to OUT/tensorboard or OUT/metrics.csv + OUT/quantizer_health.csv.",
                           choices=("none", "tensorboard", "csv"))
+    targets: str | None = _opt(None, "Export targets this run must fit, comma-separated (default: every available "
+                               "target). Before step 0 each target's capability is asked about every quantized "
+                               "layer shape; a layer a target could only store dense (fp32) or not at all refuses "
+                               "the run (see --plan).")
+    allow_dense: bool = _opt(False, "Train even if a --targets format would store some layers dense (exact fp32 W_q, "
+                             "not compressed) -- the export can then be larger than the base model.")
+    plan: bool = _opt(False, "Print the export plan (target x layer shape: exact / dense / lossy / refused, dense "
+                      "bytes) and exit without training; --data and --out are not needed.")
     extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:

@@ -13,11 +13,15 @@ from ...checkpoint import Checkpoint
 from ...quant import QuantSpec
 from ..base import ArtifactReader, Capability, Exact, ExportReport, Refused, Tolerance
 
-# fp32 graphs: ORT's kernels reorder the same fp32 sums, measured max |dlogit| <= 1e-4 on the test models, so 1e-3
-# still catches a wrong weight (which moves logits by O(1)).  fp16 graphs round activations and the KV cache to
-# fp16 at every op; measured max |dlogit| ~1e-2 relative to the largest |logit| (docs/onnx.md): 5% leaves margin.
+# fp32 graphs: ORT's kernels reorder the same fp32 sums, so the error grows with the activations: measured max
+# |dlogit| <= 1e-4 on the test models, 6.9e-4 (175 positions, 10 prompts) / 8.6e-4 (verify's prompts) of max |logit|
+# 38 on SmolLM2-135M, i.e. 2.3e-5 relative (docs/onnx.md "Tolerances").  The rule is relative: 1e-3 x max(1, max
+# |logit|) -- the former absolute 1e-3 on models with logits below 1, 3.8e-2 on SmolLM2 (44x its measurement, where
+# the absolute 1e-3 left 1.16x) -- still far below a wrong weight, which moves logits by O(1).
+# fp16 graphs round activations and the KV cache to fp16 at every op; measured max |dlogit| ~1e-2 relative to the
+# largest |logit| (docs/onnx.md): 5% leaves margin.
 # A near-tie is a reference top-2 margin the allowed error could flip: twice the per-logit tolerance.
-FP32 = Tolerance(min_top1=0.9, max_mean_kl=1e-3, max_abs_dlogit=1e-3, tie_margin=2e-3)
+FP32 = Tolerance(min_top1=0.9, max_mean_kl=1e-3, max_abs_dlogit=1e-3, tie_margin=2e-3, relative=True)
 FP16 = Tolerance(min_top1=0.9, max_mean_kl=0.02, max_abs_dlogit=5e-2, tie_margin=1e-1, relative=True)
 
 

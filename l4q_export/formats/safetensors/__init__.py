@@ -34,12 +34,15 @@ class SafetensorsTarget:
                    ) -> Capability:
         """Integer and symmetric zero points pack exactly (a shape a flavor cannot pack is stored dense, still exact);
         float offsets only round to integer zero points, moving each weight by up to half a step."""
-        from .layout import GPTQ_BITS
+        from .layout import GPTQ_BITS, unpackable_reason
 
         if flavor.startswith("gptq") and spec.bits not in GPTQ_BITS:
             return Refused(f"GPTQ holds {'/'.join(map(str, GPTQ_BITS))}-bit weights", "use --flavor compressed-tensors")
         if flavor.startswith("gptq") and dtype != torch.float16:
             return Refused("GPTQ stores fp16 scales", "train with --scale-grid fp16 or use --flavor compressed-tensors")
+        dense = unpackable_reason(flavor, spec, shape)
+        if dense:  # the writer stores such a layer as fp32 W_q whatever its zero points: exact, not compressed
+            return Exact(dense=dense)
         if spec.zero_point == "float":
             return Bounded(0.5, "integer zero points only: z = round(-m/d) (train with --zero-point integer for exact)")
         return Exact()
