@@ -144,3 +144,27 @@ def test_zero_groups_get_positive_scale():
     for mode in ("float", "integer", "symmetric"):
         s, _ = init_params(w, QuantSpec(4, 32, mode), "l4q")
         assert bool((s > 0).all())
+
+
+def _rank1_loop(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The original unblocked loop, written independently: one fp32 multiply and add per rank, in order."""
+    A, B = A.float(), B.float()
+    acc = B[:, 0:1] * A[0:1, :]
+    for k in range(1, A.shape[0]):
+        acc = acc + B[:, k : k + 1] * A[k : k + 1, :]
+    return acc * alpha
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 2), (33, 5000, 4), (17, 65537, 3), (64, 64, 64), (0, 8, 2)])
+def test_lora_delta_bit_equal_to_rank1_loop(shape):
+    out_f, in_f, r = shape
+    g = torch.Generator().manual_seed(out_f * 31 + r)
+    A, B = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
+    assert torch.equal(lora_delta(A, B, 0.5).view(torch.int32), _rank1_loop(A, B, 0.5).view(torch.int32))
+
+
+def test_lora_delta_bit_equal_on_edge_values():
+    A = torch.tensor([[0.0, -0.0, 1e-40, float("inf"), float("nan"), 3e38, -1e-45]] * 3)
+    B = torch.tensor([[-0.0, 1.0, -1.0], [1e30, 1e30, -1e30], [1e-30, 0.0, 2.0]])
+    for alpha in (0.25, float("inf")):
+        assert torch.equal(lora_delta(A, B, alpha).view(torch.int32), _rank1_loop(A, B, alpha).view(torch.int32))

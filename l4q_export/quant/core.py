@@ -53,17 +53,35 @@ def group_reduce(x: torch.Tensor, group_len: int, op: str) -> torch.Tensor:
     return x.amin(-1) if op == "amin" else x.amax(-1)
 
 
+# Rows per block of the LoRA delta: the block's accumulator and product buffer stay in cache across the r passes.
+_DELTA_BLOCK_ELEMENTS = 1 << 16
+
+
 def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * B @ A in fp32, as a fixed-order sum of rank-1 outer products (device-independent rounding).
 
-    A: [r, in], B: [out, r].  r is small (4-64), so r element-wise passes cost about what the GEMM does.
+    A: [r, in], B: [out, r].  Every element is ``((b0*a0 + b1*a1) + ...) * alpha``, each multiply and add rounded
+    to fp32 on its own (no FMA, no GEMM reordering), which CPU and CUDA round identically.  The passes run over
+    row blocks sized to stay in cache and write into preallocated buffers: the same IEEE operations per element
+    as the plain loop, without r full-size temporaries and r trips through main memory.
     """
     A = A.float()
     B = B.float()
-    acc = B[:, 0:1] * A[0:1, :]
-    for k in range(1, A.shape[0]):
-        acc = acc + B[:, k : k + 1] * A[k : k + 1, :]
-    return acc * alpha
+    out_f, in_f = B.shape[0], A.shape[1]
+    acc = torch.empty(out_f, in_f, dtype=torch.float32, device=A.device)
+    rows = max(1, _DELTA_BLOCK_ELEMENTS // max(in_f, 1))
+    buf = torch.empty(min(rows, max(out_f, 1)), in_f, dtype=torch.float32, device=A.device)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        blk = acc[r0:r1]
+        Bb = B[r0:r1]
+        prod = buf[: r1 - r0]
+        torch.mul(Bb[:, 0:1], A[0:1, :], out=blk)
+        for k in range(1, A.shape[0]):
+            torch.mul(Bb[:, k : k + 1], A[k : k + 1, :], out=prod)
+            blk.add_(prod)
+        blk.mul_(alpha)
+    return acc
 
 
 def combined_weight(W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float) -> torch.Tensor:
