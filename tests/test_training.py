@@ -194,3 +194,30 @@ def test_train_cli_is_generated_from_trainargs():
                                                "--no-lsq-grad-scale", "--copy-base"])
     args = _train_args(dict(ctx.params))
     assert (args.bits, args.lsq_grad_scale, args.copy_base) == (3, False, True)
+
+
+def test_gradient_checkpointing_gives_identical_adapter(tmp_path, tiny_base, demo_data, monkeypatch):
+    """--gradient-checkpointing recomputes every L4Q forward in backward, and the run is bit-identical."""
+    from l4q_export.training.layer import L4QFunction
+
+    calls = {"n": 0}
+    real_forward = L4QFunction.forward
+
+    def counting(ctx, *a):
+        calls["n"] += 1
+        return real_forward(ctx, *a)
+
+    monkeypatch.setattr(L4QFunction, "forward", staticmethod(counting))
+    counts, adapters = [], []
+    for ckpt in (False, True):
+        calls["n"] = 0
+        out = tmp_path / f"ck{int(ckpt)}"
+        train(_args(tiny_base, demo_data, out, steps=4, eval_examples=0, gradient_checkpointing=ckpt))
+        counts.append(calls["n"])
+        adapters.append(load_file(str(out / "l4q_adapter.safetensors")))
+    assert counts[1] == 2 * counts[0], counts  # every layer's forward ran again in backward
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        assert torch.equal(adapters[0][k], adapters[1][k]), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapters[1].items() if "lora_B" in k)
+    assert verify_fold(tmp_path / "ck1")["passed"]
