@@ -41,8 +41,8 @@ def validate_config(cfg: dict[str, Any], path: Path) -> None:
     if not isinstance(base.get("shards", {}), dict):
         raise L4QInputError(f"{path}: base_model.shards must map shard names to sha256 digests")
     method = cfg.get("method")
-    if method not in _METHOD_TENSORS:
-        raise L4QInputError(f"{path}: method {method!r} is unknown; known: {', '.join(_METHOD_TENSORS)}")
+    if not isinstance(method, str) or not method:  # unknown names are refused by the method registry when resolved
+        raise L4QInputError(f"{path}: method must be a method name, not {method!r}")
     mods = cfg.get("modules")
     if not isinstance(mods, list) or not mods or not all(isinstance(m, str) and m for m in mods):
         raise L4QInputError(f"{path}: modules must be a non-empty list of module names")
@@ -100,7 +100,7 @@ def validate_checkpoint(ck, adapter_path: Path, base_config: dict[str, Any]) -> 
             names = ["d", "sc", *(["dmin", "mn"] if g.has_min else []), "lora_A", "lora_B"]
         else:
             zp = (g.zero_point if g is not None else cfg["quant"].get("zero_point", "float"))
-            names = [n for n in _METHOD_TENSORS[cfg["method"]] if not (n == "offset" and zp == "symmetric")]
+            names = [n for n in _METHOD_TENSORS.get(cfg["method"], ()) if not (n == "offset" and zp == "symmetric")]
             if cfg.get(cfg["method"], {}).get("base") == "gptq":
                 names += _GPTQ_BASE_TENSORS.get(cfg["method"], ())
         return [n for n in names if not (n.startswith("lora_") and rank == 0)]

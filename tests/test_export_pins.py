@@ -41,6 +41,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {  # label -> (checkpoint zero point, l
 }
 
 COPY = "copied verbatim from the checkpoint"
+# Re-pinned once, for model.onnx only: the Qwen3/Phi-3 change (issue 12) routes q/k/v through one helper, which
+# adds 6 graph nodes per layer to the Llama graph (85 -> 97 nodes here); the initializers (model.onnx.data) and
+# every other file are byte-identical to the pins set before the issue-10 refactor, and ORT's logits tests pass.
 PINS: dict[str, dict[str, str]] = {
     "gguf": {
         "model.gguf": "ebd72d80f89c5977f14fb10b70f1623561d251cb93da46b2933d69a6e81a7c82",
@@ -49,7 +52,7 @@ PINS: dict[str, dict[str, str]] = {
         "config.json": COPY,
         "genai_config.json": "1dd392306449bebdafce45aa152f580f4ede765abe8f8302085fff3c8c858496",
         "generation_config.json": COPY,
-        "model.onnx": "cd24f4f15775a34c051f0a3cb3a3bd62d43cd735bd42c7ab6d169e70d1b0e71a",
+        "model.onnx": "5bec51d15eebded1461b9794a8acec28d109f201224b284cca18e10c94d78196",
         "model.onnx.data": "63fdf34b1f084dc996158a026ce576382f6df645a517dd029ed9a62aafeee8cd",
         "tokenizer.json": COPY,
         "tokenizer.model": COPY,
@@ -59,7 +62,7 @@ PINS: dict[str, dict[str, str]] = {
         "config.json": COPY,
         "genai_config.json": "f44607aaaca40a7d4134068e26923d7f5b18b63d6f4b773dbe0d43d02498fa95",
         "generation_config.json": COPY,
-        "model.onnx": "dfb987f39ced8913462041a248342b84fbc1819956f3ab3835e47f8ddf4f28cc",
+        "model.onnx": "e3d5ba5d6563e7c7763eb4c32b89a5307e42249acb9d492594458b4ce55f3f72",
         "model.onnx.data": "a4f4e1c5b504bacac021b2fad3394d8ce8846f455d6fb2183a59899c22055bf3",
         "tokenizer.json": COPY,
         "tokenizer.model": COPY,
@@ -69,7 +72,7 @@ PINS: dict[str, dict[str, str]] = {
         "config.json": COPY,
         "genai_config.json": "f44607aaaca40a7d4134068e26923d7f5b18b63d6f4b773dbe0d43d02498fa95",
         "generation_config.json": COPY,
-        "model.onnx": "c3ee2af736c802906252ff8de04dffadce5305ae5c3705d526252a1a1825cb8e",
+        "model.onnx": "6eba32e15b697d225efaa40cf13b1b026fea81eede888411704079782f91c62c",
         "model.onnx.data": "62dae84121f1d3310012df5bb7184d8bd2cbfb4d85bb1b1ab186de70f4686612",
         "tokenizer.json": COPY,
         "tokenizer.model": COPY,
@@ -136,5 +139,5 @@ def test_export_bytes_are_pinned(label, pinned_checkpoints, tmp_path):
     res = CliRunner().invoke(_export_command(), argv, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     got = _digests(out, pinned_checkpoints[zp])
-    expected = PINS[label] | ({MARKER: "<marker>"} if out.is_dir() else {})  # directory targets carry the marker
+    expected = PINS[label] | ({} if label.startswith("gguf") else {MARKER: "<marker>"})  # directory targets carry it
     assert got == expected, json.dumps(got, indent=2)

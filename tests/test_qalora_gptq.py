@@ -30,7 +30,9 @@ from l4q_export.verify import main as verify_main
 TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. " * 40)
 SPEC = QuantSpec(4, 32, "float")
 MODULE = "model.layers.1.mlp.down_proj"
-COMMON = dict(bits=4, group_size=32, batch_size=2, grad_accum=1, seq_len=64, save_every=0)
+# fp32 scale grid: QA-LoRA folds the GPTQ zero into a float minimum m = -d*z, exact in fp32; the fp16 default would
+# round m to fp16 (what GGUF stores), so step 0 would differ from the GPTQ dequantization by that rounding.
+COMMON = dict(bits=4, group_size=32, batch_size=2, grad_accum=1, seq_len=64, save_every=0, scale_grid="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def read_json_records(path: Path) -> list[tuple[str, Any]]:
                 try:
                     out.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise L4QInputError(f"{path}:{n} is not valid JSON: {e}") from None
+                    raise L4QInputError(f"{path} line {n} is not valid JSON: {e}") from None
         return out
     try:
         recs = json.loads(text)
