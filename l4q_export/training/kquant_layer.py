@@ -40,7 +40,7 @@ from ..quant.kquant import (
     sub_scales,
     unrounded_codes,
 )
-from .layer import MethodLinear, adopt_frozen_base, detached_state, lora_init
+from .layer import MethodLinear, add_lora, adopt_frozen_base, detached_state
 
 
 @dataclass(frozen=True)
@@ -165,14 +165,8 @@ class KQuantLinear(MethodLinear):
             raise ValueError(f"unknown K-quant init {init!r}; choose one of {KINIT_METHODS}")
         adopt_frozen_base(self, base)
         self.spec = spec
-        self.rank = rank
-        self.lora_alpha = lora_alpha
+        add_lora(self, rank, lora_alpha, generator)
         dev = self.weight.device
-        if rank > 0:
-            self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
-        else:
-            self.register_parameter("lora_A", None)
-            self.register_parameter("lora_B", None)
         with torch.no_grad():
             d, sc, dmin, mn = _KINIT[init](spec, self.weight.detach())
         self.d = nn.Parameter(d.to(dev))

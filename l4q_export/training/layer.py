@@ -186,6 +186,17 @@ def adopt_frozen_base(layer: nn.Module, base: nn.Linear) -> None:
         layer.bias.requires_grad_(False)
 
 
+def add_lora(layer: nn.Module, rank: int, lora_alpha: float, generator: torch.Generator | None) -> None:
+    """`rank`, `lora_alpha` and trainable lora_A/lora_B (None at rank 0) on a layer that adopted its frozen base."""
+    layer.rank = rank
+    layer.lora_alpha = lora_alpha
+    if rank > 0:
+        layer.lora_A, layer.lora_B = lora_init(rank, layer.in_features, layer.out_features, generator, layer.weight.device)
+    else:
+        layer.register_parameter("lora_A", None)
+        layer.register_parameter("lora_B", None)
+
+
 def lora_init(
     rank: int,
     in_features: int,
@@ -302,14 +313,7 @@ class L4QLinear(MethodLinear):
         super().__init__()
         adopt_frozen_base(self, base)
         self.spec = spec
-        self.rank = rank
-        self.lora_alpha = lora_alpha
-        dev = self.weight.device
-        if rank > 0:
-            self.lora_A, self.lora_B = lora_init(rank, self.in_features, self.out_features, generator, dev)
-        else:
-            self.register_parameter("lora_A", None)
-            self.register_parameter("lora_B", None)
+        add_lora(self, rank, lora_alpha, generator)
         add_learned_grid(self, spec, init)
         self.cfg = LayerConfig(
             spec=spec, lora_scale=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
