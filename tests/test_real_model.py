@@ -149,6 +149,6 @@ def test_preflight_with_fewer_targets_trains(smollm2, tmp_path):
     out = tmp_path / "ck"
     res = _train_cli(["--model", str(smollm2), "--data", str(data), "--out", str(out), "--group-size", "128",
                       "--zero-point", "integer", "--targets", "gguf,onnx", "--steps", "1", "--batch-size", "1",
-                      "--grad-accum", "1", "--seq-len", "32", "--eval-examples", "0", "--save-every", "0"])
+                      "--grad-accum", "1", "--seq-len", "128", "--eval-examples", "0", "--save-every", "0"])
     assert res.exit_code == 0, res.output
     assert (out / "l4q_config.json").is_file()
