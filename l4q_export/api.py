@@ -48,12 +48,13 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
     base_hashes: dict[str, str] = field(default_factory=dict)
+    base_config: dict[str, Any] = field(default_factory=dict)  # the in-memory model's config (--grid recipes read it)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.zero_point)  # type: ignore[arg-type]
 
     def layer_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("modules", "base_hashes")}
+        return {k: v for k, v in asdict(self).items() if k not in ("modules", "base_hashes", "base_config")}
 
 
 def _swap_layers(model: nn.Module, settings: Settings) -> list[str]:
@@ -107,6 +108,8 @@ def prepare(
         raise L4QInputError("scale_grid must be fp32 or fp16")
     settings = Settings(method, int(bits), int(group_size), zero_point, int(rank), float(alpha), scale_grid, init,
                         bool(lsq_grad_scale), int(seed), dict(extra))
+    if getattr(model, "config", None) is not None:
+        settings.base_config = model.config.to_dict()
     settings.modules = _swap_layers(model, settings)
     setattr(model, SETTINGS_ATTR, settings)
     if getattr(model, "config", None) is not None:

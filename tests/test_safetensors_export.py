@@ -31,6 +31,8 @@ TARGET = get_target("safetensors")
 # The loaded model and the reference are both PyTorch fp32 with the same weights; they differ only where the training
 # layer's forward orders its sums differently from a dense Linear (measured 2.4e-7 on the tiny models).
 DLOGIT = 1e-5
+# stories260K's logits reach 19.5, and the same fp32 reordering noise grows with them: 1.14e-5 measured (fp16 grid).
+DLOGIT_STORIES = 5e-5
 
 
 class ST:
@@ -346,9 +348,9 @@ def test_stories260k_integer_zero_points(tmp_path):
     rep = ST.export(ck, tmp_path / "ct")
     assert rep["exact"] and (rep["n_packed"], rep["n_dense"]) == (30, 5)
     v = ST.verify(tmp_path / "ct", ck)
-    assert v["passed"] and v["n_exact"] == 35 and v["logits"]["max_abs_dlogit"] < DLOGIT, v["summary"]
+    assert v["passed"] and v["n_exact"] == 35 and v["logits"]["max_abs_dlogit"] < DLOGIT_STORIES, v["summary"]
     assert v["greedy"]["matched"] == v["greedy"]["required"]
     rep = ST.export(ck, tmp_path / "gptq", flavor="gptq")
     assert rep["exact"] and (rep["n_packed"], rep["n_dense"]) == (20, 15)  # 172 x 4 bits is not whole int32 words
     v = ST.verify(tmp_path / "gptq", ck)
-    assert v["passed"] and v["n_exact"] == 35 and v["logits"]["max_abs_dlogit"] < DLOGIT, v["summary"]
+    assert v["passed"] and v["n_exact"] == 35 and v["logits"]["max_abs_dlogit"] < DLOGIT_STORIES, v["summary"]

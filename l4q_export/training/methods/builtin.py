@@ -75,6 +75,8 @@ def _grid_context(args: Any) -> dict[str, Any] | None:
     """--grid: the base config the per-module choice reads (quant.kplan); None without --grid."""
     if not args.extra.get("grid"):
         return None
+    if getattr(args, "base_config", None):  # l4q_export.prepare on an in-memory model
+        return args.base_config
     from ...checkpoint import check_architecture
 
     return check_architecture(args.model)
