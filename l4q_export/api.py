@@ -202,7 +202,7 @@ def load_checkpoint(out_dir: str | os.PathLike, device: str | torch.device = "cp
 
     ck = open_checkpoint(out_dir)
     rec = ck.config.get("training", {})
-    names = {f.name for f in fields(Settings)} - {"modules", "base_hashes"}
+    names = {f.name for f in fields(Settings)} - {"modules", "base_hashes", "base_config"}
     if not names - {"extra"} <= set(rec):
         raise L4QInputError(f"{out_dir}: checkpoint has no training record; it cannot be rebuilt for training")
     settings = Settings(**{k: rec[k] for k in names if k in rec})
