@@ -136,3 +136,22 @@ def stories_checkpoint(tmp_path_factory, stories_dir) -> Path:
         )
     )
     return out
+
+
+_TRAINED: dict[tuple, Path] = {}
+
+
+def trained(base: Path, data: Path, tmp: Path, method: str = "l4q", bits: int = 4, group: int = 32, **kw) -> Path:
+    """A 2-step checkpoint of `base`, trained once per (base, method, bits, group, options) and shared by the
+    architecture test modules (training dominates their run time)."""
+    import json
+
+    from l4q_export.training.trainer import TrainArgs, train
+
+    key = (str(base), method, bits, group, json.dumps(kw, sort_keys=True, default=str))
+    if key not in _TRAINED:
+        out = tmp / f"{base.name}_{method}_{bits}_{group}_{len(_TRAINED)}"
+        train(TrainArgs(model=base, data=data, out=out, method=method, bits=bits, group_size=group, steps=2, batch_size=2,
+                        grad_accum=1, seq_len=64, lr=5e-3, save_every=0, eval_examples=0, **kw))
+        _TRAINED[key] = out
+    return _TRAINED[key]

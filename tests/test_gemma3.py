@@ -18,11 +18,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared
+from conftest import require_shared, trained
 
 from l4q_export.errors import L4QInputError
 from l4q_export.formats import get_target
-from l4q_export.training.trainer import TrainArgs, train
 from l4q_export.verify import verify_artifact, verify_fold
 
 TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. "
@@ -80,19 +79,6 @@ def text_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("g3_work")
-
-
-_CACHE: dict[tuple, Path] = {}
-
-
-def trained(base: Path, data: Path, tmp: Path, method: str = "l4q", bits: int = 4, group: int = 32, **kw) -> Path:
-    key = (str(base), method, bits, group, json.dumps(kw, sort_keys=True, default=str))
-    if key not in _CACHE:
-        out = tmp / f"{base.name}_{method}_{bits}_{group}_{len(_CACHE)}"
-        train(TrainArgs(model=base, data=data, out=out, method=method, bits=bits, group_size=group, steps=2, batch_size=2,
-                        grad_accum=1, seq_len=64, lr=5e-3, save_every=0, eval_examples=0, **kw))
-        _CACHE[key] = out
-    return _CACHE[key]
 
 
 def test_base_has_both_layer_types(base):
