@@ -56,17 +56,30 @@ def test_logits_close_to_llama_cpp(smollm2):
 
 
 @pytest.fixture(scope="module")
-def trained_3bit(smollm2, tmp_path_factory) -> Path:
-    """2 L4Q steps at 3-bit g64 with default options (fp16 scale grid) on Alpaca records; tiny batch and seq."""
+def trained(smollm2, tmp_path_factory):
+    """trained(bits, zero_point) -> checkpoint: 2 L4Q steps at g64 with default options otherwise (fp16 scale grid)
+    on Alpaca records, tiny batch and seq; each (bits, zero_point) is trained once per module."""
     from l4q_export.training.trainer import TrainArgs, train
 
     data = require_shared("instruct", "alpaca_en_demo.json")
-    out = tmp_path_factory.mktemp("smollm2") / "ck"
-    rep = train(TrainArgs(model=smollm2, data=data, out=out, bits=3, group_size=64, steps=2, batch_size=1,
-                          grad_accum=1, seq_len=64, save_every=0, eval_examples=2))
-    assert rep["steps"] == 2 and rep["last_loss"] == rep["last_loss"]  # finite (NaN != NaN)
-    assert json.loads((out / "l4q_config.json").read_text())["scale_grid"] == "fp16"
-    return out
+    cache: dict[tuple[int, str], Path] = {}
+
+    def get(bits: int, zero_point: str = "float") -> Path:
+        if (bits, zero_point) not in cache:
+            out = tmp_path_factory.mktemp(f"smollm2_{bits}b_{zero_point}") / "ck"
+            rep = train(TrainArgs(model=smollm2, data=data, out=out, bits=bits, group_size=64, zero_point=zero_point,
+                                  steps=2, batch_size=1, grad_accum=1, seq_len=64, save_every=0, eval_examples=2))
+            assert rep["steps"] == 2 and rep["last_loss"] == rep["last_loss"]  # finite (NaN != NaN)
+            assert json.loads((out / "l4q_config.json").read_text())["scale_grid"] == "fp16"
+            cache[bits, zero_point] = out
+        return cache[bits, zero_point]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained_3bit(trained) -> Path:
+    return trained(3)
 
 
 def test_l4q_trains_and_folds_bit_exactly(trained_3bit):
@@ -108,6 +121,49 @@ def test_gguf_export_is_exact_in_llama_cpp_file(trained_3bit, tmp_path):
     del reader, t, block
     bad = verify_tensors(get_target("gguf"), art, trained_3bit)
     assert bad["n_codes_identical"] == 209, bad["n_codes_identical"]
+
+
+# ------------------------------------------------- every target, 3- and 4-bit g64: exact in its own runtime
+
+def _export_and_verify(target: str, ck: Path, out: Path, **options) -> dict:
+    """Export with the target's defaults (plus OPTIONS), then the one verifier: (a) codes, (b) weights, (c) runtime
+    logits vs the PyTorch reference, with the target's own calibrated tolerance."""
+    from l4q_export.formats import get_target
+    from l4q_export.verify import verify_artifact
+
+    t = get_target(target)
+    rep = t.write(ck, out, **options).to_dict()
+    assert rep.get("n_dense", 0) == 0, rep.get("summary")
+    return verify_artifact(t, out, ck)
+
+
+def _assert_exact(v: dict) -> None:
+    assert v["n_codes_identical"] == 210 and v["n_exact"] == 210 and v["max_abs_error"] == 0.0, v["summary"]
+    assert v["passed"], (v["summary"], json.dumps(v["logits"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
+def test_onnx_both_forms_exact_in_onnxruntime(trained, tmp_path, bits, form):
+    """Default zero points (L4Q's float offsets) at g64: both ONNX forms hold the trained codes bit for bit and ORT's
+    logits meet the fp32 ONNX tolerance (measured on SmolLM2 3-bit: max |dlogit| 8.3e-4, greedy identical)."""
+    _assert_exact(_export_and_verify("onnx", trained(bits), tmp_path / "onnx", onnx_form=form))
+
+
+@pytest.mark.slow
+def test_gguf_4bit_exact_in_llama_cpp(trained, tmp_path):
+    v = _export_and_verify("gguf", trained(4), tmp_path / "m.gguf")
+    _assert_exact(v)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("flavor", ["compressed-tensors", "gptq"])
+def test_packed_safetensors_integer_zero_exact_in_transformers(trained, tmp_path, bits, flavor):
+    """Integer zero points at g64 pack exactly into compressed-tensors and GPTQ (576 and 1536 are multiples of 64:
+    no dense fallback), and transformers' own loader runs the result."""
+    _assert_exact(_export_and_verify("safetensors", trained(bits, "integer"), tmp_path / "st", flavor=flavor))
 
 
 # ------------------------------------------------------------------------------------------------ export preflight

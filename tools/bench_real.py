@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,44 @@ def scores(ev: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train(out: Path, model: Path, data: Path, method: str, bits: int, group: int, p: dict[str, Any]) -> Path:
+@dataclass(frozen=True)
+class Config:
+    """One trained setting: uniform `bits:group[:integer]` or a K-quant grid/recipe name (`q4_k_m`, `q3_k`...)."""
+
+    bits: int = 4
+    group: int = 128
+    zero_point: str = "float"
+    grid: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        if text.startswith("q"):
+            return cls(bits={"2": 2, "3": 3, "4": 4, "5": 5, "6": 6}[text[1]], group=0, grid=text)
+        parts = text.split(":")
+        return cls(int(parts[0]), int(parts[1]), "integer" if parts[2:] == ["integer"] else "float")
+
+    @property
+    def tag(self) -> str:
+        return self.grid or f"{self.bits}b_g{self.group}" + ("_int" if self.zero_point == "integer" else "")
+
+    @property
+    def label(self) -> str:
+        return self.grid.upper() if self.grid else f"{self.bits}b g{self.group}" + (" int" if self.zero_point == "integer"
+                                                                                      else "")
+
+    def args(self) -> list[str]:
+        if self.grid:
+            return ["--grid", self.grid]
+        return ["--bits", str(self.bits), "--group-size", str(self.group), "--zero-point", self.zero_point]
+
+
+def train(out: Path, model: Path, data: Path, method: str, cfg: Config, p: dict[str, Any]) -> Path:
     if (out / "l4q_config.json").is_file():
         return out
     extra = ["--qat-lora-export", "merge"] if method == "qat-lora" else []
     t0 = time.time()
     run([bin_("l4q-train"), "--model", str(model), "--data", str(data / "instruct" / "alpaca_en_demo.json"),
-         "--out", str(out), "--method", method, "--bits", str(bits), "--group-size", str(group),
+         "--out", str(out), "--method", method, *cfg.args(), "--targets", "gguf",
          "--steps", str(p["steps"]), "--batch-size", str(p["batch"]), "--grad-accum", "1", "--seq-len", str(p["seq"]),
          "--lr", "2e-4" if method == "lora" else "1e-3", "--save-every", "0", "--eval-examples", "0", *extra],
         out.with_name(out.name + ".train.log"))
@@ -134,8 +166,20 @@ def our_export(ck: Path, out: Path) -> dict[str, Any]:
     return {k: r[k] for k in keep if k in r}
 
 
-def peer_files(converter: Path, quantize: Path | None, merged: Path, work: Path, types: tuple[str, ...],
-               tag: str) -> list[tuple[str, Path]]:
+def calibration_text(data: Path, out: Path, n_records: int = 200) -> Path:
+    """The importance matrix's calibration text: Alpaca records (instruction, input, output), the training data's
+    kind of text, disjoint from the WikiText-2 test text that scores the files."""
+    if not out.is_file():
+        recs = json.loads((data / "instruct" / "alpaca_en_demo.json").read_text())[:n_records]
+        out.write_text("\n\n".join("\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output")
+                                               if r.get(k)) for r in recs))
+    return out
+
+
+def peer_files(converter: Path, quantize: Path | None, imatrix_bin: Path | None, merged: Path, work: Path,
+               types: tuple[str, ...], calib: Path, tag: str) -> list[tuple[str, Path]]:
+    """The peer's files: convert_hf_to_gguf.py F32, then llama-quantize to each type, and (with llama-imatrix) the
+    same types again with an importance matrix computed on the calibration text."""
     f32 = work / f"{tag}.f32.gguf"
     if not f32.is_file():
         run([sys.executable, str(converter), str(merged), "--outtype", "f32", "--outfile", str(f32)],
@@ -143,11 +187,18 @@ def peer_files(converter: Path, quantize: Path | None, merged: Path, work: Path,
     files = [("F32", f32)]
     if quantize is None:
         return files
+    imat = work / f"{tag}.imatrix.gguf"
+    if imatrix_bin is not None and not imat.is_file():
+        run([str(imatrix_bin), "-m", str(f32), "-f", str(calib), "-o", str(imat), "-c", "256", "--chunks", "64",
+             "-t", "2"], work / f"{tag}.imatrix.log")
     for qt in types:
-        out = work / f"{tag}.{qt}.gguf"
-        if not out.is_file():
-            run([str(quantize), str(f32), str(out), qt, "2"], work / f"{tag}.{qt}.quantize.log")
-        files.append((qt, out))
+        for im in ((False, True) if imatrix_bin is not None else (False,)):
+            name = qt + ("+imatrix" if im else "")
+            out = work / f"{tag}.{name}.gguf"
+            if not out.is_file():
+                run([str(quantize), *(["--imatrix", str(imat)] if im else []), str(f32), str(out), qt, "2"],
+                    work / f"{tag}.{name}.quantize.log")
+            files.append((name, out))
     return files
 
 
@@ -218,7 +269,8 @@ def write_report(res: Results, md: Path, png: Path, notes: Path | None = None) -
         "(the plot's x axis); `file MiB` also counts embeddings (f16 in ours, re-quantized by llama-quantize).",
         "",
         "Peer path = float LoRA (same steps) -> merge W0 + alpha*B@A in fp32 -> llama.cpp `convert_hf_to_gguf.py "
-        "--outtype f32` -> `llama-quantize` (no importance matrix). `*` = on the Pareto frontier "
+        "--outtype f32` -> `llama-quantize` (`+imatrix`: with `--imatrix` from llama.cpp's `llama-imatrix` on 200 "
+        "Alpaca records, the training data's kind of text). `*` = on the Pareto frontier "
         "(linear bytes vs ppl) of all quantized rows.",
         "",
         "| row | export | linear MiB | file MiB | WikiText ppl | ARC-e | PIQA | exact |",
@@ -291,12 +343,17 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bench_real"), show_default=True)
 @click.option("--sdist-dir", type=click.Path(path_type=Path), default=Path("/tmp/sdist"), show_default=True,
               help="Where the llama-cpp-python sdist (convert_hf_to_gguf.py) is or is fetched to.")
+@click.option("--imatrix-bin", type=click.Path(path_type=Path), default=Path("/tmp/build-kquant/bin/llama-imatrix"),
+              show_default=True, help="llama.cpp's llama-imatrix: adds the peer types again with an importance matrix.")
 @click.option("--quantize-bin", type=click.Path(path_type=Path), default=Path("/tmp/build-kquant/bin/llama-quantize"),
               show_default=True, help="llama.cpp's llama-quantize binary (peer rows are skipped without it).")
-@click.option("--configs", default=None, help="Comma list bits:group (group -1 = per channel); preset default.")
+@click.option("--configs", default=None, help="Comma list of bits:group[:integer] (group -1 = per channel) or K-quant "
+              "grids/recipes (q4_k_m, q3_k_m, q2_k, q4_k...); preset default.")
 @click.option("--methods", default=None, help="Comma list of l4q-train methods; preset default.")
 @click.option("--peer-types", default=",".join(PEER_TYPES), show_default=True, help="llama-quantize types.")
 @click.option("--steps", type=int, default=None, help="Training steps (preset default).")
+@click.option("--limit", type=int, default=None, help="Items per multiple-choice task (preset default).")
+@click.option("--max-tokens", type=int, default=None, help="WikiText-2 tokens scored for ppl (preset default).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--tasks", default="ppl,arc_easy,piqa", show_default=True,
               help="l4q-eval tasks per file (ppl alone when the multiple-choice sets cost too much CPU time).")
@@ -305,16 +362,20 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
 @click.option("--notes", type=click.Path(path_type=Path), default=None,
               help="Markdown appended to the report (the hand-written verdict on the measured numbers).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the markdown and plot from WORK/results.json.")
-def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir: Path, quantize_bin: Path,
-         configs: str | None, methods: str | None, peer_types: str, steps: int | None, threads: int, tasks: str, md: Path,
+def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir: Path, imatrix_bin: Path,
+         quantize_bin: Path,
+         configs: str | None, methods: str | None, peer_types: str, steps: int | None, limit: int | None,
+         max_tokens: int | None, threads: int, tasks: str, md: Path,
          notes: Path | None, report_only: bool) -> None:
     p = dict(PRESETS["quick" if quick else "full"])
-    if steps:
-        p["steps"] = steps
+    for k, v in (("steps", steps), ("limit", limit), ("max_tokens", max_tokens)):
+        if v:
+            p[k] = v
     data = data_dir or shared_data()
     work.mkdir(parents=True, exist_ok=True)
     cmd = "python tools/bench_real.py" + (" --quick" if quick else "") + "".join(
-        f" --{k} {v}" for k, v in (("configs", configs), ("methods", methods), ("steps", steps),
+        f" --{k} {v}" for k, v in (("configs", configs), ("methods", methods), ("steps", steps), ("limit", limit),
+                                        ("max-tokens", max_tokens),
                                         ("tasks", None if tasks == "ppl,arc_easy,piqa" else tasks)) if v)
     res = Results(work / "results.json", {**p, "command": cmd, "date": time.strftime("%Y-%m-%d"),
                                           "host": f"{os.cpu_count()}-core CPU", "tasks": tasks})
@@ -325,10 +386,11 @@ def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir:
                  data / "text" / "wikitext2_test.txt", data / "eval" / "arc_easy.jsonl"):
         if not need.is_file():
             raise click.ClickException(f"missing {need} (model: python tools/fetch_smollm2.py; data: ../shared)")
-    cfgs = [tuple(int(x) for x in c.split(":")) for c in (configs or p["configs"]).split(",")]
+    cfgs = [Config.parse(c) for c in (configs or p["configs"]).split(",")]
     meths = (methods or p["methods"]).split(",")
     quantize = quantize_bin if quantize_bin.is_file() else None
-    missing = ["importance-matrix (imatrix) variants of the peer types (llama-imatrix not built)"]
+    imat = imatrix_bin if quantize is not None and imatrix_bin.is_file() else None
+    missing = [] if imat else ["importance-matrix (imatrix) variants of the peer types (llama-imatrix not built)"]
     if quantize is None:
         missing.append(f"peer llama-quantize rows ({quantize_bin} not found; build command in this tool's docstring)")
         click.echo(missing[-1])
@@ -348,35 +410,37 @@ def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir:
 
     # Priority order, so that a run cut short still has the comparisons that matter most: the float LoRA (the
     # peer's start), then per config our methods beside the peer types of that size, then the references.
-    lora_ck = train(work / "lora_float", model, data, "lora", 4, 128, p)
+    lora_cfg = Config(4, 128)
+    lora_ck = train(work / "lora_float", model, data, "lora", lora_cfg, p)
     merged = work / "lora_float_merged"
     if not (merged / "model.safetensors").is_file():
         merge_to_float(lora_ck, merged)
-    peers = dict(peer_files(converter, quantize, merged, work, tuple(peer_types.split(",")), "peer"))
+    calib = calibration_text(data, work / "calibration.txt")
+    peers = dict(peer_files(converter, quantize, imat, merged, work, tuple(peer_types.split(",")), calib, "peer"))
     near = {4: ("Q4_0", "Q4_K_M", "Q4_1"), 3: ("Q3_K_M",), 2: ("Q2_K",)}
-    order = [(bits, gs, meth) for bits, gs in cfgs for meth in meths]
-    for bits, gs, meth in order:
-        key = f"ours/{meth}/{bits}b-g{gs}"
+    for cfg, meth in [(cfg, meth) for cfg in cfgs for meth in meths]:
+        key = f"ours/{meth}/{cfg.tag}"
+        label = f"{meth} {cfg.label}"
         if not res.has(key):
-            tag = f"{meth}_{bits}b_g{gs}"
+            tag = f"{meth}_{cfg.tag}"
             try:
-                ck = lora_ck if (meth, bits, gs) == ("lora", 4, 128) else train(work / tag, model, data, meth, bits,
-                                                                                 gs, p)
+                ck = lora_ck if (meth, cfg) == ("lora", lora_cfg) else train(work / tag, model, data, meth, cfg, p)
                 out = work / f"{tag}.gguf"
                 exp = our_export(ck, out)
-                ev(key, out, {"group": "ours", "label": f"{meth} {bits}b g{gs}", "type": exp.get("main_type", "?"),
-                              "method": meth, "bits": bits, "group_size": gs, "export": exp})
+                ev(key, out, {"group": "ours", "label": label, "type": exp.get("main_type", "?"), "method": meth,
+                              "bits": cfg.bits, "group_size": cfg.group, "grid": cfg.grid, "export": exp})
             except RuntimeError as e:
                 click.echo(f"{key}: {e}")
-                res.add({"key": key, "group": "ours", "label": f"{meth} {bits}b g{gs}", "error": str(e)[:500]})
+                res.add({"key": key, "group": "ours", "label": label, "error": str(e)[:500]})
         if meth == meths[0]:  # the peer types of this size right after our first method
-            for qt in near.get(bits, ()):
-                if qt in peers:
-                    ev(f"peer/{qt}", peers[qt], {"group": "peer", "label": f"LoRA -> {qt}", "type": qt})
+            for qt in ((cfg.grid.upper(),) if cfg.grid else near.get(cfg.bits, ())):
+                for name in (qt, qt + "+imatrix"):
+                    if name in peers:
+                        ev(f"peer/{name}", peers[name], {"group": "peer", "label": f"LoRA -> {name}", "type": qt})
         write_report(res, md, md.with_suffix(".png"))
-    for qt, path in peers.items():
-        if qt != "F32":
-            ev(f"peer/{qt}", path, {"group": "peer", "label": f"LoRA -> {qt}", "type": qt})
+    for name, path in peers.items():
+        if name != "F32":
+            ev(f"peer/{name}", path, {"group": "peer", "label": f"LoRA -> {name}", "type": name.split("+")[0]})
     src = model / "source" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if src.is_file():
         ev("ref/original-q4_1", src, {"group": "reference", "label": "original Q4_1 g32", "type": "Q4_1"})

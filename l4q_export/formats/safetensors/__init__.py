@@ -15,9 +15,12 @@ from ...checkpoint import Checkpoint
 from ...quant import QuantSpec
 from ..base import ArtifactReader, Bounded, Capability, Exact, ExportReport, Refused, Tolerance
 
-# The loaded model is a PyTorch model holding the decoded weights, run by the same kernels as the reference:
-# measured |dlogit| is 0 on every test model.  1e-4 only absorbs a different op order in a future loader.
-TOLERANCE = Tolerance(min_top1=0.99, max_mean_kl=1e-6, max_abs_dlogit=1e-4, tie_margin=2e-4)
+# The loaded model is a PyTorch fp32 model holding the decoded weights; the reference computes the same W_q in
+# the training layers, so the two differ only by fp32 op order, which grows with depth and logit size: measured
+# max|dlogit| / max(1, max|logit|) = 2.4e-7 on the tiny models, 5.8e-7 on stories260K (1.14e-5 at 19.5), 3.5e-6
+# on SmolLM2-135M (30 blocks: 1.35e-4 at 38.1, KL 9e-12).  The bound is 2e-5 of the logit scale (5.7x the
+# deepest measurement); a changed code or scale is caught by levels (a)/(b) whatever the logits do.
+TOLERANCE = Tolerance(min_top1=0.99, max_mean_kl=1e-6, max_abs_dlogit=2e-5, tie_margin=1e-5, relative=True)
 
 
 class SafetensorsTarget:
