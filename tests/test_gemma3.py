@@ -10,18 +10,21 @@ with the PyTorch training forward; the negative controls show those checks can f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import require_shared, trained
 
 from l4q_export.errors import L4QInputError
 from l4q_export.formats import get_target
+from l4q_export.formats.onnx import graph as onnx_graph
 from l4q_export.verify import verify_artifact, verify_fold
 
 TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. "
@@ -192,13 +195,105 @@ def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, g
     assert v["passed"], v["summary"]
 
 
-def test_onnx_refuses_gemma3_loudly(base, text_data, work, tmp_path):
-    """Until the Gemma 3 graph exists, ONNX export refuses before writing anything (never a Llama-style graph)."""
+ONNX_FORMS = ["matmulnbits", "qdq"]
+
+
+def _gqa_windows(art: Path) -> list[int]:
+    """local_window_size of each GroupQueryAttention node, in layer order (read from the file with onnx)."""
+    model = onnx.load(str(art), load_external_data=False)
+    return [next(a.i for a in n.attribute if a.name == "local_window_size")
+            for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_onnx(base, text_data, work, tmp_path, form, bits, group):
+    """Both ONNX forms run in onnxruntime and pass verify (c) against the PyTorch training forward: prefill on the
+    verify prompts (longer than the window, so local and global layers differ) and greedy decoding through the
+    KV cache."""
+    ck = trained(base, text_data, work, bits=bits, group=group)
+    rep = get_target("onnx").write(ck, tmp_path / "onnx", onnx_form=form)
+    art = Path(rep.artifact)
+    assert rep.n_quantized == 6 * 7 and rep.details["fused"] == (form == "matmulnbits")
+    ops = [n.op_type for n in onnx.load(str(art), load_external_data=False).graph.node]
+    assert ops.count("Gelu") == 6
+    if form == "matmulnbits":  # the window on exactly the sliding_attention layers
+        assert _gqa_windows(art) == [WINDOW] * 5 + [-1]
+    v = verify_artifact(get_target("onnx"), art, ck)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 6 * 7 and v["greedy"]["required"] > 0
+
+
+_REAL_FROM_CONFIG = onnx_graph.DecoderSpec.from_config
+
+
+def _patched_spec(change):
+    """DecoderSpec.from_config with `change` applied to the real spec (test-only: builds a wrong graph on purpose)."""
+    return staticmethod(lambda cfg, architecture: change(_REAL_FROM_CONFIG(cfg, architecture)))
+
+
+def _with(**fields):
+    return lambda spec: dataclasses.replace(spec, **fields)
+
+
+# each wrong graph gets one Gemma 3 piece wrong; every one must load in onnxruntime and fail verify (c)
+WRONG = {
+    "window_pattern": ("_windows", lambda cfg, arch, n: (None,) + (WINDOW,) * (n - 1)),  # layer 0 global, 1-5 local
+    "no_window": ("_windows", lambda cfg, arch, n: (None,) * n),
+    "no_embed_scale": ("from_config", _with(embed_scale=None)),
+    "no_plus_one": ("from_config", _with(norm_offset=0.0)),
+    "swapped_rope_bases": ("from_config", lambda s: dataclasses.replace(s, layer_rope=tuple(1 - r for r in s.layer_rope))),
+    "silu_mlp": ("from_config", _with(act="silu")),
+}
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+def test_onnx_negative_controls(base, text_data, work, tmp_path, form):
+    """The same export with one Gemma 3 piece wrong (test-only monkeypatches) stores identical weights but fails
+    verify (c): the window pattern, the window itself, the sqrt(hidden) embedding scale, the +1 of the norms, the
+    local/global rope bases, the GELU-tanh MLP are each really exercised by the verify prompts."""
     ck = trained(base, text_data, work)
-    out = tmp_path / "onnx"
-    with pytest.raises(L4QInputError, match="Gemma 3 decoder.*not built"):
-        get_target("onnx").write(ck, out)
-    assert not out.exists()
+    for name, (attr, how) in WRONG.items():
+        out = tmp_path / name
+        with pytest.MonkeyPatch.context() as mp:
+            if attr == "_windows":
+                mp.setattr(onnx_graph, "_windows", how)
+            else:
+                mp.setattr(onnx_graph.DecoderSpec, "from_config", _patched_spec(how))
+            get_target("onnx").write(ck, out, onnx_form=form)
+        v = verify_artifact(get_target("onnx"), out / "model.onnx", ck)
+        assert v["n_codes_identical"] == 6 * 7, name
+        assert not v["passed"] and not v["logits"]["passed"], (name, v["summary"])
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+def test_onnx_query_scale_and_global_rope_scaling(tmp_path_factory, text_data, work, tmp_path, form):
+    """query_pre_attn_scalar != head_dim and linear rope scaling on the global layers (Gemma 3 4B+): verify (c)
+    passes, and the graph with head_dim^-1/2 instead fails it."""
+    root = tmp_path_factory.mktemp("g3_qscale")
+    b = build_gemma3(root / "base", query_pre_attn_scalar=48, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    ck = trained(b, text_data, work)
+    get_target("onnx").write(ck, tmp_path / "onnx", onnx_form=form)
+    v = verify_artifact(get_target("onnx"), tmp_path / "onnx" / "model.onnx", ck)
+    assert v["passed"], v["summary"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_graph.DecoderSpec, "from_config", _patched_spec(_with(attn_scale=None)))
+        get_target("onnx").write(ck, tmp_path / "bad", onnx_form=form)
+    assert not verify_artifact(get_target("onnx"), tmp_path / "bad" / "model.onnx", ck)["passed"]
+
+
+def test_onnx_refuses_what_it_does_not_compute(base):
+    """Softcapping, bidirectional attention and length-dependent rope on the global layers: one clear line each."""
+    cfg = json.loads((base / "config.json").read_text())
+    onnx_graph.DecoderSpec.from_config(cfg, "Gemma3ForCausalLM")  # the real config passes
+    dynamic = {**cfg["rope_parameters"], "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}
+    for bad, match in [({"final_logit_softcapping": 30.0}, "softcapping"), ({"attn_logit_softcapping": 50.0}, "softcapping"),
+                       ({"use_bidirectional_attention": True}, "bidirectional"), ({"rope_parameters": dynamic}, "dynamic"),
+                       ({"hidden_activation": "silu"}, "gelu_pytorch_tanh")]:
+        with pytest.raises(L4QInputError, match=match):
+            onnx_graph.DecoderSpec.from_config({**cfg, **bad}, "Gemma3ForCausalLM")
 
 
 @pytest.mark.slow
