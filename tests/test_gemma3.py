@@ -195,6 +195,23 @@ def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, g
     assert v["passed"], v["summary"]
 
 
+@pytest.mark.parametrize("flavor", ["gptq", "gptq-v1"])
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_safetensors_gptq(base, text_data, work, tmp_path, flavor, bits, group):
+    """GPTQ (integer zeros, fp16 scales): packed exactly, loaded by the GPTQ runtime the other architectures use
+    (GPTQModel when installed, else transformers' Gemma3ForCausalLM holding compressed-tensors' unpacking of the
+    file), verify (c) passes.  gptq-v1 stores z - 1: exact here because every trained zero point is >= 1."""
+    ck = trained(base, text_data, work, bits=bits, group=group, zero_point="integer", scale_grid="fp16")
+    rep = get_target("safetensors").write(ck, tmp_path / "gptq", flavor=flavor)
+    art = Path(rep.artifact)
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["quantization_config"]["quant_method"] == "gptq"
+    assert all(r["exact"] for r in rep.layers) and rep.n_quantized == 6 * 7
+    v = verify_artifact(get_target("safetensors"), art, ck)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 6 * 7
+
+
 ONNX_FORMS = ["matmulnbits", "qdq"]
 
 
@@ -294,6 +311,46 @@ def test_onnx_refuses_what_it_does_not_compute(base):
                        ({"hidden_activation": "silu"}, "gelu_pytorch_tanh")]:
         with pytest.raises(L4QInputError, match=match):
             onnx_graph.DecoderSpec.from_config({**cfg, **bad}, "Gemma3ForCausalLM")
+
+
+def _reference_ppl(ck: Path, text: Path, n_tokens: int) -> tuple[float, int]:
+    """Perplexity of the PyTorch training forward (`reference_model`) over the first n_tokens (BOS included), in
+    one window, computed here with torch's cross entropy: independent of l4q-eval's windowing and scoring."""
+    from transformers import AutoTokenizer
+
+    from l4q_export.checkpoint import load_checkpoint
+    from l4q_export.training.methods import reference_model
+
+    ids = AutoTokenizer.from_pretrained(str(ck))(text.read_text()[: n_tokens * 16])["input_ids"][:n_tokens]
+    with torch.no_grad():
+        logits = reference_model(load_checkpoint(ck))(torch.tensor([ids])).logits[0].double()
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])))), len(ids)
+
+
+def test_eval_on_artifacts(base, text_data, work, tmp_path):
+    """`l4q-eval --tasks ppl` (the CLI) on the checkpoint, the GGUF and the ONNX export: finite, and each close to the
+    reference model's own perplexity over the same 256 tokens (one window: ctx 256 >= the tokens scored)."""
+    from click.testing import CliRunner
+
+    from l4q_export.eval.cli import main as l4q_eval
+
+    ck = trained(base, text_data, work)
+    targets = {"checkpoint": ck, "gguf": Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact),
+               "onnx": Path(get_target("onnx").write(ck, tmp_path / "onnx").artifact)}
+    want, n = _reference_ppl(ck, text_data, 256)
+    ppl = {}
+    for name, target in targets.items():
+        out = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(l4q_eval, [str(target), "--tasks", "ppl", "--text", str(text_data), "--max-tokens", "256",
+                                            "--ctx", "256", "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        r = json.loads(out.read_text())["results"]["ppl"]
+        assert r["tokens"] == n and r["windows"] == 1
+        ppl[name] = r["ppl"]
+        assert np.isfinite(ppl[name]) and ppl[name] > 1
+    assert abs(ppl["checkpoint"] / want - 1) < 1e-4  # the fold's dense weights are the training forward's W_q
+    assert abs(ppl["onnx"] / want - 1) < 1e-3  # fp32 graph, same math up to summation order
+    assert abs(ppl["gguf"] / want - 1) < 0.06  # llama.cpp's Q8 activations (see test_architectures' eval test)
 
 
 @pytest.mark.slow
