@@ -3,7 +3,8 @@
 A tiny random Gemma 3 built here with transformers (bf16): 6 layers (5 local sliding-window + 1 global, the
 Gemma 3 pattern), GQA 4/1 (one KV head), head_dim 32 != hidden/heads = 16, q/k-norm, non-trivial (1 + w) norm
 gains, tied embeddings, a sliding window (4) shorter than the verify prompts so local and global layers really
-differ, and the real LLaMA-2 SentencePiece (byte fallback) with Gemma's turn markers and chat template added.
+differ, and the real LLaMA-2 SentencePiece (byte fallback) without its dummy prefix (as Gemma's) with Gemma's turn
+markers and chat template added.
 Expected values come from the runtimes (llama.cpp, transformers + compressed-tensors) compared by the verifiers
 with the PyTorch training forward; the negative controls show those checks can fail.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import gguf
@@ -37,13 +37,18 @@ WINDOW = 4
 
 
 def build_gemma3(out: Path, **overrides) -> Path:
+    from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(require_shared("tokenizers", "llama2_tokenizer.model"), out / "tokenizer.model")
+    proto = pb.ModelProto()  # Gemma's SentencePiece adds no dummy prefix: neither does this one, nor transformers
+    proto.ParseFromString(require_shared("tokenizers", "llama2_tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}))
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "add_prefix_space": False,
+        "model_max_length": 4096}))
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.add_special_tokens({"additional_special_tokens": TURNS})  # ids 32000, 32001
     tok.chat_template = CHAT
@@ -210,6 +215,35 @@ def test_safetensors_gptq(base, text_data, work, tmp_path, flavor, bits, group):
     v = verify_artifact(get_target("safetensors"), art, ck)
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == 6 * 7
+
+
+def test_gguf_tokenizer_chat_markers(base, text_data, work, tmp_path):
+    """verify's tokenizer parity covers the chat markers: llama.cpp (parse_special) gives the ids transformers gives
+    (what training saw) on the rendered chat template and on text around each marker, with leading spaces, digits
+    and unicode; each marker is one token.  The same GGUF without the tokens transformers added on top of
+    tokenizer.model (what gguf-py's SentencePieceVocab alone writes) fails the check."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from l4q_export.checkpoint import load_checkpoint
+    from l4q_export.formats.gguf import check as gguf_check
+    from l4q_export.formats.gguf import vocab as gguf_vocab
+
+    ck = trained(base, text_data, work)
+    art = Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact)
+    rep = gguf_check.tokenizer_parity(art, load_checkpoint(ck))
+    assert rep["passed"], rep["mismatches"]
+    assert rep["n_chat_texts"] == 3 and rep["n_match"] == len(gguf_check.TOKENIZER_TEXTS) + 3
+    tok = AutoTokenizer.from_pretrained(str(ck))
+    llm = Llama(model_path=str(art), vocab_only=True, verbose=False)
+    assert [llm.tokenize(m.encode(), add_bos=False, special=True) for m in TURNS] == [[32000], [32001]]
+    assert tok.convert_tokens_to_ids(TURNS) == [32000, 32001]
+    llm.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_vocab, "_add_hf_tokens", lambda tok_dir, tokens, types: 0)
+        bad = Path(get_target("gguf").write(ck, tmp_path / "bad.gguf").artifact)
+    rep = gguf_check.tokenizer_parity(bad, load_checkpoint(ck))
+    assert not rep["passed"] and rep["n_match"] == len(gguf_check.TOKENIZER_TEXTS)
 
 
 ONNX_FORMS = ["matmulnbits", "qdq"]
