@@ -218,10 +218,11 @@ def test_safetensors_gptq(base, text_data, work, tmp_path, flavor, bits, group):
 
 
 def test_gguf_tokenizer_chat_markers(base, text_data, work, tmp_path):
-    """verify's tokenizer parity covers the chat markers: llama.cpp (parse_special) gives the ids transformers gives
-    (what training saw) on the rendered chat template and on text around each marker, with leading spaces, digits
-    and unicode; each marker is one token.  The same GGUF without the tokens transformers added on top of
-    tokenizer.model (what gguf-py's SentencePieceVocab alone writes) fails the check."""
+    """verify's tokenizer parity covers the chat markers: on the rendered chat template and on text around each
+    marker (leading spaces, digits, unicode), llama.cpp with parse_special gives each marker its one id, the one
+    transformers gives it, and SentencePiece's ids for the text between them (verify's truth for SentencePiece
+    models).  The same GGUF without the tokens transformers added on top of tokenizer.model (what gguf-py's
+    SentencePieceVocab alone writes) fails the check on exactly the 3 chat texts."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 

@@ -155,18 +155,26 @@ def tokenizer_parity(artifact: Path, ck: Checkpoint, texts: tuple[str, ...] | li
 def special_truth(hf: Any, truth_name: str, truth: Any, text: str) -> list[int]:
     """The ids of a text holding special tokens, without BOS.  SentencePiece models: the text split at the special
     tokens, each one its id, each piece between them encoded by SentencePiece on its own (the model file knows no
-    tokens transformers added; llama.cpp tokenizes the pieces between specials the same way).  Others: transformers."""
+    tokens transformers added; llama.cpp tokenizes the pieces between specials the same way), with the whitespace
+    next to a token stripped where transformers' token says lstrip/rstrip (Phi-3's markers).  Others: transformers."""
     if truth_name != "sentencepiece":
         return list(hf(text, add_special_tokens=False)["input_ids"])
     import re
 
     specials = sorted(hf.all_special_tokens, key=len, reverse=True)
+    strip = {t.content: (bool(t.lstrip), bool(t.rstrip)) for t in hf.added_tokens_decoder.values()}
     n_bos = len(truth(""))
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
     out: list[int] = []
-    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+    for i, piece in enumerate(parts):
         if piece in specials:
             out.append(int(hf.convert_tokens_to_ids(piece)))
-        elif piece:
+            continue
+        if i > 0 and strip.get(parts[i - 1], (False, False))[1]:
+            piece = piece.lstrip()
+        if i + 1 < len(parts) and strip.get(parts[i + 1], (False, False))[0]:
+            piece = piece.rstrip()
+        if piece:
             out += truth(piece)[n_bos:]
     return out
 
