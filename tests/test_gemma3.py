@@ -241,7 +241,7 @@ def test_gguf_tokenizer_chat_markers(base, text_data, work, tmp_path):
     assert tok.convert_tokens_to_ids(TURNS) == [32000, 32001]
     llm.close()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf_vocab, "_add_hf_tokens", lambda tok_dir, tokens, types: 0)
+        mp.setattr(gguf_vocab, "_add_hf_tokens", lambda tok_dir, tokens, types, model: 0)
         bad = Path(get_target("gguf").write(ck, tmp_path / "bad.gguf").artifact)
     rep = gguf_check.tokenizer_parity(bad, load_checkpoint(ck))
     assert not rep["passed"] and rep["n_match"] == len(gguf_check.TOKENIZER_TEXTS)

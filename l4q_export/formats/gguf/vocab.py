@@ -239,7 +239,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, 
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.UNUSED))
-    n_added = _add_hf_tokens(tok_dir, tokens, types) if model == "llama" else 0
+    n_added = _add_hf_tokens(tok_dir, tokens, types, model)
     w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -256,14 +256,16 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, 
             "chat_template": special.chat_template is not None}
 
 
-def _add_hf_tokens(tok_dir: Path, tokens: list[bytes], types: list[int]) -> int:
-    """Tokens transformers adds on top of tokenizer.model (chat markers such as Gemma's <start_of_turn>), written
-    as convert_hf_to_gguf.py's sentencepiece vocab does: special -> CONTROL (llama.cpp parses them with
-    parse_special), others -> USER_DEFINED with SentencePiece's '▁' as a space.  gguf-py's SentencePieceVocab
-    only reads added_tokens.json, which transformers 5 no longer writes: the ids come from tokenizer.json's
-    added_tokens and tokenizer_config.json's added_tokens_decoder.  Only ids the model file leaves as padding or
-    lists as normal pieces (Gemma's user-defined markers) change; ids past the embedding are ignored, as the
-    converter does.  Returns how many padding rows became tokens."""
+def _add_hf_tokens(tok_dir: Path, tokens: list[bytes], types: list[int], model: str) -> int:
+    """Tokens transformers adds on top of the model's vocabulary (chat markers such as Gemma's <start_of_turn> or
+    ChatML's <|im_start|>), typed as convert_hf_to_gguf.py does: special -> CONTROL (llama.cpp parses them with
+    parse_special; as NORMAL tokens it spells them out as text).  SentencePiece (`model` "llama"): gguf-py's
+    SentencePieceVocab only reads added_tokens.json, which transformers 5 no longer writes, so added ids past
+    tokenizer.model would stay `[PAD]` rows; they get their text, non-special ones as USER_DEFINED with
+    SentencePiece's '▁' as a space.  Byte-level BPE: gguf-py's BpeVocab lists the added tokens as NORMAL; special
+    ones become CONTROL (their text is already right).  The ids come from tokenizer.json's added_tokens and
+    tokenizer_config.json's added_tokens_decoder; only rows that are padding or normal pieces change, ids past the
+    embedding are ignored (as the converter does).  Returns how many padding rows became tokens."""
     added: dict[int, tuple[str, bool]] = {}
     if (tok_dir / "tokenizer.json").is_file():
         for t in json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []:
@@ -275,6 +277,10 @@ def _add_hf_tokens(tok_dir: Path, tokens: list[bytes], types: list[int]) -> int:
     n = 0
     for tid, (content, special) in sorted(added.items()):
         if tid >= len(tokens) or types[tid] not in (gguf.TokenType.UNUSED, gguf.TokenType.NORMAL):
+            continue
+        if model != "llama":  # BPE: the listed text is the token's own; only the type is the converter's
+            if special and tokens[tid] == content.encode("utf-8"):
+                types[tid] = int(gguf.TokenType.CONTROL)
             continue
         n += types[tid] == gguf.TokenType.UNUSED
         tokens[tid] = (content if special else content.replace("\u2581", " ")).encode("utf-8")
