@@ -77,7 +77,7 @@ def build_qwen3(out: Path, tie: bool = True) -> Path:
 
 
 def build_phi3(out: Path, sliding_window: int | None = None) -> Path:
-    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+    from transformers import AddedToken, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(require_shared("tokenizers", "llama2_tokenizer.model"), out / "tokenizer.model")
@@ -85,7 +85,10 @@ def build_phi3(out: Path, sliding_window: int | None = None) -> Path:
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}))
     tok = AutoTokenizer.from_pretrained(str(out))
-    tok.add_special_tokens({"additional_special_tokens": list(PHI3_ADDED)})  # ids 32000.. in this order, as Phi-3's
+    # ids 32000.. in this order, and rstrip on all but <|endoftext|>, as Phi-3's tokenizer.json (llama.cpp strips the
+    # whitespace after them for phi3 models too)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, rstrip=t != "<|endoftext|>", special=True)
+                                                          for t in PHI3_ADDED]})
     assert [tok.convert_tokens_to_ids(t) for t in PHI3_ADDED] == list(PHI3_ADDED.values())
     tok.save_pretrained(str(out))
     (out / "added_tokens.json").write_text(json.dumps(PHI3_ADDED))

@@ -3,25 +3,28 @@
 A tiny random Gemma 3 built here with transformers (bf16): 6 layers (5 local sliding-window + 1 global, the
 Gemma 3 pattern), GQA 4/1 (one KV head), head_dim 32 != hidden/heads = 16, q/k-norm, non-trivial (1 + w) norm
 gains, tied embeddings, a sliding window (4) shorter than the verify prompts so local and global layers really
-differ, and the real LLaMA-2 SentencePiece (byte fallback) with Gemma's turn markers and chat template added.
+differ, and the real LLaMA-2 SentencePiece (byte fallback) without its dummy prefix (as Gemma's) with Gemma's turn
+markers and chat template added.
 Expected values come from the runtimes (llama.cpp, transformers + compressed-tensors) compared by the verifiers
 with the PyTorch training forward; the negative controls show those checks can fail.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import require_shared, trained
 
 from l4q_export.errors import L4QInputError
 from l4q_export.formats import get_target
+from l4q_export.formats.onnx import graph as onnx_graph
 from l4q_export.verify import verify_artifact, verify_fold
 
 TEXT = ("Once upon a time there was a little robot who liked to count numbers and sing songs about the sea. "
@@ -34,13 +37,18 @@ WINDOW = 4
 
 
 def build_gemma3(out: Path, **overrides) -> Path:
+    from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(require_shared("tokenizers", "llama2_tokenizer.model"), out / "tokenizer.model")
+    proto = pb.ModelProto()  # Gemma's SentencePiece adds no dummy prefix: neither does this one, nor transformers
+    proto.ParseFromString(require_shared("tokenizers", "llama2_tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}))
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "add_prefix_space": False,
+        "model_max_length": 4096}))
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.add_special_tokens({"additional_special_tokens": TURNS})  # ids 32000, 32001
     tok.chat_template = CHAT
@@ -192,13 +200,192 @@ def test_safetensors_compressed_tensors(base, text_data, work, tmp_path, bits, g
     assert v["passed"], v["summary"]
 
 
-def test_onnx_refuses_gemma3_loudly(base, text_data, work, tmp_path):
-    """Until the Gemma 3 graph exists, ONNX export refuses before writing anything (never a Llama-style graph)."""
+@pytest.mark.parametrize("flavor", ["gptq", "gptq-v1"])
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_safetensors_gptq(base, text_data, work, tmp_path, flavor, bits, group):
+    """GPTQ (integer zeros, fp16 scales): packed exactly, loaded by the GPTQ runtime the other architectures use
+    (GPTQModel when installed, else transformers' Gemma3ForCausalLM holding compressed-tensors' unpacking of the
+    file), verify (c) passes.  gptq-v1 stores z - 1: exact here because every trained zero point is >= 1."""
+    ck = trained(base, text_data, work, bits=bits, group=group, zero_point="integer", scale_grid="fp16")
+    rep = get_target("safetensors").write(ck, tmp_path / "gptq", flavor=flavor)
+    art = Path(rep.artifact)
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["quantization_config"]["quant_method"] == "gptq"
+    assert all(r["exact"] for r in rep.layers) and rep.n_quantized == 6 * 7
+    v = verify_artifact(get_target("safetensors"), art, ck)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 6 * 7
+
+
+def test_gguf_tokenizer_chat_markers(base, text_data, work, tmp_path):
+    """verify's tokenizer parity covers the chat markers: on the rendered chat template and on text around each
+    marker (leading spaces, digits, unicode), llama.cpp with parse_special gives each marker its one id, the one
+    transformers gives it, and SentencePiece's ids for the text between them (verify's truth for SentencePiece
+    models).  The same GGUF without the tokens transformers added on top of tokenizer.model (what gguf-py's
+    SentencePieceVocab alone writes) fails the check on exactly the 3 chat texts."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from l4q_export.checkpoint import load_checkpoint
+    from l4q_export.formats.gguf import check as gguf_check
+    from l4q_export.formats.gguf import vocab as gguf_vocab
+
     ck = trained(base, text_data, work)
-    out = tmp_path / "onnx"
-    with pytest.raises(L4QInputError, match="Gemma 3 decoder.*not built"):
-        get_target("onnx").write(ck, out)
-    assert not out.exists()
+    art = Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact)
+    rep = gguf_check.tokenizer_parity(art, load_checkpoint(ck))
+    assert rep["passed"], rep["mismatches"]
+    assert rep["n_chat_texts"] == 3 and rep["n_match"] == len(gguf_check.TOKENIZER_TEXTS) + 3
+    tok = AutoTokenizer.from_pretrained(str(ck))
+    llm = Llama(model_path=str(art), vocab_only=True, verbose=False)
+    assert [llm.tokenize(m.encode(), add_bos=False, special=True) for m in TURNS] == [[32000], [32001]]
+    assert tok.convert_tokens_to_ids(TURNS) == [32000, 32001]
+    llm.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_vocab, "_add_hf_tokens", lambda tok_dir, tokens, types, model: 0)
+        bad = Path(get_target("gguf").write(ck, tmp_path / "bad.gguf").artifact)
+    rep = gguf_check.tokenizer_parity(bad, load_checkpoint(ck))
+    assert not rep["passed"] and rep["n_match"] == len(gguf_check.TOKENIZER_TEXTS)
+
+
+ONNX_FORMS = ["matmulnbits", "qdq"]
+
+
+def _gqa_windows(art: Path) -> list[int]:
+    """local_window_size of each GroupQueryAttention node, in layer order (read from the file with onnx)."""
+    model = onnx.load(str(art), load_external_data=False)
+    return [next(a.i for a in n.attribute if a.name == "local_window_size")
+            for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+@pytest.mark.parametrize(("bits", "group"), SPECS)
+def test_onnx(base, text_data, work, tmp_path, form, bits, group):
+    """Both ONNX forms run in onnxruntime and pass verify (c) against the PyTorch training forward: prefill on the
+    verify prompts (longer than the window, so local and global layers differ) and greedy decoding through the
+    KV cache."""
+    ck = trained(base, text_data, work, bits=bits, group=group)
+    rep = get_target("onnx").write(ck, tmp_path / "onnx", onnx_form=form)
+    art = Path(rep.artifact)
+    assert rep.n_quantized == 6 * 7 and rep.details["fused"] == (form == "matmulnbits")
+    ops = [n.op_type for n in onnx.load(str(art), load_external_data=False).graph.node]
+    assert ops.count("Gelu") == 6
+    if form == "matmulnbits":  # the window on exactly the sliding_attention layers
+        assert _gqa_windows(art) == [WINDOW] * 5 + [-1]
+    v = verify_artifact(get_target("onnx"), art, ck)
+    assert v["passed"], v["summary"]
+    assert v["n_codes_identical"] == 6 * 7 and v["greedy"]["required"] > 0
+
+
+_REAL_FROM_CONFIG = onnx_graph.DecoderSpec.from_config
+
+
+def _patched_spec(change):
+    """DecoderSpec.from_config with `change` applied to the real spec (test-only: builds a wrong graph on purpose)."""
+    return staticmethod(lambda cfg, architecture: change(_REAL_FROM_CONFIG(cfg, architecture)))
+
+
+def _with(**fields):
+    return lambda spec: dataclasses.replace(spec, **fields)
+
+
+# each wrong graph gets one Gemma 3 piece wrong; every one must load in onnxruntime and fail verify (c)
+WRONG = {
+    "window_pattern": ("_windows", lambda cfg, arch, n: (None,) + (WINDOW,) * (n - 1)),  # layer 0 global, 1-5 local
+    "no_window": ("_windows", lambda cfg, arch, n: (None,) * n),
+    "no_embed_scale": ("from_config", _with(embed_scale=None)),
+    "no_plus_one": ("from_config", _with(norm_offset=0.0)),
+    "swapped_rope_bases": ("from_config", lambda s: dataclasses.replace(s, layer_rope=tuple(1 - r for r in s.layer_rope))),
+    "silu_mlp": ("from_config", _with(act="silu")),
+}
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+def test_onnx_negative_controls(base, text_data, work, tmp_path, form):
+    """The same export with one Gemma 3 piece wrong (test-only monkeypatches) stores identical weights but fails
+    verify (c): the window pattern, the window itself, the sqrt(hidden) embedding scale, the +1 of the norms, the
+    local/global rope bases, the GELU-tanh MLP are each really exercised by the verify prompts."""
+    ck = trained(base, text_data, work)
+    for name, (attr, how) in WRONG.items():
+        out = tmp_path / name
+        with pytest.MonkeyPatch.context() as mp:
+            if attr == "_windows":
+                mp.setattr(onnx_graph, "_windows", how)
+            else:
+                mp.setattr(onnx_graph.DecoderSpec, "from_config", _patched_spec(how))
+            get_target("onnx").write(ck, out, onnx_form=form)
+        v = verify_artifact(get_target("onnx"), out / "model.onnx", ck)
+        assert v["n_codes_identical"] == 6 * 7, name
+        assert not v["passed"] and not v["logits"]["passed"], (name, v["summary"])
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+def test_onnx_query_scale_and_global_rope_scaling(tmp_path_factory, text_data, work, tmp_path, form):
+    """query_pre_attn_scalar != head_dim and linear rope scaling on the global layers (Gemma 3 4B+): verify (c)
+    passes, and the graph with head_dim^-1/2 instead fails it."""
+    root = tmp_path_factory.mktemp("g3_qscale")
+    b = build_gemma3(root / "base", query_pre_attn_scalar=48, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    ck = trained(b, text_data, work)
+    get_target("onnx").write(ck, tmp_path / "onnx", onnx_form=form)
+    v = verify_artifact(get_target("onnx"), tmp_path / "onnx" / "model.onnx", ck)
+    assert v["passed"], v["summary"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_graph.DecoderSpec, "from_config", _patched_spec(_with(attn_scale=None)))
+        get_target("onnx").write(ck, tmp_path / "bad", onnx_form=form)
+    assert not verify_artifact(get_target("onnx"), tmp_path / "bad" / "model.onnx", ck)["passed"]
+
+
+def test_onnx_refuses_what_it_does_not_compute(base):
+    """Softcapping, bidirectional attention and length-dependent rope on the global layers: one clear line each."""
+    cfg = json.loads((base / "config.json").read_text())
+    onnx_graph.DecoderSpec.from_config(cfg, "Gemma3ForCausalLM")  # the real config passes
+    dynamic = {**cfg["rope_parameters"], "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}
+    for bad, match in [({"final_logit_softcapping": 30.0}, "softcapping"), ({"attn_logit_softcapping": 50.0}, "softcapping"),
+                       ({"use_bidirectional_attention": True}, "bidirectional"), ({"rope_parameters": dynamic}, "dynamic"),
+                       ({"hidden_activation": "silu"}, "gelu_pytorch_tanh")]:
+        with pytest.raises(L4QInputError, match=match):
+            onnx_graph.DecoderSpec.from_config({**cfg, **bad}, "Gemma3ForCausalLM")
+
+
+def _reference_ppl(ck: Path, text: Path, n_tokens: int) -> tuple[float, int]:
+    """Perplexity of the PyTorch training forward (`reference_model`) over the first n_tokens (BOS included), in
+    one window, computed here with torch's cross entropy: independent of l4q-eval's windowing and scoring."""
+    from transformers import AutoTokenizer
+
+    from l4q_export.checkpoint import load_checkpoint
+    from l4q_export.training.methods import reference_model
+
+    ids = AutoTokenizer.from_pretrained(str(ck))(text.read_text()[: n_tokens * 16])["input_ids"][:n_tokens]
+    with torch.no_grad():
+        logits = reference_model(load_checkpoint(ck))(torch.tensor([ids])).logits[0].double()
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])))), len(ids)
+
+
+def test_eval_on_artifacts(base, text_data, work, tmp_path):
+    """`l4q-eval --tasks ppl` (the CLI) on the checkpoint, the GGUF and the ONNX export: finite, and each close to the
+    reference model's own perplexity over the same 256 tokens (one window: ctx 256 >= the tokens scored)."""
+    from click.testing import CliRunner
+
+    from l4q_export.eval.cli import main as l4q_eval
+
+    ck = trained(base, text_data, work)
+    targets = {"checkpoint": ck, "gguf": Path(get_target("gguf").write(ck, tmp_path / "m.gguf").artifact),
+               "onnx": Path(get_target("onnx").write(ck, tmp_path / "onnx").artifact)}
+    want, n = _reference_ppl(ck, text_data, 256)
+    ppl = {}
+    for name, target in targets.items():
+        out = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(l4q_eval, [str(target), "--tasks", "ppl", "--text", str(text_data), "--max-tokens", "256",
+                                            "--ctx", "256", "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        r = json.loads(out.read_text())["results"]["ppl"]
+        assert r["tokens"] == n and r["windows"] == 1
+        ppl[name] = r["ppl"]
+        assert np.isfinite(ppl[name]) and ppl[name] > 1
+    assert abs(ppl["checkpoint"] / want - 1) < 1e-4  # the fold's dense weights are the training forward's W_q
+    assert abs(ppl["onnx"] / want - 1) < 1e-3  # fp32 graph, same math up to summation order
+    assert abs(ppl["gguf"] / want - 1) < 0.06  # llama.cpp's Q8 activations (see test_architectures' eval test)
 
 
 @pytest.mark.slow

@@ -138,7 +138,64 @@ def tokenizer_parity(artifact: Path, ck: Checkpoint, texts: tuple[str, ...] | li
         if got != want:
             mismatches.append({"text": text, "llama.cpp": got[:32], truth_name: want[:32]})
         hf_diff += list(hf(text)["input_ids"]) != want
+    chat = chat_texts(hf)
+    for text in chat:  # llama.cpp parses the special tokens (parse_special), as a chat server does
+        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        want = special_truth(hf, truth_name, truth, text)
+        if got != want:
+            mismatches.append({"text": text, "llama.cpp": got[:32], truth_name: want[:32]})
+        hf_diff += list(hf(text, add_special_tokens=False)["input_ids"]) != want
     llm.close()
-    return {"truth": truth_name, "n_texts": len(texts), "n_match": len(texts) - len(mismatches),
+    n = len(texts) + len(chat)
+    return {"truth": truth_name, "n_texts": n, "n_chat_texts": len(chat), "n_match": n - len(mismatches),
             "hf_differs_from_truth": hf_diff, "mismatches": mismatches[:5], "passed": not mismatches,
-            "summary": f"tokenizer {len(texts) - len(mismatches)}/{len(texts)}"}
+            "summary": f"tokenizer {n - len(mismatches)}/{n}" + (f" ({len(chat)} with chat markers)" if chat else "")}
+
+
+def special_truth(hf: Any, truth_name: str, truth: Any, text: str) -> list[int]:
+    """The ids of a text holding special tokens, without BOS.  SentencePiece models: the text split at the special
+    tokens, each one its id, each piece between them encoded by SentencePiece on its own (the model file knows no
+    tokens transformers added; llama.cpp tokenizes the pieces between specials the same way), with the whitespace
+    next to a token stripped where transformers' token says lstrip/rstrip (Phi-3's markers).  Others: transformers."""
+    if truth_name != "sentencepiece":
+        return list(hf(text, add_special_tokens=False)["input_ids"])
+    import re
+
+    specials = sorted(hf.all_special_tokens, key=len, reverse=True)
+    strip = {t.content: (bool(t.lstrip), bool(t.rstrip)) for t in hf.added_tokens_decoder.values()}
+    n_bos = len(truth(""))
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+    out: list[int] = []
+    for i, piece in enumerate(parts):
+        if piece in specials:
+            out.append(int(hf.convert_tokens_to_ids(piece)))
+            continue
+        if i > 0 and strip.get(parts[i - 1], (False, False))[1]:
+            piece = piece.lstrip()
+        if i + 1 < len(parts) and strip.get(parts[i + 1], (False, False))[0]:
+            piece = piece.rstrip()
+        if piece:
+            out += truth(piece)[n_bos:]
+    return out
+
+
+CHAT_CONTENT = ("  Hi there 12345, naïve café 😀", "Sure: 3.14 – “done”.")
+
+
+def chat_texts(hf: Any) -> list[str]:
+    """Texts holding the tokenizer's extra special tokens (chat markers: Gemma's <start_of_turn>/<end_of_turn>,
+    ChatML's <|im_start|>...) around content with leading spaces, digits and unicode: the conversation rendered
+    by the chat template (with the generation prompt) and each marker on its own between text.  Empty when the
+    tokenizer adds no such tokens, so plain tokenizers are checked exactly as before."""
+    extra = getattr(hf, "extra_special_tokens", None) or getattr(hf, "additional_special_tokens", None) or []
+    markers = [t for t in (extra.values() if isinstance(extra, dict) else extra) if isinstance(t, str)]
+    if not markers:
+        return []
+    out = [f"{m}user\n{CHAT_CONTENT[0]}{m}\n" for m in markers]
+    if getattr(hf, "chat_template", None):
+        conv = [{"role": "user", "content": CHAT_CONTENT[0]}, {"role": "assistant", "content": CHAT_CONTENT[1]}]
+        try:
+            out.append(hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+        except Exception:  # noqa: BLE001 -- a template that needs other roles: the marker texts above still run
+            pass
+    return out

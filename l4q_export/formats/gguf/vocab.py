@@ -239,6 +239,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, 
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.UNUSED))
+    n_added = _add_hf_tokens(tok_dir, tokens, types, model)
     w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -251,5 +252,37 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict[str, 
     if model == "gpt2" and not special.merges:
         raise L4QInputError(f"BPE tokenizer in {tok_dir} has no merges; llama.cpp cannot load a gpt2 vocab without them")
     special.add_to_gguf(w, quiet=True)
-    return {"tokenizer": model, "pre": pre, "n_tokens": n_real, "n_padding": n_vocab - n_real,
+    return {"tokenizer": model, "pre": pre, "n_tokens": n_real, "n_added": n_added, "n_padding": n_vocab - n_real - n_added,
             "chat_template": special.chat_template is not None}
+
+
+def _add_hf_tokens(tok_dir: Path, tokens: list[bytes], types: list[int], model: str) -> int:
+    """Tokens transformers adds on top of the model's vocabulary (chat markers such as Gemma's <start_of_turn> or
+    ChatML's <|im_start|>), typed as convert_hf_to_gguf.py does: special -> CONTROL (llama.cpp parses them with
+    parse_special; as NORMAL tokens it spells them out as text).  SentencePiece (`model` "llama"): gguf-py's
+    SentencePieceVocab only reads added_tokens.json, which transformers 5 no longer writes, so added ids past
+    tokenizer.model would stay `[PAD]` rows; they get their text, non-special ones as USER_DEFINED with
+    SentencePiece's '▁' as a space.  Byte-level BPE: gguf-py's BpeVocab lists the added tokens as NORMAL; special
+    ones become CONTROL (their text is already right).  The ids come from tokenizer.json's added_tokens and
+    tokenizer_config.json's added_tokens_decoder; only rows that are padding or normal pieces change, ids past the
+    embedding are ignored (as the converter does).  Returns how many padding rows became tokens."""
+    added: dict[int, tuple[str, bool]] = {}
+    if (tok_dir / "tokenizer.json").is_file():
+        for t in json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []:
+            added[int(t["id"])] = (str(t["content"]), bool(t.get("special")))
+    if (tok_dir / "tokenizer_config.json").is_file():
+        tc = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for k, t in (tc.get("added_tokens_decoder") or {}).items():
+            added[int(k)] = (str(t["content"]), bool(t.get("special")))
+    n = 0
+    for tid, (content, special) in sorted(added.items()):
+        if tid >= len(tokens) or types[tid] not in (gguf.TokenType.UNUSED, gguf.TokenType.NORMAL):
+            continue
+        if model != "llama":  # BPE: the listed text is the token's own; only the type is the converter's
+            if special and tokens[tid] == content.encode("utf-8"):
+                types[tid] = int(gguf.TokenType.CONTROL)
+            continue
+        n += types[tid] == gguf.TokenType.UNUSED
+        tokens[tid] = (content if special else content.replace("\u2581", " ")).encode("utf-8")
+        types[tid] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+    return n

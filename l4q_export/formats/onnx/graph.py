@@ -1,4 +1,4 @@
-"""Direct ONNX graph construction for LLaMA/Mistral/Qwen2/Qwen3/Phi-3 decoders with a KV cache.
+"""Direct ONNX graph construction for LLaMA/Mistral/Qwen2/Qwen3/Phi-3/Gemma 3 decoders with a KV cache.
 
 The graph is written with `onnx.helper` node by node instead of traced from torch: tracing would
 re-derive weights from a float module, while here every quantized initializer is copied from the
@@ -36,12 +36,12 @@ INLINE_BYTES = 1024
 ALIGN = 64
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
-# Gemma 3's graph pieces ((1 + w) norms, scaled embeddings, post-norms, GELU-tanh, per-layer rope bases) are not
-# written yet: refused, never exported as a Llama-style graph that would compute something else.
-NOT_YET = {"Gemma3ForCausalLM": "the Gemma 3 decoder ((1 + w) norms, sqrt(hidden)-scaled embeddings, post-attention/"
-                                "post-MLP norms, GELU-tanh MLP, local/global rope bases) is not built by the ONNX "
-                                "exporter yet; export to gguf or safetensors"}
-ARCH_TYPES = {a.name: a.model_type for a in A.ARCHS.values() if a.name not in NOT_YET}
+ARCH_TYPES = {a.name: a.model_type for a in A.ARCHS.values()}
+GEMMA3 = "Gemma3ForCausalLM"
+# the MLP activations the graph writes: HF hidden_act / hidden_activation name -> ours
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# (inv_freq fp32 [head_dim/2], HF's attention_scaling applied to cos/sin), both from transformers' rotary module
+Rope = tuple[np.ndarray, float]
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,29 @@ class DecoderSpec:
     vocab: int
     eps: float
     tied: bool
-    inv_freq: np.ndarray  # fp32 [head_dim/2], computed by transformers itself so RoPE matches the reference
-    rope_scale: float  # HF's attention_scaling applied to cos/sin (1.0 for default RoPE)
+    ropes: tuple[Rope, ...]  # the distinct RoPE tables (Gemma 3: global, local), computed by transformers itself
+    layer_rope: tuple[int, ...]  # per layer: index into ropes
     windows: tuple[int | None, ...]  # per layer: sliding-window length or None
     max_positions: int
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q/k head before RoPE
     qkv_split: tuple[int, ...] | None = None  # Phi-3: one fused qkv_proj, split into q/k/v rows
     gate_up_split: tuple[int, ...] | None = None  # Phi-3: one fused gate_up_proj, split into gate/up rows
+    attn_scale: float | None = None  # softmax scale of q.k; None = head_dim^-1/2 (Gemma 3: query_pre_attn_scalar^-1/2)
+    act: str = "silu"  # gated-MLP activation: silu or gelu_tanh (Gemma 3)
+    norm_offset: float = 0.0  # Gemma 3: RMSNorm gains are (1 + w); the writer stores the sum in fp32
+    embed_scale: float | None = None  # Gemma 3: embeddings times sqrt(hidden) (as the fp32 constant HF multiplies by)
+    sandwich_norms: bool = False  # Gemma 3: post-attention / post-feedforward norms on each branch before its residual
 
     @staticmethod
     def from_config(cfg: dict[str, Any], architecture: str) -> DecoderSpec:
-        if architecture in NOT_YET:
-            raise L4QInputError(f"ONNX export of {architecture}: {NOT_YET[architecture]}")
         if architecture not in ARCH_TYPES:
             raise L4QInputError(f"ONNX export supports {', '.join(ARCH_TYPES)}; checkpoint architecture is {architecture}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise L4QInputError(f"config.json hidden_act={cfg.get('hidden_act')!r}: only silu MLPs can be exported to ONNX")
+        gemma = architecture == GEMMA3
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        act = ACTIVATIONS.get(cfg.get(act_key, "gelu_pytorch_tanh" if gemma else "silu"))
+        if act is None or (act == "gelu_tanh") != gemma:
+            raise L4QInputError(f"config.json {act_key}={cfg.get(act_key)!r}: the ONNX exporter writes "
+                                f"{'gelu_pytorch_tanh' if gemma else 'silu'} MLPs for {architecture}")
         heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         if heads % kv:
             raise L4QInputError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
@@ -81,22 +88,36 @@ class DecoderSpec:
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         _refuse_rope(cfg)
         arch = A.get(architecture)
-        inv_freq, rope_scale = _rope(cfg, architecture)
         n_layers = int(cfg["num_hidden_layers"])
+        if gemma:
+            hf = _gemma3_config(cfg)
+            types = sorted(set(hf.layer_types))
+            ropes, layer_rope = _gemma3_ropes(hf, types), tuple(types.index(t) for t in hf.layer_types)
+            extra: dict[str, Any] = dict(attn_scale=float(hf.query_pre_attn_scalar) ** -0.5, act=act, norm_offset=1.0,
+                                         embed_scale=float(np.float32(hidden ** 0.5)), sandwich_norms=True)
+        else:
+            ropes, layer_rope, extra = (_rope(cfg, architecture),), (0,) * n_layers, {}
         return DecoderSpec(
             model_type=ARCH_TYPES[architecture], hidden=hidden, intermediate=int(cfg["intermediate_size"]), layers=n_layers,
             heads=heads, kv_heads=kv, head_dim=head_dim, vocab=int(cfg["vocab_size"]), eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tied=bool(cfg.get("tie_word_embeddings", False)), inv_freq=inv_freq, rope_scale=rope_scale,
+            tied=bool(cfg.get("tie_word_embeddings", False)), ropes=ropes, layer_rope=layer_rope,
             windows=_windows(cfg, architecture, n_layers), max_positions=int(cfg.get("max_position_embeddings", 2048)),
             qk_norm=arch.qk_norm,
             qkv_split=tuple(A.split_sizes(arch, "qkv_proj", cfg)) if arch.fused_qkv else None,
             gate_up_split=tuple(A.split_sizes(arch, "gate_up_proj", cfg)) if arch.fused_gate_up else None,
+            **extra,
         )
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5 if self.attn_scale is None else self.attn_scale
 
 
 def _refuse_rope(cfg: dict[str, Any]) -> None:
     """RoPE variants one static graph cannot reproduce exactly: refused with the reason, never approximated."""
     both = [cfg.get("rope_scaling") or {}, cfg.get("rope_parameters") or {}]  # transformers 4 / 5 spellings
+    # Gemma 3 nests one parameter set per layer type (sliding_attention / full_attention)
+    both += [d for d in both[1].values() if isinstance(d, dict)]
     rp = {**both[0], **both[1]}
     kinds = {d.get("rope_type", d.get("type", "default")) for d in both}
     if kind := next((k for k in kinds if k in ("su", "longrope", "dynamic")), None):
@@ -120,12 +141,51 @@ def _rope(cfg: dict[str, Any], architecture: str) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy().copy(), float(rotary.attention_scaling)
 
 
+def _gemma3_config(cfg: dict[str, Any]) -> Any:
+    """transformers' Gemma3TextConfig for this config.json (it derives layer_types from an old-style
+    sliding_window_pattern and fills the per-layer-type rope_parameters), after refusing what the graph does not
+    compute: attention / final-logit softcapping and bidirectional attention."""
+    from transformers import Gemma3TextConfig
+
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise L4QInputError(f"config.json {key}={cfg[key]}: softcapping is not written by the ONNX exporter; "
+                                "export to safetensors instead")
+    if cfg.get("use_bidirectional_attention"):
+        raise L4QInputError("config.json use_bidirectional_attention: the ONNX decoder is causal; export to safetensors")
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map", "model_type")}
+    try:
+        hf = Gemma3TextConfig(**keep)
+    except (KeyError, ValueError, TypeError) as e:
+        raise L4QInputError(f"config.json: not a valid Gemma 3 text config ({e})") from None
+    if len(hf.layer_types) != int(cfg["num_hidden_layers"]) or set(hf.layer_types) - {"sliding_attention", "full_attention"}:
+        raise L4QInputError(f"config.json layer_types must list {cfg['num_hidden_layers']} sliding_attention/"
+                            "full_attention entries")
+    return hf
+
+
+def _gemma3_ropes(hf: Any, types: list[str]) -> tuple[Rope, ...]:
+    """One (inv_freq, attention_scaling) per layer type from transformers' own Gemma3RotaryEmbedding: local layers
+    use the local base, global ones the global base and any static rope scaling (linear, yarn...) it applies."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    try:
+        rotary = Gemma3RotaryEmbedding(hf)
+    except (KeyError, ValueError, TypeError) as e:
+        raise L4QInputError(f"config.json: cannot build the Gemma 3 RoPE parameters ({e})") from None
+    return tuple((getattr(rotary, f"{t}_inv_freq").float().numpy().copy(), float(getattr(rotary, f"{t}_attention_scaling")))
+                 for t in types)
+
+
 def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[int | None, ...]:
     """Sliding-window length per layer, following the HF mask rules of each architecture."""
     window = cfg.get("sliding_window")
     rule = A.get(architecture).sliding
     if rule == "all":
         return tuple([int(window) if window else None] * n_layers)
+    if rule == "gemma":  # every sliding_attention layer, always (HF Gemma3Attention)
+        types = _gemma3_config(cfg).layer_types
+        return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
     if rule == "layer_types" and cfg.get("use_sliding_window") and window:
         types = cfg.get("layer_types") or []
         max_window_layers = int(cfg.get("max_window_layers", n_layers))
@@ -213,8 +273,9 @@ def gqa_rotary(spec: DecoderSpec) -> bool:
     return spec.head_dim % 16 == 0
 
 
-def add_rope_cache(spec: DecoderSpec, g: GraphBuilder, data: ExternalData) -> tuple[str, str]:
-    """GroupQueryAttention's cos/sin caches [max_positions, head_dim/2], computed with torch as HF does.
+def add_rope_cache(spec: DecoderSpec, g: GraphBuilder, data: ExternalData) -> list[tuple[str, str]]:
+    """GroupQueryAttention's cos/sin caches [max_positions, head_dim/2], one pair per RoPE table of the spec,
+    computed with torch as HF does.
 
     HF: freqs = position * inv_freq in fp32 (one exact product), cos/sin of it, times attention_scaling,
     cast to the activation dtype.  Rows are positions, so the cache covers the model's context length.
@@ -222,12 +283,16 @@ def add_rope_cache(spec: DecoderSpec, g: GraphBuilder, data: ExternalData) -> tu
     import torch
 
     pos = torch.arange(spec.max_positions, dtype=torch.float32)[:, None]
-    freqs = pos * torch.from_numpy(spec.inv_freq)[None, :]
     out = []
-    for name, fn in (("rope.cos_cache", torch.cos), ("rope.sin_cache", torch.sin)):
-        t = fn(freqs) * spec.rope_scale if spec.rope_scale != 1.0 else fn(freqs)
-        out.append(g.add_initializer(data.tensor(name, t.numpy().astype(g.np_dtype))))
-    return out[0], out[1]
+    for r, (inv_freq, scale) in enumerate(spec.ropes):
+        freqs = pos * torch.from_numpy(inv_freq)[None, :]
+        prefix = "rope" if r == 0 else f"rope.{r}"
+        pair = []
+        for name, fn in ((f"{prefix}.cos_cache", torch.cos), (f"{prefix}.sin_cache", torch.sin)):
+            t = fn(freqs) * scale if scale != 1.0 else fn(freqs)
+            pair.append(g.add_initializer(data.tensor(name, t.numpy().astype(g.np_dtype))))
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def kv_names(i: int) -> tuple[str, str, str, str]:
@@ -239,13 +304,14 @@ class DecoderGraph:
 
     `linear(g, x, module, n_out)` must return the output name of x @ W(module)^T (+ bias); everything else
     (embedding, RMSNorm, RoPE, causal/padding/sliding-window mask, GQA attention with a concatenated
-    KV cache, SiLU MLP, lm_head) is built here.
+    KV cache, SiLU / GELU-tanh MLP, Gemma 3's scaled embedding and post-branch norms, lm_head) is built here.
     """
 
     def __init__(self, spec: DecoderSpec, g: GraphBuilder, linear: Any, floats: dict[str, str], fused: bool = False,
-                 rope_cache: tuple[str, str] | None = None) -> None:
-        """fused: build the contrib-op graph; rope_cache: the (cos, sin) initializers from `add_rope_cache` when
-        GroupQueryAttention applies RoPE itself (`gqa_rotary`), else RoPE stays decomposed in front of it."""
+                 rope_cache: list[tuple[str, str]] | None = None) -> None:
+        """fused: build the contrib-op graph; rope_cache: the (cos, sin) initializers per RoPE table from
+        `add_rope_cache` when GroupQueryAttention applies RoPE itself (`gqa_rotary`), else RoPE stays decomposed
+        in front of it."""
         self.s, self.g, self.linear, self.floats = spec, g, linear, floats
         self.fused, self.rope_cache = fused, rope_cache
 
@@ -265,18 +331,21 @@ class DecoderGraph:
             y = g.op("Cast", [y], hint, to=g.onnx_dtype)
         return g.op("Mul", [self.weight(weight), y], hint)
 
-    def rope_tables(self, axis: int = 1) -> tuple[str, str]:
-        """cos/sin [B,1,S,D] (or [B,S,1,D] with axis=2) from position_ids: freqs = pos * inv_freq (one exact fp32
-        product, as HF)."""
-        g, s = self.g, self.s
+    def rope_tables(self, axis: int = 1) -> list[tuple[str, str]]:
+        """cos/sin [B,1,S,D] (or [B,S,1,D] with axis=2) per RoPE table of the spec, from position_ids:
+        freqs = pos * inv_freq (one exact fp32 product, as HF)."""
+        return [self._rope_table(inv_freq, scale, axis) for inv_freq, scale in self.s.ropes]
+
+    def _rope_table(self, inv_freq: np.ndarray, scale: float, axis: int) -> tuple[str, str]:
+        g = self.g
         pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "rope", to=TensorProto.FLOAT), g.const([-1])], "rope")
-        freqs = g.op("Mul", [pos, g.const(s.inv_freq, np.float32)], "rope")
+        freqs = g.op("Mul", [pos, g.const(inv_freq, np.float32)], "rope")
         emb = g.op("Concat", [freqs, freqs], "rope", axis=-1)
         out = []
         for fn in ("Cos", "Sin"):
             t = g.op(fn, [emb], "rope")
-            if s.rope_scale != 1.0:
-                t = g.op("Mul", [t, g.const(s.rope_scale, np.float32)], "rope")
+            if scale != 1.0:
+                t = g.op("Mul", [t, g.const(scale, np.float32)], "rope")
             if g.onnx_dtype != TensorProto.FLOAT:
                 t = g.op("Cast", [t], "rope", to=g.onnx_dtype)
             out.append(g.op("Unsqueeze", [t, g.const([axis])], "rope"))
@@ -325,7 +394,7 @@ class DecoderGraph:
         qg = g.op("Reshape", [q, g.const([0, hkv, -1, d])], hint)
         scores = g.op("MatMul", [qg, g.op("Transpose", [present_k], hint, perm=[0, 1, 3, 2])], hint)
         scores = g.op("Reshape", [scores, g.const([0, hq, -1, 0])], hint)
-        scores = g.op("Add", [g.op("Mul", [scores, g.const(d ** -0.5, g.np_dtype)], hint), mask], hint)
+        scores = g.op("Add", [g.op("Mul", [scores, g.const(s.scale, g.np_dtype)], hint), mask], hint)
         probs = g.op("Reshape", [g.op("Softmax", [scores], hint, axis=-1), g.const([0, hkv, -1, 0])], hint)
         ctx = g.op("Reshape", [g.op("MatMul", [probs, present_v], hint), g.const([0, hq, -1, d])], hint)
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), g.const([0, 0, hq * d])], hint)
@@ -366,7 +435,7 @@ class DecoderGraph:
         total = g.op("Gather", [g.op("Shape", ["attention_mask"], "gqa"), g.const(1)], "gqa", axis=0)
         return g.op("Cast", [seqlens], "gqa", to=TensorProto.INT32), g.op("Cast", [total], "gqa", to=TensorProto.INT32)
 
-    def fused_attention(self, i: int, x: str, lengths: tuple[str, str], tables: tuple[str, str] | None) -> str:
+    def fused_attention(self, i: int, x: str, lengths: tuple[str, str], tables: list[tuple[str, str]] | None) -> str:
         """q/k/v linears -> com.microsoft::GroupQueryAttention (BNSH cache, no repeated KV) -> o_proj.
 
         RoPE runs inside the op from the cos/sin cache, or, when `tables` ([B,S,1,D] cos/sin) are given
@@ -376,10 +445,11 @@ class DecoderGraph:
         p, hint = f"model.layers.{i}.self_attn", f"layers.{i}.attn"
         heads = self.qkv(i, x)  # [B, S, n, D], q/k already normed (Qwen3): the op's RoPE then sees what HF's does
         rotary: list[str] = []
+        r = s.layer_rope[i]
         if tables is not None:
-            heads["q"], heads["k"] = (self.rotate(heads[t], *tables, hint) for t in "qk")
+            heads["q"], heads["k"] = (self.rotate(heads[t], *tables[r], hint) for t in "qk")
         else:
-            rotary = [*self.rope_cache, "position_ids"]  # type: ignore[misc]
+            rotary = [*self.rope_cache[r], "position_ids"]  # type: ignore[index]
         q, k, v = (g.op("Reshape", [heads[t], g.const([0, 0, n * s.head_dim])], hint)
                    for t, n in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)))
         past_k, past_v, present_k, present_v = kv_names(i)
@@ -387,7 +457,7 @@ class DecoderGraph:
         ctx = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *rotary], hint,
                    outputs=[g.fresh(f"{hint}/gqa"), present_k, present_v], domain=MS_DOMAIN,
                    num_heads=s.heads, kv_num_heads=s.kv_heads, do_rotary=int(tables is None), rotary_interleaved=0,
-                   scale=float(s.head_dim ** -0.5),
+                   scale=float(s.scale),
                    # same key set as HF's sliding window (kpos > qpos - window); measured against HF on a
                    # window-5 Mistral (tests): window - 1 would drop one key
                    local_window_size=window if window is not None else -1)[0]
@@ -402,26 +472,53 @@ class DecoderGraph:
         else:
             gate = self.linear(g, x, f"{p}.gate_proj", s.intermediate)
             up = self.linear(g, x, f"{p}.up_proj", s.intermediate)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint)], hint)
+        if s.act == "gelu_tanh":  # HF gelu_pytorch_tanh = torch gelu(approximate="tanh"); ONNX Gelu (opset 20)
+            act = g.op("Gelu", [gate], hint, approximate="tanh")
+        else:
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint)], hint)
         return self.linear(g, g.op("Mul", [act, up], hint), f"{p}.down_proj", s.hidden)
+
+    def norm_names(self, i: int) -> tuple[str, str | None, str, str | None]:
+        """(pre-attention, post-attention branch, pre-MLP, post-MLP branch) norm weights of layer i.  Gemma 3 norms
+        both branch outputs before their residual add (its post_attention_layernorm is such a branch norm, its
+        pre-MLP norm is pre_feedforward_layernorm); the others have no branch norms and call the pre-MLP norm
+        post_attention_layernorm."""
+        p = f"model.layers.{i}"
+        if self.s.sandwich_norms:
+            return (f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
+                    f"{p}.pre_feedforward_layernorm.weight", f"{p}.post_feedforward_layernorm.weight")
+        return f"{p}.input_layernorm.weight", None, f"{p}.post_attention_layernorm.weight", None
+
+    def branch_norm(self, y: str, weight: str | None, hint: str) -> str:
+        return y if weight is None else self.rms_norm(y, weight, hint)
+
+    def embed(self) -> str:
+        """Token embeddings; Gemma 3 multiplies them by sqrt(hidden) -- HF's fp32 constant cast to the activation
+        dtype (`embed_scale.to(weight.dtype)`), so the fp32 graph uses the very value the fp32 reference does."""
+        g, s = self.g, self.s
+        h = g.op("Gather", [self.weight("model.embed_tokens.weight"), "input_ids"], "embed", axis=0)
+        if s.embed_scale is not None:
+            h = g.op("Mul", [h, g.const(s.embed_scale, g.np_dtype)], "embed")
+        return h
 
     def build(self) -> None:
         g, s = self.g, self.s
-        h = g.op("Gather", [self.weight("model.embed_tokens.weight"), "input_ids"], "embed", axis=0)
+        h = self.embed()
         if self.fused:
             self.build_fused(h)
             return
-        cos, sin = self.rope_tables()
+        tables = self.rope_tables()
         masks: dict[int | None, str] = {}
         for i in range(s.layers):
             w = s.windows[i]
             if w not in masks:
                 masks[w] = self.mask(w)
-            x = self.rms_norm(h, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.norm1")
-            a = self.attention(i, x, cos, sin, masks[w])
-            h = g.op("Add", [h, a], f"layers.{i}")
-            m = self.mlp(i, self.rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2"))
-            h = g.op("Add", [h, m], f"layers.{i}")
+            pre_attn, post_attn, pre_mlp, post_mlp = self.norm_names(i)
+            x = self.rms_norm(h, pre_attn, f"layers.{i}.norm1")
+            a = self.attention(i, x, *tables[s.layer_rope[i]], masks[w])
+            h = g.op("Add", [h, self.branch_norm(a, post_attn, f"layers.{i}.post_attn_norm")], f"layers.{i}")
+            m = self.mlp(i, self.rms_norm(h, pre_mlp, f"layers.{i}.norm2"))
+            h = g.op("Add", [h, self.branch_norm(m, post_mlp, f"layers.{i}.post_mlp_norm")], f"layers.{i}")
         self.lm_head(self.rms_norm(h, "model.norm.weight", "final_norm"))
 
     def build_fused(self, h: str) -> None:
@@ -431,11 +528,13 @@ class DecoderGraph:
         tables = self.rope_tables(axis=2) if self.rope_cache is None else None
         # the first norm has no residual to add: SimplifiedLayerNormalization lives in ONNX's own domain,
         # which onnx.checker cannot validate at opset 21, so it stays decomposed (1 of 2L+1 norms)
+        # Gemma 3's branch norms have no residual in front of them and stay decomposed too (2 per layer)
         x = self.rms_norm(h, "model.layers.0.input_layernorm.weight", "layers.0.norm1")
         for i in range(s.layers):
-            a = self.fused_attention(i, x, lengths, tables)
-            x, h = self.skip_norm(h, a, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}.norm2")
-            m = self.mlp(i, x)
+            _, post_attn, pre_mlp, post_mlp = self.norm_names(i)
+            a = self.branch_norm(self.fused_attention(i, x, lengths, tables), post_attn, f"layers.{i}.post_attn_norm")
+            x, h = self.skip_norm(h, a, pre_mlp, f"layers.{i}.norm2")
+            m = self.branch_norm(self.mlp(i, x), post_mlp, f"layers.{i}.post_mlp_norm")
             nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < s.layers else "model.norm.weight"
             x, h = self.skip_norm(h, m, nxt, f"layers.{i + 1}.norm1" if i + 1 < s.layers else "final_norm")
         self.lm_head(x)

@@ -148,6 +148,8 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
                 if role is None:
                     raise L4QInputError(f"tensor {name} in the base model is not part of a supported decoder; "
                                         "cannot export it to ONNX")
+                if spec.norm_offset and name.endswith("norm.weight"):  # Gemma 3: the (1 + w) gain, summed in fp32 as HF
+                    t = t.float() + spec.norm_offset
                 writer.add_float(name, t, transpose=role == "matrix")
             rope_cache = add_rope_cache(spec, g, data) if fused and gqa_rotary(spec) else None
         finally:
