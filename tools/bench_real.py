@@ -122,16 +122,16 @@ class Config:
         if text.startswith("q"):
             return cls(bits={"2": 2, "3": 3, "4": 4, "5": 5, "6": 6}[text[1]], group=0, grid=text)
         parts = text.split(":")
-        return cls(int(parts[0]), int(parts[1]), "integer" if parts[2:] == ["integer"] else "float")
+        return cls(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float")
 
     @property
     def tag(self) -> str:
-        return self.grid or f"{self.bits}b_g{self.group}" + ("_int" if self.zero_point == "integer" else "")
+        return self.grid or f"{self.bits}b_g{self.group}" + ("" if self.zero_point == "float" else f"_{self.zero_point}")
 
     @property
     def label(self) -> str:
-        return self.grid.upper() if self.grid else f"{self.bits}b g{self.group}" + (" int" if self.zero_point == "integer"
-                                                                                      else "")
+        return self.grid.upper() if self.grid else f"{self.bits}b g{self.group}" + (
+            "" if self.zero_point == "float" else f" {self.zero_point}")
 
     def args(self) -> list[str]:
         if self.grid:
@@ -347,7 +347,7 @@ def plot(rows: list[dict[str, Any]], front: set[str], png: Path) -> None:
               show_default=True, help="llama.cpp's llama-imatrix: adds the peer types again with an importance matrix.")
 @click.option("--quantize-bin", type=click.Path(path_type=Path), default=Path("/tmp/build-kquant/bin/llama-quantize"),
               show_default=True, help="llama.cpp's llama-quantize binary (peer rows are skipped without it).")
-@click.option("--configs", default=None, help="Comma list of bits:group[:integer] (group -1 = per channel) or K-quant "
+@click.option("--configs", default=None, help="Comma list of bits:group[:zero-point] (group -1 = per channel) or K-quant "
               "grids/recipes (q4_k_m, q3_k_m, q2_k, q4_k...); preset default.")
 @click.option("--methods", default=None, help="Comma list of l4q-train methods; preset default.")
 @click.option("--peer-types", default=",".join(PEER_TYPES), show_default=True, help="llama-quantize types.")
