@@ -251,6 +251,27 @@ def frontier_lines(rows: list[dict[str, Any]], front: set[str]) -> list[str]:
     return out
 
 
+def same_type_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Our K-quant recipe rows beside the peer's file of the same llama.cpp type (with and without imatrix): the
+    bytes must agree (same tensor types), so the comparison is at equal bytes."""
+    peers = {r["label"].removeprefix("LoRA -> "): r for r in rows if r["group"] == "peer" and r.get("ppl")}
+    out = ["## Same file type, same bytes: exact QAT vs re-quantization", "",
+           "| file type | ours: file MiB | peer: file MiB | bytes ours/peer | ppl ours | ppl peer | ppl peer +imatrix "
+           "| PIQA ours | PIQA peer | PIQA peer +imatrix |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    n = 0
+    for r in rows:
+        qt = (r.get("grid") or "").upper()
+        if r["group"] != "ours" or not qt or not r.get("ppl") or qt not in peers:
+            continue
+        p, pi = peers[qt], peers.get(qt + "+imatrix", {})
+        ppl_i = f"{pi['ppl']:.2f}" if pi.get("ppl") else "-"
+        out.append(f"| {qt} | {r['file_bytes'] / 2**20:.1f} | {p['file_bytes'] / 2**20:.1f} | "
+                   f"{r['file_bytes'] / p['file_bytes']:.4f} | {r['ppl']:.2f} | {p['ppl']:.2f} | {ppl_i} | "
+                   f"{fmt_acc(r, 'piqa')} | {fmt_acc(p, 'piqa')} | {fmt_acc(pi, 'piqa')} |")
+        n += 1
+    return out + [""] if n else []
+
+
 def write_report(res: Results, md: Path, png: Path, notes: Path | None = None) -> None:
     rows = sorted(res.rows, key=lambda r: (r["group"] != "reference", r["group"], r.get("linear_bytes", 0)))
     quantized = [r for r in rows if r["group"] != "reference"]
@@ -289,6 +310,7 @@ def write_report(res: Results, md: Path, png: Path, notes: Path | None = None) -
         lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
     lines += ["", "![ppl vs bytes of the quantized linears](smollm2.png)", ""]
     lines += ["## Frontier (computed from the table)", ""] + frontier_lines(quantized, front) + [""]
+    lines += same_type_lines(rows)
     if notes is not None and notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
     md.parent.mkdir(parents=True, exist_ok=True)
