@@ -35,6 +35,9 @@ def _l4q_layers(model: nn.Module) -> list[tuple[str, L4QLinear]]:
     return [(n, m) for n, m in model.named_modules() if type(m) is L4QLinear]
 GRAD_RTOL = 1e-5  # tests/test_layer_grad.py's bound on the Function against plain autograd
 CHECK_TOKENS = 8
+# auto: below this many weights in the largest L4Q layer, eager without compiling (compile time, tens of seconds on
+# CPU, cannot pay back and the fused chunk is launch-bound; see docs/results/gpu.md's CPU section)
+AUTO_MIN_ELEMENTS = 1 << 18
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,6 +164,14 @@ def select_kernel(model: nn.Module, kernel: str = "auto", tokens: int = 256, see
     if kernel == "eager":
         set_kernel(model, "eager")
         return {**rec, "used": "eager", "reason": "requested"}
+    layers = _l4q_layers(model)
+    if not layers:
+        return {**rec, "used": "eager", "reason": "no L4Q layer (this method's layers run eager)"}
+    largest = max(m.in_features * m.out_features for _, m in layers)
+    if kernel == "auto" and largest < AUTO_MIN_ELEMENTS:
+        set_kernel(model, "eager")
+        return {**rec, "used": "eager", "reason": f"largest L4Q layer has {largest} weights (< {AUTO_MIN_ELEMENTS}): "
+                "compiling would not pay back"}
     ok, why = self_check(model, seed)
     rec["self_check"] = why
     if not ok:
@@ -178,3 +189,15 @@ def select_kernel(model: nn.Module, kernel: str = "auto", tokens: int = 256, see
     faster = "faster" if used == "compiled" else "not faster"
     return {**rec, "used": used, "reason": f"self-check passed; compiled {faster} on the largest layer "
             f"({t['compiled'] * 1e3:.1f} ms vs eager {t['eager'] * 1e3:.1f} ms per forward+backward, {tokens} tokens)"}
+
+
+def agree_kernel(model: nn.Module, rec: dict[str, Any]) -> dict[str, Any]:
+    """Under torchrun: compiled only if every rank chose it (timings differ per process), else eager everywhere."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if rec["used"] == "compiled" else 0], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if rec["used"] == "compiled" and int(flag) == 0:
+        set_kernel(model, "eager")
+        return {**rec, "used": "eager", "reason": rec["reason"] + "; another rank chose eager, so every rank runs eager"}
+    return rec

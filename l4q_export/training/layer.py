@@ -28,8 +28,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..quant.base_int8 import BASE_DTYPES, int8_absmax, int8_dequant
-from . import fused
 from ..quant import (
     SCALE_FLOOR,
     GroupParams,
@@ -46,6 +44,8 @@ from ..quant import (
     round_codes,
     shifted_input,
 )
+from ..quant.base_int8 import BASE_DTYPES, int8_absmax, int8_dequant
+from . import fused
 
 # Transient buffers in forward/backward are limited to about this many fp32 elements per buffer.
 CHUNK_ELEMENTS = 1 << 20

@@ -26,9 +26,11 @@ from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, AtomicFile, BaseWeights, che
 from ..errors import L4QInputError
 from ..guard import check_output
 from ..quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES, QuantSpec
+from ..quant.base_int8 import BASE_DTYPES
 from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
+from .kernel import KERNELS, agree_kernel, select_kernel
 from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 from .telemetry import Telemetry, summary_table
 
@@ -109,6 +111,15 @@ class TrainArgs:
     gradient_checkpointing: bool = _opt(False, "Recompute each decoder layer's activations in backward (HF's non-reentrant "
                                         "checkpointing): less activation memory at seq 2048 for ~1 extra forward. "
                                         "Codes and adapter are identical to a run without it.")
+    kernel: str = _opt("auto", "L4Q layer kernel: eager (plain PyTorch ops), compiled (torch.compile of the chunked "
+                       "forward/backward; refused with exit 2 unless a start-up self-check finds its codes bit-identical "
+                       "and gradients within 1e-5 of eager), auto (compiled where the self-check passes and a quick "
+                       "timing says it is faster, else eager; the choice and reason go to train_report.json).",
+                       choices=KERNELS)
+    base_dtype: str = _opt("stored", "Frozen W0 in memory: stored (its dtype in the shards) or int8 (per-output-channel "
+                           "absmax codes, ~1/2 of bf16's bytes). int8 changes the base training learns on; it is recorded "
+                           "in the checkpoint and the fold rebuilds the same int8 W0 from the shards (hash-checked). "
+                           "--method l4q only.", choices=BASE_DTYPES)
     extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:
@@ -254,25 +265,36 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model.to(compute_dtype(model.dtype, device))
     prepare(model, method=args.method, bits=args.bits, group_size=args.group_size, zero_point=args.zero_point,
             rank=args.rank, alpha=args.alpha, scale_grid=args.scale_grid, init=args.init,
-            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, **args.extra)
+            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, base_dtype=args.base_dtype, **args.extra)
     modules = model.l4q_settings.modules
     model.to(device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     out = Path(args.out)
+    state_path = out / STATE_FILE
+    saved = load_state(state_path) if args.resume and state_path.is_file() else {}
+    # --resume under auto keeps the kernel the run started with: the two kernels' gradients agree to 1e-5, not bit
+    # for bit, so switching mid-run would break the bit-identical resume
+    requested = saved.get("kernel", args.kernel) if args.kernel == "auto" else args.kernel
+    kernel = select_kernel(model, requested, tokens=min(args.batch_size * seq_len, 512), seed=args.seed)
+    if world > 1:
+        kernel = agree_kernel(model, kernel)
+    if rank == 0:
+        tqdm.write(f"l4q-train: kernel {kernel['used']} ({kernel['reason']})")
     telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
     groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
     opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
     trainable = [p for g in groups for p in g["params"]]
-    state_path = out / STATE_FILE
     if args.resume:
         if not state_path.is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
         state = load_state(state_path)
         if state["spec"] != spec.to_dict() or state["rank"] != args.rank or state.get("method", "l4q") != args.method:
             raise L4QInputError("--resume: the saved run used a different quantizer or rank")
+        if state.get("base_dtype", "stored") != args.base_dtype:
+            raise L4QInputError(f"--resume: the saved run used --base-dtype {state.get('base_dtype', 'stored')}")
         load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -281,7 +303,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        # buffers are pure functions of the shards (rotary tables, the int8 base), equal on every rank: no broadcast
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
     use_bf16 = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -314,11 +337,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
                 **methods.checkpoint_extra(args),
                 **methods.grid_extra(trained_model),
+                **methods.base_extra(trained_model),
             },
         )
         with AtomicFile(state_path) as tmp:
             torch.save(
-                {"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method},
+                {"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method,
+                 "kernel": kernel["used"], "base_dtype": args.base_dtype},
                 tmp,
             )
 
@@ -382,6 +407,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "device": device,
         "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
+        "kernel": kernel,
+        "base_dtype": args.base_dtype,
         "max_clipped_frac": max((h["clipped_frac"] for h in health if h["clipped_frac"] is not None), default=None),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }
