@@ -59,7 +59,8 @@ def test_compiled_codes_identical_and_grads_within_tolerance(bits, group, zp, fi
         xx = x.clone().requires_grad_(True)
         y = m(xx)
         y.backward(gy)
-        runs[k] = [y.detach(), xx.grad, m.lora_A.grad, m.lora_B.grad, m.scale.grad] + ([m.offset.grad] if m.offset is not None else [])
+        offset = [m.offset.grad] if m.offset is not None else []
+        runs[k] = [y.detach(), xx.grad, m.lora_A.grad, m.lora_B.grad, m.scale.grad, *offset]
     assert torch.equal(runs["compiled"][0], runs["eager"][0])  # same W_q, same GEMM: the same output bits
 
     # the independent oracle: plain autograd through the STE formulas on the same W0
@@ -124,10 +125,11 @@ def test_compiled_training_run_folds_exactly(tmp_path, tiny_base):
     bit for bit, and the adapter stays within the gradient tolerance's reach of an eager run."""
     import json
 
+    from safetensors.torch import load_file
+
     from l4q_export.demo import instruction_records
     from l4q_export.training.trainer import TrainArgs, train
     from l4q_export.verify import verify_fold
-    from safetensors.torch import load_file
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps(instruction_records(32)))

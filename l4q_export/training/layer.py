@@ -322,7 +322,9 @@ class MethodLinear(nn.Module, metaclass=ABCMeta):
 
 def detached_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached fp32 CPU copies: what l4q_adapter.safetensors stores, whatever device and dtype trained them."""
-    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    from .distributed import full_tensor  # --fsdp: a parameter is a DTensor shard until gathered
+
+    return {k: full_tensor(v.detach()).float().cpu().contiguous() for k, v in tensors.items()}
 
 
 def add_learned_grid(layer: nn.Module, spec: QuantSpec, init: str) -> None:

@@ -30,6 +30,7 @@ from ..quant.base_int8 import BASE_DTYPES
 from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
+from .distributed import full_tensor, load_optimizer_state, optimizer_state, shard_model
 from .kernel import KERNELS, agree_kernel, select_kernel
 from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 from .telemetry import Telemetry, summary_table
@@ -120,6 +121,9 @@ class TrainArgs:
                            "absmax codes, ~1/2 of bf16's bytes). int8 changes the base training learns on; it is recorded "
                            "in the checkpoint and the fold rebuilds the same int8 W0 from the shards (hash-checked). "
                            "--method l4q only.", choices=BASE_DTYPES)
+    fsdp: bool = _opt(False, "Under torchrun: shard W0, the adapter and the AdamW state across processes with FSDP2 "
+                      "(torch.distributed.fsdp.fully_shard, one unit per decoder layer) instead of DDP's full copy per "
+                      "process. The checkpoint is the same (rank 0 writes the gathered adapter).")
     extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:
@@ -237,6 +241,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     import contextlib
 
     world, rank, local_rank = _dist()
+    if args.fsdp and world < 2:
+        raise L4QInputError("--fsdp shards across processes: run it under torchrun with --nproc-per-node >= 2")
     if world > 1:
         import torch.distributed as dist
 
@@ -284,23 +290,32 @@ def train(args: TrainArgs) -> dict[str, Any]:
         tqdm.write(f"l4q-train: kernel {kernel['used']} ({kernel['reason']})")
     telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
-    groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
-    opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
-    trainable = [p for g in groups for p in g["params"]]
     if args.resume:
         if not state_path.is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
-        state = load_state(state_path)
+        state = saved
         if state["spec"] != spec.to_dict() or state["rank"] != args.rank or state.get("method", "l4q") != args.method:
             raise L4QInputError("--resume: the saved run used a different quantizer or rank")
         if state.get("base_dtype", "stored") != args.base_dtype:
             raise L4QInputError(f"--resume: the saved run used --base-dtype {state.get('base_dtype', 'stored')}")
-        load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))
-        opt.load_state_dict(state["optimizer"])
+        if bool(state.get("fsdp", False)) != args.fsdp:
+            raise L4QInputError(f"--resume: the saved run was trained {'with' if state.get('fsdp') else 'without'} --fsdp "
+                                "(its optimizer state is laid out for that)")
+        load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))  # before sharding: plain tensors
         start = int(state["step"])
+    if args.fsdp:
+        shard_model(model)
+    groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
+    trainable = [p for g in groups for p in g["params"]]
+    if args.resume:
+        if args.fsdp:
+            load_optimizer_state(model, opt, saved["optimizer"])
+        else:
+            opt.load_state_dict(saved["optimizer"])
 
     trained_model = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # buffers are pure functions of the shards (rotary tables, the int8 base), equal on every rank: no broadcast
@@ -316,9 +331,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     def save(step: int, final: bool) -> None:
         nonlocal health
+        if rank != 0 and not args.fsdp:
+            return
+        adapter = adapter_state(trained_model)  # --fsdp: gathers the shards, so every rank takes part
+        opt_state = optimizer_state(trained_model, opt) if args.fsdp else opt.state_dict()
         if rank != 0:
             return
-        health = telemetry.log_health(step, trained_model)
+        if not args.fsdp:  # sharded layers hold no whole W0 to measure clipping on
+            health = telemetry.log_health(step, trained_model)
         write_checkpoint(
             out,
             method=args.method,
@@ -327,7 +347,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             lora_alpha=args.alpha,
             fp16_grid=args.scale_grid == "fp16",
             lsq_grad_scale=args.lsq_grad_scale,
-            adapter=adapter_state(trained_model),
+            adapter=adapter,
             modules=modules,
             base_dir=base_dir,
             base_hashes=base_hashes,
@@ -342,8 +362,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         )
         with AtomicFile(state_path) as tmp:
             torch.save(
-                {"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method,
-                 "kernel": kernel["used"], "base_dtype": args.base_dtype},
+                {"optimizer": opt_state, "step": step, "fsdp": args.fsdp, "spec": spec.to_dict(), "rank": args.rank,
+                 "method": args.method, "kernel": kernel["used"], "base_dtype": args.base_dtype},
                 tmp,
             )
 
@@ -360,7 +380,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
             p0 = ((step * args.grad_accum + j) * world + rank) * args.batch_size
             batch = collate([train_set[stream[p]] for p in range(p0, p0 + args.batch_size)], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if (world == 1 or j == args.grad_accum - 1) else model.no_sync()
+            last = j == args.grad_accum - 1
+            if args.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if (world == 1 or last or args.fsdp) else model.no_sync()
             with sync:
                 with autocast():
                     loss = model(**batch).loss / args.grad_accum
@@ -370,7 +393,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             step_tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
             tokens += step_tokens  # packed blocks have no attention_mask: count the learned tokens
         clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip)) if trainable else 0.0
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(trainable, clip))) if trainable else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
         methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate
@@ -407,6 +430,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "device": device,
         "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
+        "parallel": "fsdp2" if args.fsdp else ("ddp" if world > 1 else "none"),
         "kernel": kernel,
         "base_dtype": args.base_dtype,
         "max_clipped_frac": max((h["clipped_frac"] for h in health if h["clipped_frac"] is not None), default=None),
