@@ -26,7 +26,7 @@ def test_bench_gpu_tiny_runs_every_variant_on_cpu(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["device"] == "cpu" and rep["total_layers"] == 32
     variants = {r["variant"]: r for r in rep["rows"]}
-    assert set(variants) == {"lora", "lora+ckpt", "l4q", "l4q+ckpt"}
+    assert set(variants) == {"lora", "lora+ckpt", "l4q", "l4q+ckpt", "l4q+int8+ckpt", "l4q+compiled+ckpt"}
     for r in variants.values():
         assert "error" not in r, r
         assert r["peak_bytes_1"] > 0 and r["step_s"] > 0
