@@ -131,3 +131,47 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, tiny_base):
     with pytest.raises(L4QInputError, match="--fsdp shards across processes"):
         train(TrainArgs(model=tiny_base, data=data, out=tmp_path / "o", fsdp=True))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the compiled kernel and the int8 base trained on "
+                    "CUDA, folded on CPU; no CUDA device here (run on a GPU machine, see docs/results/gpu.md)")
+def test_cuda_compiled_int8_run_folds_on_cpu_to_the_same_codes(tmp_path, tiny_base):
+    from l4q_export.demo import instruction_records
+
+    data = tmp_path / "instruct.json"
+    data.write_text(json.dumps(instruction_records(64)))
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_cross_device.py"), "--model", str(tiny_base), "--data", str(data),
+         "--out", str(out), "--bits", "4", "--group-size", "32", "--steps", "4", "--batch-size", "4", "--grad-accum", "1",
+         "--seq-len", "64", "--save-every", "0", "--eval-examples", "0", "--kernel", "compiled", "--base-dtype", "int8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    rep = json.loads((out / "cross_device.json").read_text())
+    assert rep["train_device"].startswith("cuda")
+    assert rep["train_report"]["kernel"]["used"] == "compiled" and rep["train_report"]["base_dtype"] == "int8"
+    assert rep["codes_identical"] == rep["layers"] > 0, rep
+    assert rep["dequant_bit_identical"] == rep["layers"], rep
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: compiled (inductor/Triton) kernel on CUDA vs the "
+                    "CPU fold's codes; no CUDA device here")
+def test_cuda_compiled_kernel_codes_equal_cpu_fold():
+    """The compiled forward piece on CUDA gives the very codes quant.quantize gives on CPU (what every export writes)."""
+    from l4q_export.quant import QuantSpec, effective_params
+    from l4q_export.training import fused
+    from l4q_export.training.layer import L4QLinear
+
+    torch.manual_seed(0)
+    for spec, base_dtype in ((QuantSpec(4, 128, "float"), "stored"), (QuantSpec(4, 64, "integer"), "int8")):
+        m = L4QLinear(torch.nn.Linear(512, 384, bias=False).to(torch.bfloat16), spec, 4, 8.0, init="minmax",
+                      fp16_grid=True, base_dtype=base_dtype)
+        with torch.no_grad():
+            m.lora_B.normal_(0, 0.05)
+        cpu_codes = m.quantized().codes
+        m = m.cuda()
+        p = effective_params(spec, m.scale, m.offset, True)
+        W0, w0s = (m.weight_int8, m.weight_int8_scale) if base_dtype == "int8" else (m.weight, None)
+        codes, _ = fused.compiled("forward")(W0, w0s, m.lora_A, m.lora_B, p.scale, p.minimum, p.zero, spec, m.cfg.lora_scale)
+        assert torch.equal(codes.cpu(), cpu_codes)
