@@ -76,8 +76,16 @@ def backward_rows(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpec
     return wq, gB, gA, gd, gm
 
 
+# Each distinct (quantizer spec, LoRA scale, which gradients are needed, per-group vs partial-group layout) is one
+# compilation of a piece; a model has a handful, a test session more than dynamo's default of 8 per code object.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled(name: str) -> Callable:
     """The torch.compile'd piece ("forward" or "backward"), built on first use (compilation happens at the first call)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     fn = {"forward": forward_rows, "backward": backward_rows}[name]
     return torch.compile(fn, dynamic=True, fullgraph=True)

@@ -80,16 +80,20 @@ def _codes_equal(layer: L4QLinear, inputs: tuple) -> bool:
     return True
 
 
-def _fwd_bwd(layer: L4QLinear, inputs: tuple, x: torch.Tensor, gy: torch.Tensor, kernel: str) -> list[torch.Tensor]:
-    """Output and every gradient of one L4QFunction call under `kernel`."""
+def _fwd_bwd(layer: L4QLinear, inputs: tuple, x: torch.Tensor, gy: torch.Tensor, kernel: str,
+             need_x: bool = True) -> list[torch.Tensor]:
+    """Output and every gradient of one L4QFunction call under `kernel` (need_x=False: the first decoder layer's
+    q/k/v, whose input -- the frozen embedding's output -- needs no gradient)."""
     W0, w0s, A, B, scale, off = inputs
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, A, B, scale, off)]
+    if not need_x:
+        leaves[0] = x.detach()
     cfg = dataclasses.replace(layer.cfg, kernel=kernel)
     xx, AA, BB, ss, oo = leaves
     with torch.enable_grad():
         y = L4QFunction.apply(xx, W0, w0s, AA, BB, ss, oo, cfg)
         y.backward(gy)
-    return [y.detach(), *[t.grad for t in leaves if t is not None]]
+    return [y.detach(), *[t.grad for t in leaves if t is not None and t.requires_grad]]
 
 
 def self_check(model: nn.Module, seed: int = 0) -> tuple[bool, str]:
@@ -109,15 +113,17 @@ def self_check(model: nn.Module, seed: int = 0) -> tuple[bool, str]:
         try:
             if not _codes_equal(layer, inputs):
                 return False, f"{name}: compiled codes differ from eager"
-            ref = _fwd_bwd(layer, inputs, x, gy, "eager")
-            got = _fwd_bwd(layer, inputs, x, gy, "compiled")
+            pairs = [(_fwd_bwd(layer, inputs, x, gy, "eager", nx), _fwd_bwd(layer, inputs, x, gy, "compiled", nx))
+                     for nx in (True, False)]  # every piece variant training will call
         except Exception as e:  # a compiler failure (no C compiler, unsupported op) is a reason, not a crash
             return False, f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        if not torch.equal(ref[0], got[0]):
-            return False, f"{name}: compiled forward output differs from eager"
-        for i, (r, c) in enumerate(zip(ref[1:], got[1:], strict=True)):
-            if _rel(c, r) >= GRAD_RTOL:
-                return False, f"{name}: compiled gradient {i} differs from eager by {_rel(c, r):.2e} (bound {GRAD_RTOL:g})"
+        for ref, got in pairs:
+            if not torch.equal(ref[0], got[0]):
+                return False, f"{name}: compiled forward output differs from eager"
+            for i, (r, c) in enumerate(zip(ref[1:], got[1:], strict=True)):
+                if _rel(c, r) >= GRAD_RTOL:
+                    return False, (f"{name}: compiled gradient {i} differs from eager by {_rel(c, r):.2e} "
+                                   f"(bound {GRAD_RTOL:g})")
         checked += 1
     if not checked:
         return False, "no L4Q layer in the model (other methods' layers have no compiled kernel)"
