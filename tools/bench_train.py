@@ -1,13 +1,18 @@
 """Training step time and peak memory of a whole model: L4Q (eager and compiled kernels, stored or int8 base)
 against plain LoRA (PEFT's when `peft` imports, else this project's float-LoRA method), same dtype policy.
 
-Issue 17's training goal: L4Q <= 1.3x LoRA's step time and <= 1.05x its peak memory.  Every variant runs in a
-fresh subprocess on the same model, batch and random tokens; the model is loaded in its stored dtype and cast
-with the trainer's CPU policy (`surgery.compute_dtype`: bf16 stays bf16 where the CPU has bf16 dot products).
-A step is forward + backward + AdamW step + zero_grad, like l4q-train's.  After one warm-up step (which also
-compiles the compiled kernel) the process's peak-RSS counter is reset (Linux /proc/self/clear_refs), so the
-peak is that of the timed steps: weights, adapter, optimizer state and activations, above the RSS of the process with
-its libraries loaded before the model was built (CUDA: max_memory_allocated).
+Issue 17's training goal: L4Q <= 1.3x LoRA's step time and <= 1.05x its peak memory.  Same model, batch and random
+tokens for every variant; the model is loaded in its stored dtype and cast with the trainer's CPU policy
+(`surgery.compute_dtype`: bf16 stays bf16 where the CPU has bf16 dot products).  A step is forward + backward +
+AdamW step + zero_grad, like l4q-train's.
+
+Time: ONE process builds every variant's model and runs their steps round-robin (after one warm-up step each,
+which also compiles the compiled kernel), so a shared machine's changing load hits all variants alike; the median
+per variant is reported.  Memory: a fresh subprocess per variant; after its warm-up step freed heap is returned to
+the OS (malloc_trim) and the peak-RSS mark reset (Linux /proc/self/clear_refs), so `peak` is the RSS high-water mark
+of the timed steps above the process's RSS with its libraries loaded before the model was built (weights,
+adapter, optimizer state, activations; CUDA: max_memory_allocated); `tensor bytes` counts the model's parameters,
+buffers and optimizer state exactly (what --base-dtype int8 shrinks).
 
     python tools/bench_train.py                                   # SmolLM2-135M if fetched (make real-model), else tiny
     python tools/bench_train.py --model tiny --seq 256 --batch 2
@@ -108,39 +113,83 @@ def process_baseline() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(variant: str, model_name: str, layers: int, seq: int, batch: int, steps: int, device: str) -> dict:
-    base_rss = process_baseline() if device == "cpu" else 0
-    model = build(model_name, layers, seq, device)
-    impl, kernel = setup(model, variant)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    cuda = device == "cuda"
+class Runner:
+    """One variant's model, optimizer and batch; `step()` times one training step."""
 
-    def step() -> float:
+    def __init__(self, variant: str, model_name: str, layers: int, seq: int, batch: int, device: str) -> None:
+        self.variant, self.device = variant, device
+        self.model = build(model_name, layers, seq, device)
+        self.impl, self.kernel = setup(self.model, variant)
+        self.model.train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        vocab = self.model.config.vocab_size
+        self.ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step(self) -> float:
+        cuda = self.device == "cuda"
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    warm = step()
+    def tensor_bytes(self) -> int:
+        """Bytes of the model's parameters, buffers and AdamW state (each storage once)."""
+        seen, n = set(), 0
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for st in self.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                n += t.untyped_storage().nbytes()
+        return n
+
+
+def _trim() -> None:
+    """Hand freed heap back to the OS (glibc), so the reset peak mark does not include the build's freed weights."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure_memory(variant: str, model_name: str, layers: int, seq: int, batch: int, steps: int, device: str) -> dict:
+    base_rss = process_baseline() if device == "cpu" else 0
+    r = Runner(variant, model_name, layers, seq, batch, device)
+    r.step()
+    cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _trim()
     reset = reset_peak_rss() if not cuda else True
-    times = [step() for _ in range(steps)]
+    for _ in range(steps):
+        r.step()
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return {"variant": variant, "impl": impl, "kernel": kernel, "dtype": str(model.dtype).removeprefix("torch."),
-            "warmup_s": warm, "step_s": statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),
-            "peak_bytes": int(peak - base_rss), "peak_is_steady_state": reset}
+    return {"variant": variant, "impl": r.impl, "kernel": r.kernel, "dtype": str(r.model.dtype).removeprefix("torch."),
+            "peak_bytes": int(peak - base_rss), "tensor_bytes": r.tensor_bytes(), "peak_is_steady_state": reset}
+
+
+def measure_time(variants: list[str], model_name: str, layers: int, seq: int, batch: int, steps: int,
+                 device: str) -> dict[str, dict]:
+    """Round-robin steps of every variant in this one process; median seconds per variant."""
+    runners = [Runner(v, model_name, layers, seq, batch, device) for v in variants]
+    warm = {r.variant: r.step() for r in runners}
+    times: dict[str, list[float]] = {r.variant: [] for r in runners}
+    for _ in range(steps):
+        for r in runners:
+            times[r.variant].append(r.step())
+    return {v: {"warmup_s": warm[v], "step_s": statistics.median(t), "tokens_per_s": batch * seq / statistics.median(t),
+                "steps_s": t} for v, t in times.items()}
 
 
 @click.command()
@@ -160,26 +209,32 @@ def main(model_name, layers, seq, batch, steps, variants, device, json_path, one
     if model_name == "auto":
         model_name = "smollm2" if (SMOLLM2 / "config.json").is_file() else "tiny"
     if one:
-        print(json.dumps(measure(one, model_name, layers, seq, batch, steps, device)))
+        print(json.dumps(measure_memory(one, model_name, layers, seq, batch, steps, device)))
         return
+    names = variants.split(",")
     rows = []
-    for v in variants.split(","):
+    for v in names:
         cmd = [sys.executable, __file__, "--model", model_name, "--layers", str(layers), "--seq", str(seq), "--batch",
-               str(batch), "--steps", str(steps), "--device", device, "--one", v]
+               str(batch), "--steps", "1", "--device", device, "--one", v]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             rows.append({"variant": v, "error": res.stderr.strip().splitlines()[-1:]})
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    ok = [r["variant"] for r in rows if "error" not in r]
+    timed = measure_time(ok, model_name, layers, seq, batch, steps, device)
+    for r in rows:
+        r.update(timed.get(r["variant"], {}))
     shape = model_name if model_name == "smollm2" else f"{model_name} x{layers} layers"
     print(f"model={shape} seq={seq} batch={batch} device={device} steps={steps} (median)")
-    print(f"{'variant':<20} {'impl':<18} {'kernel':<9} {'dtype':<9} {'step s':>8} {'tok/s':>8} {'peak MiB':>10}")
+    print(f"{'variant':<20} {'impl':<18} {'kernel':<9} {'dtype':<9} {'step s':>8} {'tok/s':>8} {'peak MiB':>10} "
+          f"{'tensor MiB':>11}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<20} failed: {r['error']}")
             continue
         print(f"{r['variant']:<20} {r['impl']:<18} {r['kernel']:<9} {r['dtype']:<9} {r['step_s']:>8.3f} "
-              f"{r['tokens_per_s']:>8.0f} {r['peak_bytes'] / 2**20:>10.1f}")
+              f"{r['tokens_per_s']:>8.0f} {r['peak_bytes'] / 2**20:>10.1f} {r['tensor_bytes'] / 2**20:>11.1f}")
     by = {r["variant"]: r for r in rows if "error" not in r}
     ratios = {}
     if "lora" in by:
@@ -187,6 +242,7 @@ def main(model_name, layers, seq, batch, steps, variants, device, json_path, one
             if v != "lora":
                 ratios[f"time {v} / lora"] = r["step_s"] / by["lora"]["step_s"]
                 ratios[f"peak {v} / lora"] = r["peak_bytes"] / by["lora"]["peak_bytes"]
+                ratios[f"tensor bytes {v} / lora"] = r["tensor_bytes"] / by["lora"]["tensor_bytes"]
     for k, val in ratios.items():
         print(f"{k:<36} {val:6.3f}")
     print("goal (issue 17): time l4q / lora <= 1.3, peak l4q / lora <= 1.05")
