@@ -143,3 +143,14 @@ def test_compiled_training_run_folds_exactly(tmp_path, tiny_base):
         assert verify_fold(out)["passed"]
     for key, v in adapters["eager"].items():
         torch.testing.assert_close(adapters["compiled"][key], v, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_chooses_per_layer_shape(monkeypatch):
+    """auto times each distinct layer shape and installs the faster kernel per shape (whichever it is)."""
+    monkeypatch.setattr(kernel, "AUTO_MIN_ELEMENTS", 0)
+    model = _model()
+    model.b = _layer(4, 16, "float", 32, 40, "stored")
+    rec = kernel.select_kernel(model, "auto", tokens=16)
+    assert set(rec["layers"]) == {"24x48", "40x32"} and set(rec["layers"].values()) <= {"eager", "compiled"}
+    assert model.a.cfg.kernel == rec["layers"]["24x48"] and model.b.cfg.kernel == rec["layers"]["40x32"]
+    assert rec["used"] in ("eager", "compiled", "mixed") and "self-check passed" in rec["reason"]

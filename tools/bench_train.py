@@ -37,7 +37,7 @@ SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000),
 }
-VARIANTS = ("lora", "l4q", "l4q+compiled", "l4q+int8", "l4q+int8+compiled")
+VARIANTS = ("lora", "l4q", "l4q+compiled", "l4q+auto", "l4q+int8", "l4q+int8+compiled")
 
 
 def reset_peak_rss() -> bool:
@@ -76,6 +76,9 @@ def build(model_name: str, layers: int, seq: int, device: str) -> torch.nn.Modul
     torch.manual_seed(0)
     if model_name == "smollm2":
         model = load_base_model(SMOLLM2)
+        with torch.no_grad():  # own the weights: mmap'd file pages would count in RSS whichever tensors survive
+            for p in model.parameters():
+                p.data = p.data.clone()
     else:
         cfg = LlamaConfig(**SHAPES[model_name], num_hidden_layers=layers, max_position_embeddings=max(seq, 128),
                           use_cache=False)
@@ -100,7 +103,7 @@ def setup(model: torch.nn.Module, variant: str) -> tuple[str, str]:
             base_dtype="int8" if "int8" in parts else "stored")
     if parts[0] != "l4q":
         return f"l4q_export:{parts[0]}", "-"
-    rec = select_kernel(model, "compiled" if "compiled" in parts else "eager")
+    rec = select_kernel(model, "compiled" if "compiled" in parts else "auto" if "auto" in parts else "eager")
     return f"l4q_export:{parts[0]}", rec["used"]
 
 

@@ -130,10 +130,12 @@ def self_check(model: nn.Module, seed: int = 0) -> tuple[bool, str]:
     return True, f"codes, outputs and gradients matched eager on {checked} layer shape(s)"
 
 
-def time_kernels(model: nn.Module, tokens: int, repeats: int = 3) -> dict[str, float]:
-    """Median seconds of one forward+backward of the model's largest L4Q layer, per kernel (after a warm-up)."""
-    layers = [m for _, m in _l4q_layers(model)]
-    layer = max(layers, key=lambda m: m.in_features * m.out_features)
+def _shape(layer: L4QLinear) -> str:
+    return f"{layer.out_features}x{layer.in_features}"
+
+
+def time_kernels(layer: L4QLinear, tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one forward+backward of `layer`, per kernel (after a warm-up)."""
     inputs = _layer_inputs(layer, 0)
     g = torch.Generator().manual_seed(1)
     dev, dt = layer.scale.device, layer.scale.dtype
@@ -154,10 +156,16 @@ def time_kernels(model: nn.Module, tokens: int, repeats: int = 3) -> dict[str, f
     return out
 
 
-def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Every L4QLinear of the model runs `kernel` ("eager" or "compiled") from now on."""
+def set_kernel(model: nn.Module, kernel: str | dict[str, str]) -> None:
+    """Every L4QLinear runs `kernel` ("eager" / "compiled", or a {"OUTxIN": kernel} choice per layer shape)."""
     for _, layer in _l4q_layers(model):
-        layer.cfg = dataclasses.replace(layer.cfg, kernel=kernel)
+        k = kernel if isinstance(kernel, str) else kernel.get(_shape(layer), "eager")
+        layer.cfg = dataclasses.replace(layer.cfg, kernel=k)
+
+
+def _summary(choice: dict[str, str]) -> str:
+    kinds = set(choice.values())
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def select_kernel(model: nn.Module, kernel: str = "auto", tokens: int = 256, seed: int = 0) -> dict[str, Any]:
@@ -188,22 +196,43 @@ def select_kernel(model: nn.Module, kernel: str = "auto", tokens: int = 256, see
     if kernel == "compiled":
         set_kernel(model, "compiled")
         return {**rec, "used": "compiled", "reason": "requested; self-check passed"}
-    t = time_kernels(model, tokens)
-    rec.update(eager_s=t["eager"], compiled_s=t["compiled"])
-    used = "compiled" if t["compiled"] < t["eager"] else "eager"
-    set_kernel(model, used)
-    faster = "faster" if used == "compiled" else "not faster"
-    return {**rec, "used": used, "reason": f"self-check passed; compiled {faster} on the largest layer "
-            f"({t['compiled'] * 1e3:.1f} ms vs eager {t['eager'] * 1e3:.1f} ms per forward+backward, {tokens} tokens)"}
+    # auto: per layer shape, the faster kernel (the fused chains win on some shapes and lose on others)
+    choice, times = {}, {}
+    for _, layer in _l4q_layers(model):
+        key = _shape(layer)
+        if key not in choice:
+            t = time_kernels(layer, tokens)
+            times[key] = {k: round(v * 1e3, 2) for k, v in t.items()}
+            choice[key] = "compiled" if t["compiled"] < t["eager"] else "eager"
+    set_kernel(model, choice)
+    rec.update(layers=choice, ms_per_fwd_bwd=times)
+    shown = ", ".join(f"{k}: {v['compiled']} vs {v['eager']} ms" for k, v in times.items())
+    return {**rec, "used": _summary(choice), "reason": f"self-check passed; per layer shape the faster kernel "
+            f"(compiled vs eager per forward+backward, {tokens} tokens: {shown})"}
 
 
 def agree_kernel(model: nn.Module, rec: dict[str, Any]) -> dict[str, Any]:
-    """Under torchrun: compiled only if every rank chose it (timings differ per process), else eager everywhere."""
+    """Under torchrun: every rank runs rank 0's choice (timings differ per process; the self-check passed wherever
+    a rank chose compiled, and `compiled` refuses on any rank whose check fails)."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if rec["used"] == "compiled" else 0], device=next(model.parameters()).device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if rec["used"] == "compiled" and int(flag) == 0:
-        set_kernel(model, "eager")
-        return {**rec, "used": "eager", "reason": rec["reason"] + "; another rank chose eager, so every rank runs eager"}
-    return rec
+    box = [rec]
+    dist.broadcast_object_list(box, src=0)
+    chosen = box[0]
+    if chosen.get("used") != rec.get("used") or chosen.get("layers") != rec.get("layers"):
+        if "compiled" in (chosen.get("layers") or {}).values() or chosen["used"] == "compiled":
+            ok, why = self_check(model)
+            if not ok:
+                raise L4QInputError(f"--kernel: rank 0 chose compiled but this rank's self-check failed ({why})")
+    set_kernel(model, chosen.get("layers") or chosen["used"])
+    return chosen
+
+
+def restore_kernel(model: nn.Module, saved: str | dict[str, str], seed: int = 0) -> dict[str, Any]:
+    """--resume under auto: the kernels the run started with (the two kernels' gradients agree to 1e-5, not bit for
+    bit, so re-choosing mid-run would break the bit-identical resume); compiled ones re-pass the self-check."""
+    choice = {"all": saved} if isinstance(saved, str) else saved
+    rec = select_kernel(model, "compiled" if "compiled" in choice.values() else "eager", seed=seed)
+    set_kernel(model, saved)
+    return {**rec, "requested": "auto", "used": _summary(choice), "reason": "resumed with the run's kernels",
+            **({} if isinstance(saved, str) else {"layers": saved})}

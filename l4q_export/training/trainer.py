@@ -31,7 +31,7 @@ from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
 from .distributed import full_tensor, load_optimizer_state, optimizer_state, shard_model
-from .kernel import KERNELS, agree_kernel, select_kernel
+from .kernel import KERNELS, agree_kernel, restore_kernel, select_kernel
 from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 from .telemetry import Telemetry, summary_table
 
@@ -280,10 +280,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
     out = Path(args.out)
     state_path = out / STATE_FILE
     saved = load_state(state_path) if args.resume and state_path.is_file() else {}
-    # --resume under auto keeps the kernel the run started with: the two kernels' gradients agree to 1e-5, not bit
-    # for bit, so switching mid-run would break the bit-identical resume
-    requested = saved.get("kernel", args.kernel) if args.kernel == "auto" else args.kernel
-    kernel = select_kernel(model, requested, tokens=min(args.batch_size * seq_len, 512), seed=args.seed)
+    if args.kernel == "auto" and saved.get("kernel") is not None:
+        kernel = restore_kernel(model, saved["kernel"], seed=args.seed)
+    else:
+        kernel = select_kernel(model, args.kernel, tokens=min(args.batch_size * seq_len, 512), seed=args.seed)
     if world > 1:
         kernel = agree_kernel(model, kernel)
     if rank == 0:
@@ -363,7 +363,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         with AtomicFile(state_path) as tmp:
             torch.save(
                 {"optimizer": opt_state, "step": step, "fsdp": args.fsdp, "spec": spec.to_dict(), "rank": args.rank,
-                 "method": args.method, "kernel": kernel["used"], "base_dtype": args.base_dtype},
+                 "method": args.method, "kernel": kernel.get("layers") or kernel["used"], "base_dtype": args.base_dtype},
                 tmp,
             )
 
