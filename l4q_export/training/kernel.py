@@ -1,9 +1,10 @@
-"""Choosing the L4Q layer's kernel (`l4q-train --kernel`, `l4q_export.select_kernel`): eager or torch.compile'd.
+"""Choosing the L4Q layer's kernel (`l4q-train --kernel`, `l4q_export.api.select_kernel`): eager or torch.compile'd.
 
     eager     the chunked autograd Function of layer.py, plain PyTorch ops (the reference)
     compiled  the same Function with its per-chunk element-wise chains compiled (training/fused.py)
-    auto      compiled if it passes the self-check below AND a quick timing on the run's largest layer says it is
-              faster; otherwise eager, with the reason recorded in train_report.json
+    auto      where the self-check below passes, per layer shape the kernel a quick timing finds faster (the fused
+              chains win on some shapes and lose on others, docs/results/gpu.md); eager when the check fails or
+              every layer is too small to pay back a compilation; the choice and reason go to train_report.json
 
 The self-check runs before step 0 on one layer of every distinct shape of the model itself (its own W0, a random
 non-zero LoRA B and perturbed scales, so the LoRA path and clipping are exercised): the integer codes of every
@@ -29,15 +30,16 @@ from .layer import L4QFunction, L4QLinear, _combined_rows, _row_chunks, _rows, _
 
 KERNELS = ("auto", "eager", "compiled")
 
-
-def _l4q_layers(model: nn.Module) -> list[tuple[str, L4QLinear]]:
-    """The layers with a compiled kernel: exactly L4QLinear (not the baselines that reuse its Function)."""
-    return [(n, m) for n, m in model.named_modules() if type(m) is L4QLinear]
 GRAD_RTOL = 1e-5  # tests/test_layer_grad.py's bound on the Function against plain autograd
 CHECK_TOKENS = 8
 # auto: below this many weights in the largest L4Q layer, eager without compiling (compile time, tens of seconds on
 # CPU, cannot pay back and the fused chunk is launch-bound; see docs/results/gpu.md's CPU section)
 AUTO_MIN_ELEMENTS = 1 << 18
+
+
+def _l4q_layers(model: nn.Module) -> list[tuple[str, L4QLinear]]:
+    """The layers with a compiled kernel: exactly L4QLinear (not the baselines that reuse its Function)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is L4QLinear]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

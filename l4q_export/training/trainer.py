@@ -115,7 +115,7 @@ class TrainArgs:
     kernel: str = _opt("auto", "L4Q layer kernel: eager (plain PyTorch ops), compiled (torch.compile of the chunked "
                        "forward/backward; refused with exit 2 unless a start-up self-check finds its codes bit-identical "
                        "and gradients within 1e-5 of eager), auto (compiled where the self-check passes and a quick "
-                       "timing says it is faster, else eager; the choice and reason go to train_report.json).",
+                       "timing says it is faster, per layer shape; else eager; the choice and reason go to train_report.json).",
                        choices=KERNELS)
     base_dtype: str = _opt("stored", "Frozen W0 in memory: stored (its dtype in the shards) or int8 (per-output-channel "
                            "absmax codes, ~1/2 of bf16's bytes). int8 changes the base training learns on; it is recorded "
