@@ -45,6 +45,7 @@ class Settings:
     init: str = "l4q"
     lsq_grad_scale: bool = True
     seed: int = 0
+    base_dtype: str = "stored"  # "int8": the frozen W0 held as int8 (quant/base_int8.py), recorded in the checkpoint
     extra: dict[str, Any] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
     base_hashes: dict[str, str] = field(default_factory=dict)
@@ -93,6 +94,7 @@ def prepare(
     init: str = "l4q",
     lsq_grad_scale: bool = True,
     seed: int = 0,
+    base_dtype: str = "stored",
     **extra: Any,
 ) -> nn.Module:
     """Swap the decoder linears of a loaded HF LLaMA/Mistral/Qwen2 for the method's quantization-aware layers.
@@ -101,13 +103,19 @@ def prepare(
     settings are recorded on the model so `save_checkpoint` writes them.  Extra keyword arguments are the
     method-specific options of `l4q-train` (`qat_lora_export="merge"`, `qalora_base="path/to/gptq"`).
     Load the model in the dtype its shards are stored in (`dtype="auto"`): the export folds the shards.
+    base_dtype="int8" holds each frozen W0 as int8 codes + per-row absmax scales (method l4q; `l4q-train
+    --base-dtype`): training then learns on that W0', which the checkpoint records and the fold rebuilds.
     """
+    from .quant.base_int8 import BASE_DTYPES
+
+    if base_dtype not in BASE_DTYPES:
+        raise L4QInputError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, not {base_dtype!r}")
     if isinstance(getattr(model, SETTINGS_ATTR, None), Settings):
         raise L4QInputError("model is already prepared; call prepare once per model")
     if scale_grid not in ("fp32", "fp16"):
         raise L4QInputError("scale_grid must be fp32 or fp16")
     settings = Settings(method, int(bits), int(group_size), zero_point, int(rank), float(alpha), scale_grid, init,
-                        bool(lsq_grad_scale), int(seed), dict(extra))
+                        bool(lsq_grad_scale), int(seed), base_dtype, dict(extra))
     if getattr(model, "config", None) is not None:
         settings.base_config = model.config.to_dict()
     settings.modules = _swap_layers(model, settings)
@@ -139,8 +147,24 @@ def check_base(model: nn.Module, base: BaseWeights) -> int:
                 "the model you trained -- pass the base_dir the model was loaded from (dtype='auto')"
             )
         n += 1
+    n += _check_int8_bases(model, base)
     if n == 0:
         raise L4QInputError(f"no tensor of the model was found in {base.dir}; is it the right base_dir?")
+    return n
+
+
+def _check_int8_bases(model: nn.Module, base: BaseWeights) -> int:
+    """An int8-base layer's codes and scales must be what the fold will rebuild from the shard (sha256 compared)."""
+    from .quant.base_int8 import int8_absmax, int8_digest
+
+    n = 0
+    for name, m in _unwrap(model).named_modules():
+        if getattr(m, "base_dtype", "stored") != "int8" or name + ".weight" not in base:
+            continue
+        if int8_digest(*int8_absmax(base.get(name + ".weight"))) != int8_digest(m.weight_int8, m.weight_int8_scale):
+            raise L4QInputError(f"{name}: the int8 base in memory is not the int8 quantization of {base.dir}'s weight; "
+                                "pass the base_dir the model was loaded from")
+        n += 1
     return n
 
 
@@ -191,7 +215,8 @@ def save_checkpoint(
         base_hashes=hashes,
         architecture=hf_cfg["architectures"][0],
         copy_base=copy_base,
-        extra={"training": {**s.layer_fields(), "trainer": "python-api", **(extra or {})}, **methods.checkpoint_extra(s)},
+        extra={"training": {**s.layer_fields(), "trainer": "python-api", **(extra or {})}, **methods.checkpoint_extra(s),
+               **methods.base_extra(inner)},
     )
     return Path(out_dir)
 
@@ -203,7 +228,7 @@ def load_checkpoint(out_dir: str | os.PathLike, device: str | torch.device = "cp
     ck = open_checkpoint(out_dir)
     rec = ck.config.get("training", {})
     names = {f.name for f in fields(Settings)} - {"modules", "base_hashes", "base_config"}
-    if not names - {"extra"} <= set(rec):
+    if not names - {"extra", "base_dtype"} <= set(rec):  # base_dtype: absent before --base-dtype existed
         raise L4QInputError(f"{out_dir}: checkpoint has no training record; it cannot be rebuilt for training")
     settings = Settings(**{k: rec[k] for k in names if k in rec})
     model = load_base_model(ck.base_dir)
@@ -223,6 +248,14 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     from .training.surgery import adapter_state
 
     return {k: v.detach().cpu() for k, v in adapter_state(_unwrap(model)).items()}
+
+
+def select_kernel(model: nn.Module, kernel: str = "auto", tokens: int = 256) -> dict[str, Any]:
+    """Pick the L4Q layers' kernel ("auto", "eager", "compiled"; `l4q-train --kernel`) after a start-up self-check of
+    compiled vs eager on the model's own layers; returns {used, reason, ...}.  Call after `prepare` (and `.to(device)`)."""
+    from .training.kernel import select_kernel as _select
+
+    return _select(_unwrap(model), kernel, tokens=tokens, seed=settings_of(model).seed)
 
 
 def project_(model: nn.Module) -> None:

@@ -55,6 +55,7 @@ def validate_config(cfg: dict[str, Any], path: Path) -> None:
         QuantSpec.from_dict(quant)
     except (KeyError, TypeError, ValueError) as e:
         raise L4QInputError(f"{path}: invalid quant spec {quant!r} ({e})") from None
+    _validate_base_dtype(cfg, path)
     lora = cfg.get("lora")
     if not isinstance(lora, dict):
         raise L4QInputError(f"{path}: lora settings are missing")
@@ -62,6 +63,24 @@ def validate_config(cfg: dict[str, Any], path: Path) -> None:
         x = lora.get(key)
         if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or x < 0:
             raise L4QInputError(f"{path}: lora.{key} must be a non-negative number, not {x!r}")
+
+
+def _validate_base_dtype(cfg: dict[str, Any], path: Path) -> None:
+    """`base_dtype` int8 must carry the scheme the fold knows and a sha256 per quantized module."""
+    from .quant.base_int8 import BASE_DTYPES, INT8_SCHEME
+
+    bd = cfg.get("base_dtype", "stored")
+    if bd not in BASE_DTYPES:
+        raise L4QInputError(f"{path}: base_dtype must be one of {', '.join(BASE_DTYPES)}, not {bd!r}")
+    if bd != "int8":
+        return
+    rec = cfg.get("base_int8")
+    if not isinstance(rec, dict) or rec.get("scheme") != INT8_SCHEME:
+        raise L4QInputError(f"{path}: base_dtype int8 needs base_int8.scheme = {INT8_SCHEME!r} (this l4q-export's int8 base)")
+    digests = rec.get("sha256")
+    mods = cfg.get("modules") or []
+    if not isinstance(digests, dict) or any(not isinstance(digests.get(m), str) for m in mods):
+        raise L4QInputError(f"{path}: base_int8.sha256 must give the int8 base's hash of every quantized module")
 
 
 def _base_shapes(ck) -> dict[str, tuple[int, ...]]:

@@ -6,11 +6,13 @@ One command for a CUDA machine (issue 15); the paper's A100 table is printed bes
     python tools/bench_gpu.py --tiny                                 # CPU: same code path, tiny shape (tested)
     python tools/bench_gpu.py --tiny --seq 1024 --variants l4q,l4q+ckpt   # CPU: checkpointing's peak-RSS ratio
 
-Each variant runs in a fresh subprocess (CUDA: max_memory_allocated; CPU: peak RSS above the RSS after the
-model is built) with `--layers` and `--layers + 1` random decoder layers; the difference is one layer's cost,
-so 32 layers ~= peak(L) + (32 - L) * (peak(L+1) - peak(L)).  Variants: lora (our float-LoRA method, or PEFT's
-when `peft` is importable), l4q, each with `+ckpt` (HF gradient checkpointing), and qlora (PEFT + bitsandbytes
-4-bit) when both import.  Random weights: memory and time do not depend on the values.
+Each variant runs in a fresh subprocess (CUDA: max_memory_allocated; CPU: peak RSS of the steps -- the peak mark is
+reset once the model is built -- above the RSS before it was built, so weights count on both) with `--layers` and
+`--layers + 1` random decoder layers; the difference is one layer's cost, so 32 layers ~= peak(L) + (32 - L) *
+(peak(L+1) - peak(L)).  Variants: lora (our float-LoRA method, or PEFT's when `peft` is importable), l4q, and
+suffixes `+ckpt` (HF gradient checkpointing), `+int8` (--base-dtype int8: W0 held as int8 + per-row scales),
+`+compiled` (--kernel compiled), combinable (l4q+int8+compiled+ckpt); qlora (PEFT + bitsandbytes 4-bit) when both
+import.  Random weights: memory and time do not depend on the values.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _have(mod: str) -> bool:
 
 
 def default_variants(device: str) -> list[str]:
-    v = ["lora", "lora+ckpt", "l4q", "l4q+ckpt"]
+    v = ["lora", "lora+ckpt", "l4q", "l4q+ckpt", "l4q+int8+ckpt", "l4q+compiled+ckpt"]
     if device == "cuda" and _have("peft") and _have("bitsandbytes"):
         v.append("qlora+ckpt")
     return v
@@ -59,13 +61,24 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak() -> None:
+    """Linux: VmHWM := current RSS, so the peak read after the steps is theirs, not the build's fp32 transient."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def build(variant: str, shape: str, layers: int, seq: int, device: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=seq, use_cache=False)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    method = variant.split("+")[0]
+    method, flags = variant.split("+")[0], set(variant.split("+")[1:])
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -83,16 +96,22 @@ def build(variant: str, shape: str, layers: int, seq: int, device: str) -> torch
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
         model.bench_impl = "peft"
     else:
-        from l4q_export.api import prepare
+        from l4q_export.api import prepare, select_kernel
 
-        prepare(model, method=method, bits=4, group_size=128, rank=4, alpha=8.0)
+        prepare(model, method=method, bits=4, group_size=128, rank=4, alpha=8.0,
+                base_dtype="int8" if "int8" in flags else "stored")
         model.bench_impl = f"l4q_export:{method}"
-    if variant.endswith("+ckpt"):
+        if method == "l4q":
+            select_kernel(model, "compiled" if "compiled" in flags else "eager")
+    if "ckpt" in flags:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device) if method != "qlora" else model
 
 
 def measure(variant: str, shape: str, layers: int, seq: int, device: str, steps: int) -> dict:
+    import torch._inductor.compile_fx  # noqa: F401 -- the compiled kernel's compiler: process baseline for every variant
+
+    before = _rss()
     model = build(variant, shape, layers, seq, device)
     model.train()
     vocab = SHAPES[shape]["vocab_size"]
@@ -103,7 +122,8 @@ def measure(variant: str, shape: str, layers: int, seq: int, device: str, steps:
         torch.cuda.reset_peak_memory_stats()
         start = 0  # absolute: the weights are part of what the paper's GB counts
     else:
-        start = _rss()
+        start = before  # absolute like CUDA's: the weights (stored or int8) are part of the peak
+        _reset_peak()
     times = []
     for _ in range(steps + 1):  # the first pass is warm-up (and the memory pass)
         t0 = time.perf_counter()
@@ -114,7 +134,7 @@ def measure(variant: str, shape: str, layers: int, seq: int, device: str, steps:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     timed = sorted(times[1:] or times)
     return {"variant": variant, "impl": model.bench_impl, "layers": layers, "peak_bytes": int(peak - start),
             "step_s": timed[len(timed) // 2]}
@@ -153,7 +173,9 @@ def run(variants: list[str], shape: str, layers: int, seq: int, device: str, ste
 @click.option("--seq", default=None, type=int, help="Tokens per sequence, micro-batch 1 (default 2048; 256 with --tiny).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available (cpu with --tiny).")
 @click.option("--steps", default=3, show_default=True, help="Timed forward+backward steps after a warm-up (median).")
-@click.option("--variants", default=None, help="Comma-separated subset of lora,lora+ckpt,l4q,l4q+ckpt,qlora+ckpt.")
+@click.option("--variants", default=None, help="Comma-separated variants: lora, l4q or qlora, each with optional "
+              "+int8 (l4q), +compiled (l4q), +ckpt suffixes (default: lora, lora+ckpt, l4q, l4q+ckpt, l4q+int8+ckpt, "
+              "l4q+compiled+ckpt, and qlora+ckpt on CUDA when peft and bitsandbytes import).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
 @click.option("--one", default=None, hidden=True)
 def main(tiny, shape, layers, total_layers, seq, device, steps, variants, json_path, one) -> None:
@@ -183,7 +205,9 @@ def main(tiny, shape, layers, total_layers, seq, device, steps, variants, json_p
               f"{r['peak_bytes_extrapolated'] / gib:>10.2f} {r['step_s']:>8.3f} {r['step_s_extrapolated']:>8.3f}   {paper}")
     by = {r["variant"]: r for r in rows if "error" not in r}
     ratios = {}
-    for a, b in (("l4q+ckpt", "l4q"), ("lora+ckpt", "lora"), ("l4q", "lora"), ("l4q+ckpt", "lora+ckpt")):
+    for a, b in (("l4q+ckpt", "l4q"), ("lora+ckpt", "lora"), ("l4q", "lora"), ("l4q+ckpt", "lora+ckpt"),
+                 ("l4q+int8+ckpt", "lora+ckpt"), ("l4q+int8+ckpt", "l4q+ckpt"), ("l4q+compiled+ckpt", "lora+ckpt"),
+                 ("l4q+compiled+ckpt", "l4q+ckpt")):
         if a in by and b in by:
             ratios[f"peak {a} / {b}"] = by[a]["peak_bytes_extrapolated"] / by[b]["peak_bytes_extrapolated"]
             ratios[f"time {a} / {b}"] = by[a]["step_s_extrapolated"] / by[b]["step_s_extrapolated"]

@@ -68,11 +68,7 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
     A = A.float()
     B = B.float()
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
-        # autograd cannot record out= writes: the plain loop, the very same operations per element
-        acc = B[:, 0:1] * A[0:1, :]
-        for k in range(1, A.shape[0]):
-            acc = acc + B[:, k : k + 1] * A[k : k + 1, :]
-        return acc * alpha
+        return lora_delta_loop(A, B, alpha)  # autograd cannot record out= writes
     out_f, in_f = B.shape[0], A.shape[1]
     acc = torch.empty(out_f, in_f, dtype=torch.float32, device=A.device)
     rows = max(1, _DELTA_BLOCK_ELEMENTS // max(in_f, 1))
@@ -88,6 +84,17 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
             blk.add_(prod)
         blk.mul_(alpha)
     return acc
+
+
+def lora_delta_loop(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The plain form of `lora_delta` -- the very same operations per element, as new tensors instead of out=
+    writes: what autograd records and what torch.compile fuses (training/fused.py)."""
+    A = A.float()
+    B = B.float()
+    acc = B[:, 0:1] * A[0:1, :]
+    for k in range(1, A.shape[0]):
+        acc = acc + B[:, k : k + 1] * A[k : k + 1, :]
+    return acc * alpha
 
 
 def combined_weight(W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -46,7 +46,7 @@ class QATLoRALinear(_FrozenBase):
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Q(W0)^T -- the integer part of the training forward."""
-        return L4QFunction.apply(x, self.weight, None, None, self.scale, self.offset, self.cfg)
+        return L4QFunction.apply(x, self.weight, None, None, None, self.scale, self.offset, self.cfg)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The whole training forward (no bias): quantized base + float LoRA branch ("4+16")."""

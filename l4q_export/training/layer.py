@@ -44,6 +44,8 @@ from ..quant import (
     round_codes,
     shifted_input,
 )
+from ..quant.base_int8 import BASE_DTYPES, int8_absmax, int8_dequant
+from . import fused
 
 # Transient buffers in forward/backward are limited to about this many fp32 elements per buffer.
 CHUNK_ELEMENTS = 1 << 20
@@ -57,6 +59,7 @@ class LayerConfig:
     lora_scale: float  # LoRA scaling alpha_L = lora_alpha / r
     fp16_grid: bool = False
     lsq_grad_scale: bool = True
+    kernel: str = "eager"  # "compiled": the torch.compile'd chunk pieces of training/fused.py (see kernel.py)
 
 
 def _row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
@@ -73,20 +76,27 @@ def _slice(p: GroupParams, r0: int, r1: int) -> GroupParams:
 
 
 def _combined_rows(
-    W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, lora_scale: float, r0: int, r1: int
+    W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None, lora_scale: float,
+    r0: int, r1: int,
 ) -> torch.Tensor:
-    """Rows r0:r1 of W0 + alpha*B@A in fp32 -- element for element the same numbers as the full fold."""
-    w = W0[r0:r1].float()
+    """Rows r0:r1 of W0 (int8 base: q*scale) + alpha*B@A in fp32 -- element for element the numbers of the full fold."""
+    w = W0[r0:r1].float() if w0_scale is None else int8_dequant(W0[r0:r1], w0_scale[r0:r1])
     if A is None or B is None:
         return w
     return w + lora_delta(A, B[r0:r1], lora_scale)
 
 
+def _rows(t: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
+    return None if t is None else t[r0:r1]
+
+
 class L4QFunction(torch.autograd.Function):
-    """y = x @ W_q^T with W_q recomputed (not saved) in backward."""
+    """y = x @ W_q^T with W_q recomputed (not saved) in backward.
+
+    W0 is the frozen base in its stored dtype, or (w0_scale given) the int8 codes of `--base-dtype int8`."""
 
     @staticmethod
-    def forward(ctx, x, W0, A, B, scale, offset, cfg: LayerConfig):  # type: ignore[override]
+    def forward(ctx, x, W0, w0_scale, A, B, scale, offset, cfg: LayerConfig):  # type: ignore[override]
         out_f, in_f = W0.shape
         x2 = x.reshape(-1, in_f)
         y2 = x2.new_empty(x2.shape[0], out_f)
@@ -94,24 +104,28 @@ class L4QFunction(torch.autograd.Function):
             p = effective_params(cfg.spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
                 pr = _slice(p, r0, r1)
-                w = _combined_rows(W0, A, B, cfg.lora_scale, r0, r1)
-                wq = dequantize_codes(round_codes(shifted_input(w, pr, cfg.spec), cfg.spec), pr, cfg.spec)
+                if cfg.kernel == "compiled":
+                    _, wq = fused.compiled("forward")(W0[r0:r1], _rows(w0_scale, r0, r1), A, _rows(B, r0, r1),
+                                                      pr.scale, pr.minimum, pr.zero, cfg.spec, cfg.lora_scale)
+                else:
+                    w = _combined_rows(W0, w0_scale, A, B, cfg.lora_scale, r0, r1)
+                    wq = dequantize_codes(round_codes(shifted_input(w, pr, cfg.spec), cfg.spec), pr, cfg.spec)
                 y2[:, r0:r1] = x2 @ wq.to(x2.dtype).T
         ctx.cfg = cfg
-        ctx.save_for_backward(x, W0, A, B, scale, offset)
+        ctx.save_for_backward(x, W0, w0_scale, A, B, scale, offset)
         return y2.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, W0, A, B, scale, offset = ctx.saved_tensors
+        x, W0, w0_scale, A, B, scale, offset = ctx.saved_tensors
         cfg: LayerConfig = ctx.cfg
         spec = cfg.spec
         out_f, in_f = W0.shape
         x2 = x.reshape(-1, in_f)
         gy2 = grad_y.reshape(-1, out_f)
         need_x = ctx.needs_input_grad[0]
-        need_lora = A is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-        need_q = ctx.needs_input_grad[4] or (offset is not None and ctx.needs_input_grad[5])
+        need_lora = A is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        need_q = ctx.needs_input_grad[5] or (offset is not None and ctx.needs_input_grad[6])
         need_w = need_lora or need_q
         g = spec.group_len(in_f)
 
@@ -124,7 +138,11 @@ class L4QFunction(torch.autograd.Function):
             p = effective_params(spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
                 pr = _slice(p, r0, r1)
-                w = _combined_rows(W0, A, B, cfg.lora_scale, r0, r1)
+                if cfg.kernel == "compiled":
+                    _compiled_backward_rows(x2, gy2, W0, w0_scale, A, B, pr, cfg, r0, r1, need_x, need_w, need_lora,
+                                            grad_x, gA, gB, gd, gm)
+                    continue
+                w = _combined_rows(W0, w0_scale, A, B, cfg.lora_scale, r0, r1)
                 v = shifted_input(w, pr, spec)
                 del w
                 u = round_codes(v, spec)
@@ -167,12 +185,41 @@ class L4QFunction(torch.autograd.Function):
         return (
             grad_x.to(x.dtype).view(x.shape) if need_x else None,
             None,
+            None,
             gA.to(A.dtype) if need_lora else None,
             gB.to(B.dtype) if need_lora else None,
-            grad_s.to(scale.dtype) if ctx.needs_input_grad[4] else None,
-            grad_off.to(offset.dtype) if grad_off is not None and ctx.needs_input_grad[5] else None,
+            grad_s.to(scale.dtype) if ctx.needs_input_grad[5] else None,
+            grad_off.to(offset.dtype) if grad_off is not None and ctx.needs_input_grad[6] else None,
             None,
         )
+
+
+def _compiled_backward_rows(x2, gy2, W0, w0_scale, A, B, pr: GroupParams, cfg: LayerConfig, r0: int, r1: int,
+                            need_x: bool, need_w: bool, need_lora: bool, grad_x, gA, gB, gd, gm) -> None:
+    """One row chunk of L4QFunction.backward through the compiled piece (fused.backward_rows); GEMMs stay eager."""
+    gy = gy2[:, r0:r1]
+    args = (W0[r0:r1], _rows(w0_scale, r0, r1), A, _rows(B, r0, r1), pr.scale, pr.minimum, pr.zero)
+    if not need_w:  # only grad_x: the forward piece gives W_q
+        _, wq = fused.compiled("forward")(*args, cfg.spec, cfg.lora_scale)
+        _add_grad_x(grad_x, gy, wq)
+        return
+    G = (gy.T @ x2.to(gy2.dtype)).float()
+    wq, dB, dA, dd, dm = fused.compiled("backward")(*args, G, cfg.spec, cfg.lora_scale, need_x, need_lora)
+    if need_x:
+        _add_grad_x(grad_x, gy, wq)
+    if need_lora:
+        gB[r0:r1] = dB
+        gA += dA
+    gd[r0:r1] = dd
+    gm[r0:r1] = dm
+
+
+def _add_grad_x(grad_x: torch.Tensor, gy: torch.Tensor, wq: torch.Tensor) -> None:
+    if gy.dtype == torch.float32:  # in place: no [tokens, in] temporary per chunk
+        grad_x.addmm_(gy, wq)
+    else:  # low-precision activations: accumulate the chunks in fp32
+        grad_x += (gy @ wq.to(gy.dtype)).float()
+
 
 
 def adopt_frozen_base(layer: nn.Module, base: nn.Linear) -> None:
@@ -275,7 +322,9 @@ class MethodLinear(nn.Module, metaclass=ABCMeta):
 
 def detached_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached fp32 CPU copies: what l4q_adapter.safetensors stores, whatever device and dtype trained them."""
-    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    from .distributed import full_tensor  # --fsdp: a parameter is a DTensor shard until gathered
+
+    return {k: full_tensor(v.detach()).float().cpu().contiguous() for k, v in tensors.items()}
 
 
 def add_learned_grid(layer: nn.Module, spec: QuantSpec, init: str) -> None:
@@ -309,6 +358,7 @@ class L4QLinear(MethodLinear):
         fp16_grid: bool = False,
         lsq_grad_scale: bool = True,
         generator: torch.Generator | None = None,
+        base_dtype: str = "stored",
     ) -> None:
         super().__init__()
         adopt_frozen_base(self, base)
@@ -318,16 +368,35 @@ class L4QLinear(MethodLinear):
         self.cfg = LayerConfig(
             spec=spec, lora_scale=(lora_alpha / rank) if rank > 0 else 0.0, fp16_grid=fp16_grid, lsq_grad_scale=lsq_grad_scale
         )
+        if base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, not {base_dtype!r}")
+        self.base_dtype = base_dtype
+        if base_dtype == "int8":  # W0 -> int8 codes + per-row scale; the stored-dtype weight is dropped
+            with torch.no_grad():
+                q, s = int8_absmax(self.weight.detach())
+            self.weight = None
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_int8_scale", s)
+
+    def base_weight(self) -> torch.Tensor:
+        """The W0 training learns on: the stored weight, or the int8 base's W0' = q*scale (fp32)."""
+        if self.base_dtype == "int8":
+            return int8_dequant(self.weight_int8, self.weight_int8_scale)
+        return self.weight
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W_q^T through the custom autograd Function (no bias)."""
-        return L4QFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.scale, self.offset, self.cfg)
+        if self.base_dtype == "int8":
+            W0, w0s = self.weight_int8, self.weight_int8_scale
+        else:
+            W0, w0s = self.weight, None
+        return L4QFunction.apply(x, W0, w0s, self.lora_A, self.lora_B, self.scale, self.offset, self.cfg)
 
     @torch.no_grad()
     def quantized(self, name: str = "") -> QuantizedTensor:
         """The canonical quantized tensor of the current parameters (what the fold produces)."""
         p = effective_params(self.spec, self.scale, self.offset, self.cfg.fp16_grid)
-        w = combined_weight(self.weight, self.lora_A, self.lora_B, self.cfg.lora_scale)
+        w = combined_weight(self.base_weight(), self.lora_A, self.lora_B, self.cfg.lora_scale)
         return quantize(name, w, p, self.spec)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:

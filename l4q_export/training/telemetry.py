@@ -37,7 +37,8 @@ def quantizer_health(model: nn.Module) -> list[dict[str, Any]]:
                                "clipped_frac": None}
         if isinstance(layer, L4QLinear):
             p = effective_params(layer.spec, layer.scale, layer.offset, layer.cfg.fp16_grid)
-            v = shifted_input(combined_weight(layer.weight, layer.lora_A, layer.lora_B, layer.cfg.lora_scale), p, layer.spec)
+            w = combined_weight(layer.base_weight(), layer.lora_A, layer.lora_B, layer.cfg.lora_scale)
+            v = shifted_input(w, p, layer.spec)
             row["clipped_frac"] = float(((v < -0.5) | (v > layer.spec.umax + 0.5)).float().mean())
         rows.append(row)
     return rows

@@ -26,9 +26,12 @@ from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, AtomicFile, BaseWeights, che
 from ..errors import L4QInputError
 from ..guard import check_output
 from ..quant import INIT_METHODS, SUPPORTED_BITS, ZERO_POINT_MODES, QuantSpec
+from ..quant.base_int8 import BASE_DTYPES
 from ..schema import validate_base
 from . import methods
 from .data import collate, load_examples, load_tokenizer
+from .distributed import full_tensor, load_optimizer_state, optimizer_state, shard_model
+from .kernel import KERNELS, agree_kernel, restore_kernel, select_kernel
 from .surgery import adapter_state, compute_dtype, load_adapter_state, load_base_model
 from .telemetry import Telemetry, summary_table
 
@@ -109,6 +112,18 @@ class TrainArgs:
     gradient_checkpointing: bool = _opt(False, "Recompute each decoder layer's activations in backward (HF's non-reentrant "
                                         "checkpointing): less activation memory at seq 2048 for ~1 extra forward. "
                                         "Codes and adapter are identical to a run without it.")
+    kernel: str = _opt("auto", "L4Q layer kernel: eager (plain PyTorch ops), compiled (torch.compile of the chunked "
+                       "forward/backward; refused with exit 2 unless a start-up self-check finds its codes bit-identical "
+                       "and gradients within 1e-5 of eager), auto (compiled where the self-check passes and a quick "
+                       "timing says it is faster, per layer shape; else eager; the choice and reason go to train_report.json).",
+                       choices=KERNELS)
+    base_dtype: str = _opt("stored", "Frozen W0 in memory: stored (its dtype in the shards) or int8 (per-output-channel "
+                           "absmax codes, ~1/2 of bf16's bytes). int8 changes the base training learns on; it is recorded "
+                           "in the checkpoint and the fold rebuilds the same int8 W0 from the shards (hash-checked). "
+                           "--method l4q only.", choices=BASE_DTYPES)
+    fsdp: bool = _opt(False, "Under torchrun: shard W0, the adapter and the AdamW state across processes with FSDP2 "
+                      "(torch.distributed.fsdp.fully_shard, one unit per decoder layer) instead of DDP's full copy per "
+                      "process. The checkpoint is the same (rank 0 writes the gathered adapter).")
     extra: dict[str, Any] = field(default_factory=dict)  # method-owned options (Method.options), set by the CLI
 
     def spec(self) -> QuantSpec:
@@ -226,6 +241,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     import contextlib
 
     world, rank, local_rank = _dist()
+    if args.fsdp and world < 2:
+        raise L4QInputError("--fsdp shards across processes: run it under torchrun with --nproc-per-node >= 2")
     if world > 1:
         import torch.distributed as dist
 
@@ -254,34 +271,55 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model.to(compute_dtype(model.dtype, device))
     prepare(model, method=args.method, bits=args.bits, group_size=args.group_size, zero_point=args.zero_point,
             rank=args.rank, alpha=args.alpha, scale_grid=args.scale_grid, init=args.init,
-            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, **args.extra)
+            lsq_grad_scale=args.lsq_grad_scale, seed=args.seed, base_dtype=args.base_dtype, **args.extra)
     modules = model.l4q_settings.modules
     model.to(device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     out = Path(args.out)
+    state_path = out / STATE_FILE
+    saved = load_state(state_path) if args.resume and state_path.is_file() else {}
+    if args.kernel == "auto" and saved.get("kernel") is not None:
+        kernel = restore_kernel(model, saved["kernel"], seed=args.seed)
+    else:
+        kernel = select_kernel(model, args.kernel, tokens=min(args.batch_size * seq_len, 512), seed=args.seed)
+    if world > 1:
+        kernel = agree_kernel(model, kernel)
+    if rank == 0:
+        tqdm.write(f"l4q-train: kernel {kernel['used']} ({kernel['reason']})")
     telemetry = Telemetry(out, args.report_to, enabled=rank == 0)
     start = 0
-    groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
-    opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
-    trainable = [p for g in groups for p in g["params"]]
-    state_path = out / STATE_FILE
     if args.resume:
         if not state_path.is_file():
             raise L4QInputError(f"--resume: no {STATE_FILE} in {out}")
-        state = load_state(state_path)
+        state = saved
         if state["spec"] != spec.to_dict() or state["rank"] != args.rank or state.get("method", "l4q") != args.method:
             raise L4QInputError("--resume: the saved run used a different quantizer or rank")
-        load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))
-        opt.load_state_dict(state["optimizer"])
+        if state.get("base_dtype", "stored") != args.base_dtype:
+            raise L4QInputError(f"--resume: the saved run used --base-dtype {state.get('base_dtype', 'stored')}")
+        if bool(state.get("fsdp", False)) != args.fsdp:
+            raise L4QInputError(f"--resume: the saved run was trained {'with' if state.get('fsdp') else 'without'} --fsdp "
+                                "(its optimizer state is laid out for that)")
+        load_adapter_state(model, load_file(str(out / ADAPTER_FILE)))  # before sharding: plain tensors
         start = int(state["step"])
+    if args.fsdp:
+        shard_model(model)
+    groups = methods.lr_param_groups(model, args.method, args.lr, args.weight_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"] or "lr_scale" not in g], lr=args.lr)
+    trainable = [p for g in groups for p in g["params"]]
+    if args.resume:
+        if args.fsdp:
+            load_optimizer_state(model, opt, saved["optimizer"])
+        else:
+            opt.load_state_dict(saved["optimizer"])
 
     trained_model = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        # buffers are pure functions of the shards (rotary tables, the int8 base), equal on every rank: no broadcast
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
     use_bf16 = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -293,9 +331,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     def save(step: int, final: bool) -> None:
         nonlocal health
+        if rank != 0 and not args.fsdp:
+            return
+        adapter = adapter_state(trained_model)  # --fsdp: gathers the shards, so every rank takes part
+        opt_state = optimizer_state(trained_model, opt) if args.fsdp else opt.state_dict()
         if rank != 0:
             return
-        health = telemetry.log_health(step, trained_model)
+        if not args.fsdp:  # sharded layers hold no whole W0 to measure clipping on
+            health = telemetry.log_health(step, trained_model)
         write_checkpoint(
             out,
             method=args.method,
@@ -304,7 +347,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             lora_alpha=args.alpha,
             fp16_grid=args.scale_grid == "fp16",
             lsq_grad_scale=args.lsq_grad_scale,
-            adapter=adapter_state(trained_model),
+            adapter=adapter,
             modules=modules,
             base_dir=base_dir,
             base_hashes=base_hashes,
@@ -314,11 +357,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()} | {"steps_done": step},
                 **methods.checkpoint_extra(args),
                 **methods.grid_extra(trained_model),
+                **methods.base_extra(trained_model),
             },
         )
         with AtomicFile(state_path) as tmp:
             torch.save(
-                {"optimizer": opt.state_dict(), "step": step, "spec": spec.to_dict(), "rank": args.rank, "method": args.method},
+                {"optimizer": opt_state, "step": step, "fsdp": args.fsdp, "spec": spec.to_dict(), "rank": args.rank,
+                 "method": args.method, "kernel": kernel.get("layers") or kernel["used"], "base_dtype": args.base_dtype},
                 tmp,
             )
 
@@ -335,7 +380,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
             p0 = ((step * args.grad_accum + j) * world + rank) * args.batch_size
             batch = collate([train_set[stream[p]] for p in range(p0, p0 + args.batch_size)], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if (world == 1 or j == args.grad_accum - 1) else model.no_sync()
+            last = j == args.grad_accum - 1
+            if args.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if (world == 1 or last or args.fsdp) else model.no_sync()
             with sync:
                 with autocast():
                     loss = model(**batch).loss / args.grad_accum
@@ -345,7 +393,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             step_tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
             tokens += step_tokens  # packed blocks have no attention_mask: count the learned tokens
         clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip)) if trainable else 0.0
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(trainable, clip))) if trainable else 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
         methods.project_(trained_model)  # projected step: a scale that crossed zero would make the grid degenerate
@@ -382,6 +430,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "device": device,
         "compute_dtype": str(trained_model.dtype).removeprefix("torch."),
         "world_size": world,
+        "parallel": "fsdp2" if args.fsdp else ("ddp" if world > 1 else "none"),
+        "kernel": kernel,
+        "base_dtype": args.base_dtype,
         "max_clipped_frac": max((h["clipped_frac"] for h in health if h["clipped_frac"] is not None), default=None),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if use_bf16 else None,
     }

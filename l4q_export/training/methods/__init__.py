@@ -13,6 +13,7 @@ from .registry import (
     Method,
     ModuleFolder,
     apply_checkpoint,
+    base_extra,
     build_layer,
     check_args,
     checkpoint_extra,
@@ -30,6 +31,7 @@ from .registry import (
     reference_model,
     register,
     setup_model,
+    training_base,
     trains,
 )
 
@@ -51,7 +53,9 @@ __all__ = [
     "checkpoint_spec",
     "fold_merged",
     "fold_module",
+    "training_base",
     "get_method",
+    "base_extra",
     "grid_extra",
     "lr_param_groups",
     "meta_linear",

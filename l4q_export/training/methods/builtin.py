@@ -83,6 +83,8 @@ def _grid_context(args: Any) -> dict[str, Any] | None:
 
 
 def _check_grid(args: Any) -> None:
+    if args.extra.get("grid") and getattr(args, "base_dtype", "stored") != "stored":
+        raise L4QInputError("--base-dtype int8 is not available with --grid (K-grid layers keep the stored W0)")
     if args.extra.get("grid"):
         args.extra["grid"] = check_grid(args.extra["grid"])
         args.scale_grid = "fp16"  # legacy-type modules are exact only on the fp16 scale grid; K modules always are
@@ -91,7 +93,8 @@ def _check_grid(args: Any) -> None:
 def _make_l4q(lin: nn.Linear, name: str, gen: torch.Generator, args: Any, cfg: dict[str, Any] | None) -> MethodLinear:
     """L4QLinear on --bits/--group-size; with --grid, the module's own grid (KQuantLinear or a legacy-type spec)."""
     if cfg is None:
-        return L4QLinear(lin, args.spec(), args.rank, args.alpha, args.init, _fp16(args), args.lsq_grad_scale, generator=gen)
+        return L4QLinear(lin, args.spec(), args.rank, args.alpha, args.init, _fp16(args), args.lsq_grad_scale, generator=gen,
+                         base_dtype=getattr(args, "base_dtype", "stored"))
     grid = module_grid(args.extra["grid"], name, tuple(lin.weight.shape), cfg)
     if isinstance(grid, KQuantSpec):  # ggml's own quantizer picks the initial scales: step 0 = llama-quantize's bytes
         layer: MethodLinear = KQuantLinear(lin, grid, args.rank, args.alpha, init="ggml", generator=gen)
@@ -117,6 +120,7 @@ def _rebuild_l4q(lin: nn.Linear, ck: Checkpoint, rank: int, lora_alpha: float, t
 
 register(Method("l4q", L4QLinear, "LoRA merged inside a learned LSQ+ quantizer (or, with --grid, a GGUF K-quant grid)",
                 _make_l4q, _rebuild_l4q, fold_merged, options=("grid",), validate=_check_grid, prepare=_grid_context,
+                int8_base=True,
                 checkpoint_extra=lambda args: {"grid": args.extra["grid"]} if args.extra.get("grid") else {}))
 
 # ---- qalora ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
 from ...quant import QuantizedTensor, QuantSpec
+from ...quant.base_int8 import INT8_SCHEME, int8_absmax, int8_dequant, int8_digest
 from ...quant.kplan import gguf_tensor_name, quantize_untrained, recipe_embedding_type
 from ..layer import MethodLinear
 from ..surgery import load_base_model, quantized_layers, swap_linears
@@ -64,6 +65,7 @@ class Method:
     checkpoint_spec: the spec of the *folded* tensors, from the training spec
     checkpoint_extra: method keys written into l4q_config.json (read back by the fold)
     options:         TrainArgs.extra keys only this method reads; refused (when set) with any other method
+    int8_base:       its layer can hold W0 as int8 (--base-dtype int8; the fold then rebuilds that W0')
     validate:        method-specific option checks (one L4QInputError line each)
     prepare:         per-run context handed to make_layer (e.g. QA-LoRA's GPTQ base), built once
     """
@@ -80,6 +82,7 @@ class Method:
     checkpoint_spec: Callable[[QuantSpec], QuantSpec] = _same_spec
     checkpoint_extra: Callable[[Any], dict[str, Any]] = _no_extra
     options: tuple[str, ...] = ()
+    int8_base: bool = False
     validate: Callable[[Any], None] = _no_check
     prepare: Callable[[Any], Any] = _no_context
 
@@ -130,6 +133,8 @@ def check_args(args: Any) -> None:
             if other is not method and args.extra.get(key):
                 flag = "--" + key.replace("_", "-")
                 raise L4QInputError(f"{flag} is a {other.name} option; use it with --method {other.name}")
+    if getattr(args, "base_dtype", "stored") != "stored" and not method.int8_base:
+        raise L4QInputError(f"--base-dtype {args.base_dtype} is not available with --method {method.name} (l4q only)")
     method.validate(args)
 
 
@@ -197,6 +202,27 @@ def grid_extra(model: nn.Module) -> dict[str, Any]:
     return {"module_grids": grids} if grids else {}
 
 
+def base_extra(model: nn.Module) -> dict[str, Any]:
+    """`base_dtype` + `base_int8` for l4q_config.json when layers hold W0 as int8: the scheme and, per module, the
+    sha256 of the codes and scales training used (the fold recomputes them from the shard and compares)."""
+    digests = {name: int8_digest(layer.weight_int8, layer.weight_int8_scale) for name, layer in quantized_layers(model)
+               if getattr(layer, "base_dtype", "stored") == "int8"}
+    return {"base_dtype": "int8", "base_int8": {"scheme": INT8_SCHEME, "sha256": digests}} if digests else {}
+
+
+def training_base(ck: Checkpoint, module: str | None, W0: torch.Tensor) -> torch.Tensor:
+    """The W0 the module trained on: the stored shard's, or (`base_dtype: int8`) its int8 W0' rebuilt on CPU exactly as
+    training built it, refused unless its sha256 is the one the checkpoint recorded."""
+    if ck.config.get("base_dtype", "stored") != "int8":
+        return W0
+    q, s = int8_absmax(W0.cpu())
+    want = ck.config["base_int8"]["sha256"].get(module or "")
+    if want is None or int8_digest(q, s) != want:
+        raise L4QInputError(f"{ck.dir}: the int8 base of {module} rebuilt from {ck.base_dir} does not match the hash "
+                            "training recorded; the base shards or the int8 quantizer changed -- restore the original base")
+    return int8_dequant(q, s)
+
+
 @torch.no_grad()
 def project_(model: nn.Module) -> None:
     """After each step: learned scales stay above SCALE_FLOOR (each layer's MethodLinear.project_)."""
@@ -212,6 +238,7 @@ def fold_module(ck: Checkpoint, module: str, W0: torch.Tensor) -> QuantizedTenso
     """The folded weight of one quantized module (refuses a non-finite base weight)."""
     if not torch.isfinite(W0).all():
         raise L4QInputError(f"base weight {module}.weight contains NaN/Inf")
+    W0 = training_base(ck, module, W0)
     return checkpoint_method(ck).fold(ck.for_module(module), module, W0, ck.adapter(module))
 
 
@@ -227,6 +254,7 @@ def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor], mo
 
     `module` selects the module's own grid in a per-module (format version 2) checkpoint."""
     rank, lora_alpha = int(ck.config["lora"]["rank"]), float(ck.config["lora"]["alpha"])
+    W0 = training_base(ck, module, W0)
     view = ck if module is None else ck.for_module(module)
     layer = checkpoint_method(ck).rebuild_layer(meta_linear(W0), view, rank, lora_alpha, t)
     layer.load_tensors(t)
