@@ -140,27 +140,82 @@ def _signed_codes(u: np.ndarray, z: np.ndarray | None, lo: int, hi: int, what: s
 # Legacy 32-element types
 # --------------------------------------------------------------------------------------------------------
 
-def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
+@dataclass(frozen=True)
+class LegacyFields:
+    """What one legacy block type stores for a tensor: the codes q [out, nb, 32] as stored, the fp16 block scale d
+    (sign folded in for mirrored blocks) and, for min types, the fp16 minimum m.  ggml (and gguf-py) decode a
+    block as fp32(d)*q + fp32(m), or fp32(d)*(q - offset) -- two (one) separately rounded fp32 operations."""
+
+    q: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None
+    sign: np.ndarray | None  # no-min types: +1 / -1 per block (mirrored blocks store -d and -(u - z))
+
+
+def _legacy_fields(qt: QuantizedTensor, name: str) -> LegacyFields:
     info = INFO[name]
     u, d, m, z = _sub_params(qt, QK, QK)
-    out, _nb, _ = u.shape
     if info.has_min:
         if qt.spec.umax >= (1 << info.code_bits):
             raise NotRepresentable(f"{qt.spec.bits}-bit codes do not fit {name}'s {info.code_bits}-bit field")
-        q = u.astype(np.uint8)
-        head = [_u8(_fp16(d, "scale")[..., None]), _u8(_fp16(m, "minimum")[..., None])]
-    else:
-        lo, hi = (-128, 127) if name == "q8_0" else (-info.offset, (1 << info.code_bits) - 1 - info.offset)
-        v, sign = _signed_codes(u, z, lo, hi, name)
-        dd = _fp16(d * sign, "scale")
-        if name == "q8_0":
-            return np.concatenate([_u8(dd[..., None]), v.astype(np.int8).view(np.uint8)], -1).reshape(out, -1)
-        q = (v + info.offset).astype(np.uint8)
-        head = [_u8(dd[..., None])]
+        return LegacyFields(u.astype(np.uint8, copy=False), _fp16(d, "scale"), _fp16(m, "minimum"), None)
+    lo, hi = (-128, 127) if name == "q8_0" else (-info.offset, (1 << info.code_bits) - 1 - info.offset)
+    v, sign = _signed_codes(u, z, lo, hi, name)
+    dd = _fp16(d * sign, "scale")
+    if name == "q8_0":
+        return LegacyFields(v.astype(np.int8), dd, None, sign)
+    return LegacyFields((v + info.offset).astype(np.uint8), dd, None, sign)
+
+
+def _assemble_legacy(f: LegacyFields, name: str) -> np.ndarray:
+    info = INFO[name]
+    out = f.q.shape[0]
+    if name == "q8_0":
+        return np.concatenate([_u8(f.d[..., None]), f.q.view(np.uint8)], -1).reshape(out, -1)
+    head = [_u8(f.d[..., None])] + ([_u8(f.m[..., None])] if f.m is not None else [])
+    q = f.q
     if info.code_bits == 5:
         qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of the u32 = high bit of element j
         head.append(qh)
     return np.concatenate([*head, _nibbles(q & 0x0F)], -1).reshape(out, -1)
+
+
+def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
+    return _assemble_legacy(_legacy_fields(qt, name), name)
+
+
+def _legacy_error(qt: QuantizedTensor, f: LegacyFields, name: str) -> float:
+    """max |decoded - W_q| of the blocks `f`, from the fields themselves instead of decoding the packed bytes.
+
+    The fold's W_q is d*u + m or (u - z)*d in fp32 with the group's own d, m (`dequantize_codes`); the file decodes
+    to fp32(fp16 d)*q + fp32(fp16 m) or fp32(fp16 d)*(q - offset) with q - offset = +-(u - z) and the sign folded
+    into d.  Where every stored d and m equals the group's own value (the fp16 scale grid) these are the same
+    fp32 operations on the same numbers (a sign flip is exact), so the error is 0 with no element touched.
+    Otherwise the decode is computed here exactly as ggml/gguf-py compute it (tests check it against gguf-py).
+    """
+    _u, d, m, _z = _sub_params(qt, QK, QK)
+    d_same = np.array_equal(f.d.astype(np.float32), d if f.sign is None else d * f.sign)
+    if d_same and (f.m is None or np.array_equal(f.m.astype(np.float32), m)):
+        return 0.0
+    if f.m is not None:
+        dec = f.d.astype(np.float32)[..., None] * f.q.astype(np.float32) + f.m.astype(np.float32)[..., None]
+    else:
+        off = 0 if name == "q8_0" else INFO[name].offset
+        dec = f.d.astype(np.float32)[..., None] * (f.q.astype(np.int16) - off).astype(np.float32)
+    wq = qt.dequantize().numpy().reshape(dec.shape)
+    return float(np.abs(dec - wq).max())
+
+
+def pack_measured(qt: QuantizedTensor, name: str) -> tuple[np.ndarray, float]:
+    """`pack` plus the max |decoded - W_q| of the packed tensor (legacy types: from the fields, see `_legacy_error`;
+    K-quants: gguf-py's decoder on the packed bytes)."""
+    if name in _KPACK:
+        from gguf.quants import dequantize
+
+        raw = pack(qt, name)
+        return raw, float(np.abs(dequantize(raw, QTYPES[name]).reshape(qt.shape) - qt.dequantize().numpy()).max())
+    f = _legacy_fields(qt, name)
+    return _assemble_legacy(f, name), _legacy_error(qt, f, name)
 
 
 # --------------------------------------------------------------------------------------------------------
