@@ -51,3 +51,18 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
         u32 = u.clone()
         assert torch.equal(_bits(dequantize_codes(u32, qt.params, spec)), _bits(want_wq))
         assert torch.equal(u32, u)  # an fp32 codes tensor is not written into
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 64, 129])
+def test_pack_bits_fast_path_is_the_bitplane_stream(bits, n):
+    """pack_bits' whole-values-per-byte path equals the LSB-first bit-plane stream built here with np.packbits."""
+    import numpy as np
+
+    from l4q_export.quant import pack_bits
+
+    v = np.random.default_rng(bits * 1000 + n).integers(0, 1 << bits, (3, 5, n), dtype=np.uint8)
+    planes = (v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    want = np.packbits(planes.reshape(3, 5, n * bits), axis=-1, bitorder="little")
+    got = pack_bits(v, bits)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)

@@ -363,8 +363,19 @@ _PROBES: dict[str, list[tuple[int, int, int, int]]] = {
 }
 
 
+_RECOVER_CHUNK_BYTES = 1 << 20  # packed bytes per slice of rows: float64 temporaries stay small, results unchanged
+
+
 def recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
-    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes]."""
+    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes].
+
+    Element-wise per block, so it runs over slices of rows (the same numbers, a bounded working set)."""
+    raw = np.ascontiguousarray(raw)
+    step = max(1, _RECOVER_CHUNK_BYTES // max(1, raw.shape[1]))
+    return np.concatenate([_recover_codes(raw[i : i + step], name) for i in range(0, raw.shape[0], step)])
+
+
+def _recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
     qtype = QTYPES[name]

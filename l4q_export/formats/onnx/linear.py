@@ -97,7 +97,7 @@ class LinearWriter:
     def add_float(self, name: str, t: torch.Tensor, transpose: bool = False) -> None:
         a = t.detach().float()
         a = a.T.contiguous() if transpose else a
-        self.floats[name] = self.g.add_initializer(self.data.tensor(name, a.numpy().astype(self.g.np_dtype)))
+        self.floats[name] = self.g.add_initializer(self.data.tensor(name, a.numpy().astype(self.g.np_dtype, copy=False)))
 
     def add_quantized(self, qt: QuantizedTensor) -> LinearLayout:
         n, k = qt.shape
