@@ -108,11 +108,6 @@ def _fp16(x: np.ndarray, what: str) -> np.ndarray:
     return h
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[..., 32] values < 16 -> [..., 16] bytes: element j in the low nibble, j+16 in the high nibble."""
-    return (q[..., :16] & 0x0F) | (q[..., 16:] << 4)
-
-
 def _u8(h: np.ndarray) -> np.ndarray:
     """fp16 [..., k] -> bytes [..., 2k] (little-endian)."""
     return np.ascontiguousarray(h.astype("<f2")).view(np.uint8)
@@ -168,16 +163,27 @@ def _legacy_fields(qt: QuantizedTensor, name: str) -> LegacyFields:
 
 
 def _assemble_legacy(f: LegacyFields, name: str) -> np.ndarray:
+    """The blocks [out, nb * size]: d (, m) (, qh), then element j in the low and j+16 in the high nibble, written
+    straight into the output (no concatenation copy)."""
     info = INFO[name]
-    out = f.q.shape[0]
+    rows, nb = f.q.shape[:2]
+    res = np.empty((rows, nb, GGML_QUANT_SIZES[info.qtype][1]), np.uint8)
+    res[..., 0:2] = _u8(f.d[..., None])
+    pos = 2
+    if f.m is not None:
+        res[..., 2:4] = _u8(f.m[..., None])
+        pos = 4
     if name == "q8_0":
-        return np.concatenate([_u8(f.d[..., None]), f.q.view(np.uint8)], -1).reshape(out, -1)
-    head = [_u8(f.d[..., None])] + ([_u8(f.m[..., None])] if f.m is not None else [])
+        res[..., pos:] = f.q.view(np.uint8)
+        return res.reshape(rows, -1)
     q = f.q
-    if info.code_bits == 5:
-        qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of the u32 = high bit of element j
-        head.append(qh)
-    return np.concatenate([*head, _nibbles(q & 0x0F)], -1).reshape(out, -1)
+    if info.code_bits == 5:  # bit j of the u32 = high bit of element j
+        res[..., pos : pos + 4] = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
+        pos += 4
+    nib = res[..., pos : pos + 16]
+    np.bitwise_and(q[..., :16], np.uint8(0x0F), out=nib)
+    nib |= q[..., 16:] << np.uint8(4)  # a uint8 shift drops the high bits: (q & 0x0F) << 4
+    return res.reshape(rows, -1)
 
 
 def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
