@@ -131,3 +131,15 @@ def test_measured_error_equals_gguf_py_decode(name, bits, zp, fp16):
         ref = float(np.abs(dequantize(raw, P.QTYPES[name]).reshape(qt.shape) - qt.dequantize().numpy()).max())
         assert err == ref
         assert err == 0.0 if fp16 else err > 0.0
+
+
+def test_fp16_finiteness_check_sees_every_nan_and_inf():
+    from l4q_export.formats.gguf.writer import _all_finite_fp16
+
+    x = torch.randn(3000, 700).half()
+    assert _all_finite_fp16(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2999, 699] = bad  # in the last slice
+        assert not _all_finite_fp16(y)
+    assert _all_finite_fp16(torch.full((3000, 700), 65504.0, dtype=torch.float16))  # no overflow of the slice sums

@@ -330,5 +330,58 @@ def print_tables(results: dict[str, Any]) -> None:
                        f"{same:>5}")
 
 
+@cli.command("report")
+@click.option("--before", "before_paths", multiple=True, type=click.Path(path_type=Path, exists=True),
+              help="--json files of the runs before the change (repeatable; later files add layer counts/targets).")
+@click.option("--after", "after_paths", multiple=True, type=click.Path(path_type=Path, exists=True),
+              help="--json files of the runs after the change (repeatable).")
+def report_cmd(before_paths: tuple[Path, ...], after_paths: tuple[Path, ...]) -> None:
+    """Markdown tables from saved runs: ours vs peer vs floor after, and before/after per target and layer count."""
+    before, after = _merge(before_paths), _merge(after_paths)
+    click.echo("| layers | base GB | | wall s | CPU s | peak RSS MiB | output MB | wall / peer | CPU / peer | wall / floor "
+               "| verify (a)+(b) s | verify GB/s | bytes = before |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in sorted(after):
+        r = after[n]
+        fl, p = r["floor"], r.get("peer")
+        gb = r["base_bytes"] / 1e9
+        click.echo(f"| {n} | {gb:.2f} | disk floor (cat + sync) | {fl['seconds']:.2f} | {fl['cpu_s']:.2f} | - | "
+                   f"{fl['bytes'] / 1e6:.0f} | | | 1.00 | | | |")
+        if p:
+            click.echo(f"| {n} | | llama.cpp q8_0 (peer) | {p['seconds']:.2f} | {p['cpu_s']:.2f} | {p['peak_rss_mib']:.0f} | "
+                       f"{p['bytes'] / 1e6:.0f} | 1.00 | 1.00 | {p['seconds'] / fl['seconds']:.2f} | | | |")
+        for label, t in r["targets"].items():
+            v = t.get("verify")
+            same = {None: "-", True: "yes", False: "**NO**"}[t.get("identical_to_expect")]
+            ratios = (f"{t['seconds'] / p['seconds']:.2f} | {t['cpu_s'] / p['cpu_s']:.2f}" if p else " | ")
+            vs = f"{v['seconds']:.1f} | {gb / v['seconds']:.3f}" if v else " | "
+            click.echo(f"| {n} | | {label} | {t['seconds']:.2f} | {t['cpu_s']:.2f} | {t['peak_rss_mib']:.0f} | "
+                       f"{t['bytes'] / 1e6:.0f} | {ratios} | {t['seconds'] / fl['seconds']:.2f} | {vs} | {same} |")
+    click.echo("\n| layers | target | wall s before -> after | CPU s before -> after | peak RSS MiB before -> after "
+               "| verify s before -> after | CPU speed-up |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for n in sorted(after):
+        for label, t in after[n]["targets"].items():
+            b = before.get(n, {}).get("targets", {}).get(label)
+            if b is None:
+                continue
+            bv, av = b.get("verify"), t.get("verify")
+            vs = f"{bv['seconds']:.1f} -> {av['seconds']:.1f}" if bv and av else "-"
+            click.echo(f"| {n} | {label} | {b['seconds']:.2f} -> {t['seconds']:.2f} | {b['cpu_s']:.2f} -> {t['cpu_s']:.2f} | "
+                       f"{b['peak_rss_mib']:.0f} -> {t['peak_rss_mib']:.0f} | {vs} | {b['cpu_s'] / t['cpu_s']:.2f}x |")
+
+
+def _merge(paths: tuple[Path, ...]) -> dict[int, dict[str, Any]]:
+    """layer count -> run, the targets of later files added to (or replacing) earlier ones."""
+    runs: dict[int, dict[str, Any]] = {}
+    for p in paths:
+        for r in json.loads(Path(p).read_text())["runs"]:
+            have = runs.setdefault(r["layers"], {**r, "targets": {}})
+            have["targets"].update(r["targets"])
+            if "peer" in r and "peer" not in have:
+                have["peer"] = r["peer"]
+    return runs
+
+
 if __name__ == "__main__":
     cli()
