@@ -163,7 +163,8 @@ def make_checkpoint(base: Path, out: Path, zero_point: str, seed: int = 1) -> Pa
 
 def measured(script: str, args: list[str], cwd: Path | None = None) -> dict[str, Any]:
     """`run_measured` plus the child's CPU seconds (user + sys): on a shared machine wall time depends on the
-    neighbours, CPU time much less."""
+    neighbours, CPU time much less.  Callers pass cwd=--work: a `python -c` child puts its working directory first
+    on sys.path, so started inside a checkout it would import that checkout's l4q_export, not PYTHONPATH's."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = run_measured(script, args, cwd=cwd)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -212,14 +213,14 @@ def ours(label: str, ck: Path, work: Path) -> tuple[dict[str, Any], Path]:
     _zp, args, is_dir = TARGETS[label]
     out = work / (label if is_dir else f"{label}.gguf")
     rep = work / f"{label}.report.json"
-    m = measured(bin_("l4q-export"), [str(ck), *args, "-o", str(out), "--json", str(rep)])
+    m = measured(bin_("l4q-export"), [str(ck), *args, "-o", str(out), "--json", str(rep)], cwd=work)
     r = json.loads(rep.read_text())
     rep.unlink()
     return {**m, "bytes": size_of(out), "n_exact": r["n_exact"], "n_quantized": r["n_quantized"]}, out
 
 
-def verify_ab(label: str, artifact: Path, ck: Path) -> dict[str, Any]:
-    return measured(__file__, ["verify-ab", VERIFY_TARGET[label], str(artifact), str(ck)])
+def verify_ab(label: str, artifact: Path, ck: Path, work: Path) -> dict[str, Any]:
+    return measured(__file__, ["verify-ab", VERIFY_TARGET[label], str(artifact), str(ck)], cwd=work)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -270,7 +271,10 @@ def run(work: Path, layers: str, targets: str, sdist_dir: Path, peer_on: bool, v
     work.mkdir(parents=True, exist_ok=True)
     converter = find_converter(sdist_dir) if peer_on else None
     before = json.loads(expect.read_text()) if expect else None
-    results: dict[str, Any] = {"python": sys.version.split()[0], "runs": []}
+    import l4q_export
+
+    results: dict[str, Any] = {"python": sys.version.split()[0], "l4q_export": str(Path(l4q_export.__file__).parent),
+                               "runs": []}
     for n in [int(x) for x in layers.split(",")]:
         base = make_base(work / "base" / f"L{n}", n)
         cks = {zp: make_checkpoint(base, work / f"l4q-{zp}" / f"L{n}", zp)
@@ -287,7 +291,7 @@ def run(work: Path, layers: str, targets: str, sdist_dir: Path, peer_on: bool, v
             res, out = ours(label, ck, work)
             res["sha256"] = output_hashes(out)
             if verify:
-                res["verify"] = verify_ab(label, out, ck)
+                res["verify"] = verify_ab(label, out, ck, work)
             if not keep:
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             if before is not None:
