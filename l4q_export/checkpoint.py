@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,29 @@ def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
+
+
+# (path, device, inode, size, mtime_ns, ctime_ns) -> sha256 of the base shards hashed in this process
+_SHARD_HASHES: dict[tuple[str, int, int, int, int, int], str] = {}
+_RACY_SECONDS = 2.0
+
+
+def shard_sha256(path: Path) -> str:
+    """sha256 of a base shard, read once per process for each version of the file.
+
+    One command opens its checkpoint more than once (verify: every level), and a shard is gigabytes.  The key is the
+    file's identity and change times; ctime cannot be set back by any user tool.  A file changed less than
+    `_RACY_SECONDS` before it was hashed is not remembered: file timestamps are coarse (jiffies), so a rewrite in the
+    same tick could keep the key ("racy" files, as git handles them)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _SHARD_HASHES:
+        return _SHARD_HASHES[key]
+    started = time.time_ns()
+    digest = sha256_file(path)
+    if started - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_SECONDS * 1e9:
+        _SHARD_HASHES[key] = digest
+    return digest
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -141,7 +165,7 @@ class BaseWeights:
                 raise L4QInputError(f"cannot read tensor {name} from {self.dir / self.location[name]}: {e}") from None
 
     def shard_hashes(self) -> dict[str, str]:
-        return {s: sha256_file(self.dir / s) for s in self.shards}
+        return {s: shard_sha256(self.dir / s) for s in self.shards}
 
 
 @dataclass
@@ -268,7 +292,7 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
             path = base_dir / shard
             if not path.is_file():
                 raise L4QInputError(f"base shard {path} is missing")
-            if sha256_file(path) != digest:
+            if shard_sha256(path) != digest:
                 raise L4QInputError(
                     f"base shard {path} changed since training (sha256 mismatch); "
                     "the trained codes would not match -- restore the original base model"

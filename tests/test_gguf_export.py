@@ -137,7 +137,7 @@ def test_two_exports_are_byte_identical(llama_ck, tmp_path):
 def test_failing_export_leaves_no_file(llama_ck, tmp_path, monkeypatch):
     dest = tmp_path / "out" / "m.gguf"
     calls = {"n": 0}
-    real = G.P.pack
+    real = G.P.pack_measured
 
     def boom(qt, name):
         calls["n"] += 1
@@ -145,7 +145,7 @@ def test_failing_export_leaves_no_file(llama_ck, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash mid-export")
         return real(qt, name)
 
-    monkeypatch.setattr(G.P, "pack", boom)
+    monkeypatch.setattr(G.P, "pack_measured", boom)
     with pytest.raises(RuntimeError):
         export(llama_ck, dest)
     assert not dest.exists()

@@ -113,3 +113,33 @@ def test_kquants_need_256_wide_rows():
     with pytest.raises(P.NotRepresentable) as e:
         P.pack(make_qt(4, 32, "float", n=192), "q4_k")
     assert e.value.layout
+
+
+@pytest.mark.parametrize("name,bits,zp", EXACT_CASES)
+@pytest.mark.parametrize("fp16", [True, False])
+def test_measured_error_equals_gguf_py_decode(name, bits, zp, fp16):
+    """The exporter's error bound, computed from the fields (no decode of the packed bytes), is exactly what gguf-py's
+    decoder of those bytes gives: on the fp16 grid (0) and off it (the fp16 rounding of d and m), mirrored blocks too."""
+    for group in (32, 64, -1):
+        qt = make_qt(bits, group, zp, fp16=fp16, out=8, n=256, seed=group % 7)
+        if zp == "integer" and name == "q4_0" and bits == 4:  # row 0 only fits mirrored (u - z in [0, 8])
+            qt.codes[0] = torch.tensor([0, 8], dtype=torch.uint8).repeat(qt.shape[1] // 2)
+            qt.zero[0] = 0.0
+            qt.minimum[0] = -(qt.scale[0] * qt.zero[0])
+        raw, err = P.pack_measured(qt, name)
+        assert np.array_equal(raw, P.pack(qt, name))
+        ref = float(np.abs(dequantize(raw, P.QTYPES[name]).reshape(qt.shape) - qt.dequantize().numpy()).max())
+        assert err == ref
+        assert err == 0.0 if fp16 else err > 0.0
+
+
+def test_fp16_finiteness_check_sees_every_nan_and_inf():
+    from l4q_export.formats.gguf.writer import _all_finite_fp16
+
+    x = torch.randn(3000, 700).half()
+    assert _all_finite_fp16(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2999, 699] = bad  # in the last slice
+        assert not _all_finite_fp16(y)
+    assert _all_finite_fp16(torch.full((3000, 700), 65504.0, dtype=torch.float16))  # no overflow of the slice sums

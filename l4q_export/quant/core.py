@@ -54,7 +54,11 @@ def group_reduce(x: torch.Tensor, group_len: int, op: str) -> torch.Tensor:
 
 
 # Rows per block of the LoRA delta: the block's accumulator and product buffer stay in cache across the r passes.
-_DELTA_BLOCK_ELEMENTS = 1 << 16
+# At most torch's intra-op grain (32768 elements), so each of the many small operations runs on the calling thread:
+# with 2 threads a block of 65536 elements is split across both, and on a loaded machine every operation then waits
+# for a descheduled worker (measured: 13-20 s instead of 1.5 s for one 11008x4096 rank-16 delta).  Per element the
+# operations are the same whatever the block size.
+_DELTA_BLOCK_ELEMENTS = 1 << 15
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -99,10 +103,19 @@ def lora_delta_loop(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Ten
 
 def combined_weight(W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """W0 + alpha*B@A in fp32: LoRA is merged *before* quantization (L4Q Eq. 7)."""
-    w = W0.float()
     if A is None or B is None:
-        return w.clone()
-    return w + lora_delta(A, B, alpha)
+        return W0.float().clone()
+    if _tracked(W0, A, B) or W0.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return W0.float() + lora_delta(A, B, alpha)
+    # the same sum, written into the delta's buffer: fp32 addition commutes exactly, and W0 (fp16/bf16/fp32, so the
+    # sum is computed in fp32) is widened on the fly: no fp32 copy of W0 and no third [out, in] buffer
+    return lora_delta(A, B, alpha).add_(W0)
+
+
+def _tracked(*ts: torch.Tensor | None) -> bool:
+    """Would autograd record an operation on these?  In-place variants (same IEEE operations, fewer full-size
+    buffers: the fold of a 7B layer is memory-bound) are used only where it would not."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def to_grid(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
@@ -184,9 +197,15 @@ def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.
     """W = d*u + m (float mode) or (u - z)*d (integer modes), fp32, two separately rounded ops."""
     gv = _Grouped(u, spec)
     uf = gv.view(u.float())
+    if _tracked(u, p.scale, p.minimum, p.zero):
+        if p.minimum is not None:
+            return gv.flat(uf * gv.param(p.scale) + gv.param(p.minimum))
+        return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
+    if uf.data_ptr() == u.data_ptr():  # u was already fp32: never write into the caller's tensor
+        uf = uf.clone()
     if p.minimum is not None:
-        return gv.flat(uf * gv.param(p.scale) + gv.param(p.minimum))
-    return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
+        return gv.flat(uf.mul_(gv.param(p.scale)).add_(gv.param(p.minimum)))
+    return gv.flat(uf.sub_(gv.param(p.zero)).mul_(gv.param(p.scale)))
 
 
 @dataclass
@@ -223,7 +242,17 @@ class QuantizedTensor:
 
 def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> QuantizedTensor:
     """Codes for an fp32 combined weight under fixed group parameters, packaged canonically."""
-    u = round_codes(shifted_input(w.float(), p, spec), spec)
+    w = w.float()
+    if _tracked(w, p.scale, p.minimum, p.zero):
+        u = round_codes(shifted_input(w, p, spec), spec)
+    else:  # shifted_input + round_codes with one fp32 buffer: the same operations in the same order
+        gv = _Grouped(w, spec)
+        x = gv.view(w)
+        if p.minimum is not None:
+            v = torch.sub(x, gv.param(p.minimum)).div_(gv.param(p.scale))
+        else:
+            v = torch.div(x, gv.param(p.scale)).add_(gv.param(p.zero))
+        u = gv.flat(v.clamp_(0, spec.umax).round_())
     minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
     return QuantizedTensor(name=name, spec=spec, codes=u.to(torch.uint8), scale=p.scale, minimum=minimum, zero=p.zero)
 

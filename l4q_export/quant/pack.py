@@ -27,6 +27,15 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"values out of range for {bits}-bit packing")
     v = v.astype(np.uint8, copy=False)
     lead, n = v.shape[:-1], v.shape[-1]
+    if 8 % bits == 0:  # whole values per byte (1/2/4/8 bits): the same stream, without the [..., n, bits] bit planes
+        per = 8 // bits
+        if n % per:
+            v = np.concatenate([v, np.zeros((*lead, per - n % per), np.uint8)], -1)
+        g = v.reshape(*lead, -1, per)
+        out = g[..., 0].copy()
+        for j in range(1, per):
+            out |= g[..., j] << np.uint8(j * bits)
+        return out
     shifts = np.arange(bits, dtype=np.uint8)
     bitplanes = (v[..., None] >> shifts) & 1  # [..., n, bits]
     return np.packbits(bitplanes.reshape(*lead, n * bits), axis=-1, bitorder="little")

@@ -108,11 +108,6 @@ def _fp16(x: np.ndarray, what: str) -> np.ndarray:
     return h
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[..., 32] values < 16 -> [..., 16] bytes: element j in the low nibble, j+16 in the high nibble."""
-    return (q[..., :16] & 0x0F) | (q[..., 16:] << 4)
-
-
 def _u8(h: np.ndarray) -> np.ndarray:
     """fp16 [..., k] -> bytes [..., 2k] (little-endian)."""
     return np.ascontiguousarray(h.astype("<f2")).view(np.uint8)
@@ -140,27 +135,93 @@ def _signed_codes(u: np.ndarray, z: np.ndarray | None, lo: int, hi: int, what: s
 # Legacy 32-element types
 # --------------------------------------------------------------------------------------------------------
 
-def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
+@dataclass(frozen=True)
+class LegacyFields:
+    """What one legacy block type stores for a tensor: the codes q [out, nb, 32] as stored, the fp16 block scale d
+    (sign folded in for mirrored blocks) and, for min types, the fp16 minimum m.  ggml (and gguf-py) decode a
+    block as fp32(d)*q + fp32(m), or fp32(d)*(q - offset) -- two (one) separately rounded fp32 operations."""
+
+    q: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None
+    sign: np.ndarray | None  # no-min types: +1 / -1 per block (mirrored blocks store -d and -(u - z))
+
+
+def _legacy_fields(qt: QuantizedTensor, name: str) -> LegacyFields:
     info = INFO[name]
     u, d, m, z = _sub_params(qt, QK, QK)
-    out, _nb, _ = u.shape
     if info.has_min:
         if qt.spec.umax >= (1 << info.code_bits):
             raise NotRepresentable(f"{qt.spec.bits}-bit codes do not fit {name}'s {info.code_bits}-bit field")
-        q = u.astype(np.uint8)
-        head = [_u8(_fp16(d, "scale")[..., None]), _u8(_fp16(m, "minimum")[..., None])]
+        return LegacyFields(u.astype(np.uint8, copy=False), _fp16(d, "scale"), _fp16(m, "minimum"), None)
+    lo, hi = (-128, 127) if name == "q8_0" else (-info.offset, (1 << info.code_bits) - 1 - info.offset)
+    v, sign = _signed_codes(u, z, lo, hi, name)
+    dd = _fp16(d * sign, "scale")
+    if name == "q8_0":
+        return LegacyFields(v.astype(np.int8), dd, None, sign)
+    return LegacyFields((v + info.offset).astype(np.uint8), dd, None, sign)
+
+
+def _assemble_legacy(f: LegacyFields, name: str) -> np.ndarray:
+    """The blocks [out, nb * size]: d (, m) (, qh), then element j in the low and j+16 in the high nibble, written
+    straight into the output (no concatenation copy)."""
+    info = INFO[name]
+    rows, nb = f.q.shape[:2]
+    res = np.empty((rows, nb, GGML_QUANT_SIZES[info.qtype][1]), np.uint8)
+    res[..., 0:2] = _u8(f.d[..., None])
+    pos = 2
+    if f.m is not None:
+        res[..., 2:4] = _u8(f.m[..., None])
+        pos = 4
+    if name == "q8_0":
+        res[..., pos:] = f.q.view(np.uint8)
+        return res.reshape(rows, -1)
+    q = f.q
+    if info.code_bits == 5:  # bit j of the u32 = high bit of element j
+        res[..., pos : pos + 4] = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
+        pos += 4
+    nib = res[..., pos : pos + 16]
+    np.bitwise_and(q[..., :16], np.uint8(0x0F), out=nib)
+    nib |= q[..., 16:] << np.uint8(4)  # a uint8 shift drops the high bits: (q & 0x0F) << 4
+    return res.reshape(rows, -1)
+
+
+def _pack_legacy(qt: QuantizedTensor, name: str) -> np.ndarray:
+    return _assemble_legacy(_legacy_fields(qt, name), name)
+
+
+def _legacy_error(qt: QuantizedTensor, f: LegacyFields, name: str) -> float:
+    """max |decoded - W_q| of the blocks `f`, from the fields themselves instead of decoding the packed bytes.
+
+    The fold's W_q is d*u + m or (u - z)*d in fp32 with the group's own d, m (`dequantize_codes`); the file decodes
+    to fp32(fp16 d)*q + fp32(fp16 m) or fp32(fp16 d)*(q - offset) with q - offset = +-(u - z) and the sign folded
+    into d.  Where every stored d and m equals the group's own value (the fp16 scale grid) these are the same
+    fp32 operations on the same numbers (a sign flip is exact), so the error is 0 with no element touched.
+    Otherwise the decode is computed here exactly as ggml/gguf-py compute it (tests check it against gguf-py).
+    """
+    _u, d, m, _z = _sub_params(qt, QK, QK)
+    d_same = np.array_equal(f.d.astype(np.float32), d if f.sign is None else d * f.sign)
+    if d_same and (f.m is None or np.array_equal(f.m.astype(np.float32), m)):
+        return 0.0
+    if f.m is not None:
+        dec = f.d.astype(np.float32)[..., None] * f.q.astype(np.float32) + f.m.astype(np.float32)[..., None]
     else:
-        lo, hi = (-128, 127) if name == "q8_0" else (-info.offset, (1 << info.code_bits) - 1 - info.offset)
-        v, sign = _signed_codes(u, z, lo, hi, name)
-        dd = _fp16(d * sign, "scale")
-        if name == "q8_0":
-            return np.concatenate([_u8(dd[..., None]), v.astype(np.int8).view(np.uint8)], -1).reshape(out, -1)
-        q = (v + info.offset).astype(np.uint8)
-        head = [_u8(dd[..., None])]
-    if info.code_bits == 5:
-        qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of the u32 = high bit of element j
-        head.append(qh)
-    return np.concatenate([*head, _nibbles(q & 0x0F)], -1).reshape(out, -1)
+        off = 0 if name == "q8_0" else INFO[name].offset
+        dec = f.d.astype(np.float32)[..., None] * (f.q.astype(np.int16) - off).astype(np.float32)
+    wq = qt.dequantize().numpy().reshape(dec.shape)
+    return float(np.abs(dec - wq).max())
+
+
+def pack_measured(qt: QuantizedTensor, name: str) -> tuple[np.ndarray, float]:
+    """`pack` plus the max |decoded - W_q| of the packed tensor (legacy types: from the fields, see `_legacy_error`;
+    K-quants: gguf-py's decoder on the packed bytes)."""
+    if name in _KPACK:
+        from gguf.quants import dequantize
+
+        raw = pack(qt, name)
+        return raw, float(np.abs(dequantize(raw, QTYPES[name]).reshape(qt.shape) - qt.dequantize().numpy()).max())
+    f = _legacy_fields(qt, name)
+    return _assemble_legacy(f, name), _legacy_error(qt, f, name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -308,8 +369,19 @@ _PROBES: dict[str, list[tuple[int, int, int, int]]] = {
 }
 
 
+_RECOVER_CHUNK_BYTES = 1 << 20  # packed bytes per slice of rows: float64 temporaries stay small, results unchanged
+
+
 def recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
-    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes]."""
+    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes].
+
+    Element-wise per block, so it runs over slices of rows (the same numbers, a bounded working set)."""
+    raw = np.ascontiguousarray(raw)
+    step = max(1, _RECOVER_CHUNK_BYTES // max(1, raw.shape[1]))
+    return np.concatenate([_recover_codes(raw[i : i + step], name) for i in range(0, raw.shape[0], step)])
+
+
+def _recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
     qtype = QTYPES[name]

@@ -196,6 +196,10 @@ def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[int
     return tuple([None] * n_layers)
 
 
+# numpy dtypes whose ONNX raw_data is the array's own little-endian bytes (ml_dtypes' 4-bit types are packed by onnx)
+_PLAIN_DTYPES = tuple(np.dtype(d) for d in ("<f4", "<f2", "u1", "i1", "<i4", "<i8"))
+
+
 class ExternalData:
     """Append initializer bytes to one external data file as they are produced (never the whole model in RAM)."""
 
@@ -207,10 +211,17 @@ class ExternalData:
 
     def tensor(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
         """A TensorProto for `array` (ml_dtypes uint4 arrays are packed by onnx); big payloads go to the file."""
-        t = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.ascontiguousarray(array)
+        if array.dtype in _PLAIN_DTYPES and array.nbytes >= INLINE_BYTES:
+            # from_array's proto without its copies (tobytes, the proto's own, raw_data read back: 3x a 500 MB head)
+            t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                            raw_data=b"")  # set_external_data wants the field present; it is cleared below
+            raw = memoryview(array).cast("B")
+        else:
+            t = numpy_helper.from_array(array, name)
+            raw = t.raw_data
         if onnx_type is not None and t.data_type != onnx_type:
             raise AssertionError(f"{name}: expected ONNX type {onnx_type}, got {t.data_type}")
-        raw = t.raw_data
         if len(raw) < INLINE_BYTES:
             return t
         pad = (-self.offset) % ALIGN

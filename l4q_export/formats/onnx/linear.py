@@ -95,9 +95,9 @@ class LinearWriter:
     # ---------------- initializers (called once per tensor, in fold order) ----------------
 
     def add_float(self, name: str, t: torch.Tensor, transpose: bool = False) -> None:
-        a = t.detach().float()
-        a = a.T.contiguous() if transpose else a
-        self.floats[name] = self.g.add_initializer(self.data.tensor(name, a.numpy().astype(self.g.np_dtype)))
+        a = t.detach()
+        a = (a.T.contiguous() if transpose else a).float()  # transpose before widening: the same values, half the copy
+        self.floats[name] = self.g.add_initializer(self.data.tensor(name, a.numpy().astype(self.g.np_dtype, copy=False)))
 
     def add_quantized(self, qt: QuantizedTensor) -> LinearLayout:
         n, k = qt.shape

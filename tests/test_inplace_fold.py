@@ -1,0 +1,68 @@
+"""The fold's buffer-saving (in-place) paths in quant.core give the same bits as the plain formulas.
+
+Expected values are the out-of-place expressions written out here (W0.float() + alpha*B@A as the fixed-order sum,
+(w - m)/d or w/d + z, clamp, round; d*u + m or (u - z)*d), compared bit for bit on even and partial groups, every
+zero-point mode and fp16/bf16/fp32 base weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l4q_export.quant import QuantSpec
+from l4q_export.quant.core import combined_weight, dequantize_codes, effective_params, expand_groups, init_params, quantize
+
+
+def _plain_delta(A, B, alpha):
+    acc = B[:, 0:1].float() * A[0:1, :].float()
+    for k in range(1, A.shape[0]):
+        acc = acc + B[:, k : k + 1].float() * A[k : k + 1, :].float()
+    return acc * alpha
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("zp", ["float", "integer", "symmetric"])
+@pytest.mark.parametrize("n,group", [(256, 32), (200, 64), (96, -1)])
+def test_fold_paths_are_bit_identical(dtype, zp, n, group):
+    g = torch.Generator().manual_seed(n + group)
+    spec = QuantSpec(4, group, zp)
+    W0 = (torch.randn(40, n, generator=g) * 0.02).to(dtype)
+    A, B = torch.randn(8, n, generator=g) / n**0.5, torch.randn(40, 8, generator=g) * 2e-3
+    with torch.no_grad():
+        w = combined_weight(W0, A, B, 2.0)
+        want_w = W0.float() + _plain_delta(A, B, 2.0)
+        assert torch.equal(_bits(w), _bits(want_w))
+        s, off = init_params(want_w, spec, "minmax")
+        p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
+        qt = quantize("t", w, p, spec)
+        gl = spec.group_len(n)
+        d = expand_groups(p.scale, gl, n)
+        v = (want_w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else \
+            want_w / d + expand_groups(p.zero, gl, n)
+        u = v.clamp(0, spec.umax).round()
+        assert torch.equal(qt.codes, u.to(torch.uint8))
+        want_wq = u * d + expand_groups(qt.minimum, gl, n) if p.minimum is not None else \
+            (u - expand_groups(p.zero, gl, n)) * d
+        assert torch.equal(_bits(qt.dequantize()), _bits(want_wq))
+        u32 = u.clone()
+        assert torch.equal(_bits(dequantize_codes(u32, qt.params, spec)), _bits(want_wq))
+        assert torch.equal(u32, u)  # an fp32 codes tensor is not written into
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 64, 129])
+def test_pack_bits_fast_path_is_the_bitplane_stream(bits, n):
+    """pack_bits' whole-values-per-byte path equals the LSB-first bit-plane stream built here with np.packbits."""
+    import numpy as np
+
+    from l4q_export.quant import pack_bits
+
+    v = np.random.default_rng(bits * 1000 + n).integers(0, 1 << bits, (3, 5, n), dtype=np.uint8)
+    planes = (v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    want = np.packbits(planes.reshape(3, 5, n * bits), axis=-1, bitorder="little")
+    got = pack_bits(v, bits)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
