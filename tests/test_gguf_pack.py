@@ -133,13 +133,15 @@ def test_measured_error_equals_gguf_py_decode(name, bits, zp, fp16):
         assert err == 0.0 if fp16 else err > 0.0
 
 
-def test_fp16_finiteness_check_sees_every_nan_and_inf():
-    from l4q_export.formats.gguf.writer import _all_finite_fp16
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 65504.0), (torch.bfloat16, 3.3895e38), (torch.float32, 3.4e38)])
+def test_finiteness_check_sees_every_nan_and_inf(dtype, big):
+    from l4q_export.quant.finite import all_finite
 
-    x = torch.randn(3000, 700).half()
-    assert _all_finite_fp16(x)
+    x = torch.randn(3000, 700).to(dtype)
+    assert all_finite(x)
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[2999, 699] = bad  # in the last slice
-        assert not _all_finite_fp16(y)
-    assert _all_finite_fp16(torch.full((3000, 700), 65504.0, dtype=torch.float16))  # no overflow of the slice sums
+        assert not all_finite(y) and not bool(torch.isfinite(y).all())
+    assert all_finite(torch.full((3000, 700), big, dtype=dtype))  # the largest finite values are not flagged
+    assert all_finite(x.t())  # a non-contiguous view

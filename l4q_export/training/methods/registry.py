@@ -20,6 +20,7 @@ from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
 from ...quant import QuantizedTensor, QuantSpec
 from ...quant.base_int8 import INT8_SCHEME, int8_absmax, int8_dequant, int8_digest
+from ...quant.finite import all_finite
 from ...quant.kplan import gguf_tensor_name, quantize_untrained, recipe_embedding_type
 from ..layer import MethodLinear
 from ..surgery import load_base_model, quantized_layers, swap_linears
@@ -236,7 +237,7 @@ def project_(model: nn.Module) -> None:
 
 def fold_module(ck: Checkpoint, module: str, W0: torch.Tensor) -> QuantizedTensor:
     """The folded weight of one quantized module (refuses a non-finite base weight)."""
-    if not torch.isfinite(W0).all():
+    if not all_finite(W0):
         raise L4QInputError(f"base weight {module}.weight contains NaN/Inf")
     W0 = training_base(ck, module, W0)
     return checkpoint_method(ck).fold(ck.for_module(module), module, W0, ck.adapter(module))
