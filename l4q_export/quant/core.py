@@ -113,8 +113,12 @@ def combined_weight(W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | 
 
 
 def _tracked(*ts: torch.Tensor | None) -> bool:
-    """Would autograd record an operation on these?  In-place variants (same IEEE operations, fewer full-size
-    buffers: the fold of a 7B layer is memory-bound) are used only where it would not."""
+    """Would autograd record an operation on these, or is torch.compile tracing (training/fused.py)?  In-place
+    variants (same IEEE operations, fewer full-size buffers: the fold of a 7B layer is memory-bound) are used only
+    in plain eager code without autograd; under compile the out-of-place form is what inductor fuses, and dynamo
+    cannot trace the in-place path's data-pointer test."""
+    if torch.compiler.is_compiling():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
