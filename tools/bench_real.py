@@ -5,7 +5,10 @@ so the comparisons use g128 / g64 and 3-2 bits).  For every (bits, group) config
 and steps:
   ours:  l4q-train --method M -> l4q-export --to gguf (auto type: the trained codes, exactly)
   peer:  float LoRA (same steps) -> W0 + alpha*B@A in fp32 -> llama.cpp convert_hf_to_gguf.py --outtype f32
-         -> llama-quantize to Q4_0 / Q4_1 / Q4_K_M / Q3_K_M / Q2_K (no importance matrix)
+         -> llama-quantize to Q4_0 / Q4_1 / Q4_K_M / Q3_K_M / Q2_K, each without and (when llama-imatrix is
+         built) with an importance matrix computed on 200 Alpaca records
+Configs are uniform `bits:group[:zero-point]` or K-quant grids: `--configs q4_k_m,q3_k_m` trains llama.cpp's own
+per-tensor recipe for that file type, so our file and the peer's have the same tensor types and bytes.
 Every file is scored in llama.cpp by l4q-eval: WikiText-2 perplexity on the first N tokens, ARC-easy and PIQA
 accuracy with stderr.  Bytes: the whole file, and the quantized linears alone (the blk.*.attn_*/ffn_* matrices),
 which is the x axis of the plot -- embeddings are f16 in ours and re-quantized by llama-quantize, so the file size
@@ -18,7 +21,8 @@ Writes WORK/results.json after every row (a partial grid survives an interrupt) 
 --report-only, docs/results/smollm2.md and docs/results/smollm2.png.  llama-quantize: pass --quantize-bin; when
 the binary is missing the peer rows are skipped with a message.  Build it from the llama-cpp-python sdist:
     tar xzf llama_cpp_python-0.3.36.tar.gz && cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/build-kquant
-      -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && cmake --build /tmp/build-kquant --target llama-quantize -j2
+      -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && cmake --build /tmp/build-kquant --target llama-quantize llama-imatrix -j2
+(both targets: ~20 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import click
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from bench_gguf_vs_llamacpp import find_converter, merge_to_float  # noqa: E402
+
+from l4q_export.quant.kplan import RECIPE_GRIDS  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "l4q-export" / "smollm2-135m-instruct"
 PEER_TYPES = ("Q4_0", "Q4_1", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -252,15 +258,16 @@ def frontier_lines(rows: list[dict[str, Any]], front: set[str]) -> list[str]:
 
 
 def same_type_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Our K-quant recipe rows beside the peer's file of the same llama.cpp type (with and without imatrix): the
-    bytes must agree (same tensor types), so the comparison is at equal bytes."""
+    """Our K-quant recipe rows (`--grid q4_k_m`, `q3_k_m`, `q2_k_m`...: llama.cpp's per-tensor mix for that file
+    type) beside the peer's file of the same type (with and without imatrix): the bytes must agree (same tensor
+    types), so the comparison is at equal bytes."""
     peers = {r["label"].removeprefix("LoRA -> "): r for r in rows if r["group"] == "peer" and r.get("ppl")}
     out = ["## Same file type, same bytes: exact QAT vs re-quantization", "",
            "| file type | ours: file MiB | peer: file MiB | bytes ours/peer | ppl ours | ppl peer | ppl peer +imatrix "
            "| PIQA ours | PIQA peer | PIQA peer +imatrix |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     n = 0
     for r in rows:
-        qt = (r.get("grid") or "").upper()
+        qt = RECIPE_GRIDS.get(r.get("grid") or "")  # a uniform grid (q2_k...) is no llama.cpp file type's mix
         if r["group"] != "ours" or not qt or not r.get("ppl") or qt not in peers:
             continue
         p, pi = peers[qt], peers.get(qt + "+imatrix", {})
@@ -455,7 +462,7 @@ def main(quick: bool, model: Path, data_dir: Path | None, work: Path, sdist_dir:
                 click.echo(f"{key}: {e}")
                 res.add({"key": key, "group": "ours", "label": label, "error": str(e)[:500]})
         if meth == meths[0]:  # the peer types of this size right after our first method
-            for qt in ((cfg.grid.upper(),) if cfg.grid else near.get(cfg.bits, ())):
+            for qt in ((RECIPE_GRIDS[cfg.grid],) if cfg.grid in RECIPE_GRIDS else near.get(cfg.bits, ())):
                 for name in (qt, qt + "+imatrix"):
                     if name in peers:
                         ev(f"peer/{name}", peers[name], {"group": "peer", "label": f"LoRA -> {name}", "type": qt})
