@@ -33,21 +33,26 @@ def test_bench_gpu_tiny_runs_every_variant_on_cpu(tmp_path):
     assert "paper: LoRA 25.1 GB" in res.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: tools/check_cross_device.py trains on CUDA "
-                    "and folds on CPU; no CUDA device here (run on a GPU machine, see docs/results/gpu.md)")
-def test_cuda_trained_checkpoint_folds_on_cpu_to_the_same_codes(tmp_path, tiny_base):
+def _cross_device(tmp_path: Path, base: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """tools/check_cross_device.py (train on CUDA, fold on CPU) on the tiny base; its process and JSON report."""
     from l4q_export.demo import instruction_records
 
     data = tmp_path / "instruct.json"
     data.write_text(json.dumps(instruction_records(64)))
     out = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "check_cross_device.py"), "--model", str(tiny_base), "--data", str(data),
+        [sys.executable, str(REPO / "tools" / "check_cross_device.py"), "--model", str(base), "--data", str(data),
          "--out", str(out), "--bits", "4", "--group-size", "32", "--steps", "4", "--batch-size", "4", "--grad-accum", "1",
-         "--seq-len", "64", "--save-every", "0", "--eval-examples", "0"],
+         "--seq-len", "64", "--save-every", "0", "--eval-examples", "0", *extra],
         capture_output=True, text=True, timeout=600,
     )
-    rep = json.loads((out / "cross_device.json").read_text())
+    return res, json.loads((out / "cross_device.json").read_text())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: tools/check_cross_device.py trains on CUDA "
+                    "and folds on CPU; no CUDA device here (run on a GPU machine, see docs/results/gpu.md)")
+def test_cuda_trained_checkpoint_folds_on_cpu_to_the_same_codes(tmp_path, tiny_base):
+    res, rep = _cross_device(tmp_path, tiny_base)
     assert rep["train_device"].startswith("cuda")
     assert rep["layers"] > 0
     assert rep["codes_identical"] == rep["layers"], rep
@@ -136,18 +141,7 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, tiny_base):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the compiled kernel and the int8 base trained on "
                     "CUDA, folded on CPU; no CUDA device here (run on a GPU machine, see docs/results/gpu.md)")
 def test_cuda_compiled_int8_run_folds_on_cpu_to_the_same_codes(tmp_path, tiny_base):
-    from l4q_export.demo import instruction_records
-
-    data = tmp_path / "instruct.json"
-    data.write_text(json.dumps(instruction_records(64)))
-    out = tmp_path / "run"
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "check_cross_device.py"), "--model", str(tiny_base), "--data", str(data),
-         "--out", str(out), "--bits", "4", "--group-size", "32", "--steps", "4", "--batch-size", "4", "--grad-accum", "1",
-         "--seq-len", "64", "--save-every", "0", "--eval-examples", "0", "--kernel", "compiled", "--base-dtype", "int8"],
-        capture_output=True, text=True, timeout=600,
-    )
-    rep = json.loads((out / "cross_device.json").read_text())
+    res, rep = _cross_device(tmp_path, tiny_base, "--kernel", "compiled", "--base-dtype", "int8")
     assert rep["train_device"].startswith("cuda")
     assert rep["train_report"]["kernel"]["used"] == "compiled" and rep["train_report"]["base_dtype"] == "int8"
     assert rep["codes_identical"] == rep["layers"] > 0, rep
