@@ -155,3 +155,40 @@ def trained(base: Path, data: Path, tmp: Path, method: str = "l4q", bits: int = 
                         grad_accum=1, seq_len=64, lr=5e-3, save_every=0, eval_examples=0, **kw))
         _TRAINED[key] = out
     return _TRAINED[key]
+
+
+def gguf_field(path: Path, key: str):
+    """One metadata value of a GGUF as gguf-py reads it (None when the key is absent)."""
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).fields.get(key)
+    return None if f is None else f.contents()
+
+
+def rewrite_gguf(src: Path, dst: Path, fields: dict | None = None, tensor=None) -> None:
+    """Copy a GGUF through gguf-py's reader -> writer for negative controls: metadata values in `fields` replace
+    the file's, and `tensor(name, data)` (when given) returns each tensor's new data, or None to drop it.
+    Quantized tensors arrive as uint8 [rows, bytes], which the writer maps back to their shape."""
+    import gguf
+    import numpy as np
+
+    fields = fields or {}
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), gguf_field(src, "general.architecture"))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, fields.get(f.name, f.contents()), vtype, sub_type=sub)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if tensor is not None:
+            data = tensor(t.name, data)
+            if data is None:
+                continue
+        w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)) if data.dtype == np.uint8 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

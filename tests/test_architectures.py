@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared, trained
+from conftest import gguf_field, require_shared, rewrite_gguf, trained
 
 from l4q_export.checkpoint import check_architecture, load_checkpoint
 from l4q_export.errors import L4QInputError
@@ -156,11 +156,6 @@ def _names(art: Path) -> set[str]:
     return {t.name for t in gguf.GGUFReader(str(art)).tensors}
 
 
-def _field(art: Path, key: str):
-    f = gguf.GGUFReader(str(art)).fields.get(key)
-    return None if f is None else f.contents()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # refusals before any work
 # ------------------------------------------------------------------------------------------------------------
@@ -224,44 +219,20 @@ def test_gguf(bases, text_data, work, tmp_path, capfd, arch, bits, group):
     if arch == "qwen3":
         assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
         assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
-        assert _field(art, "qwen3.attention.key_length") == 32 and _field(art, "qwen3.attention.value_length") == 32
-        assert _field(art, "qwen3.rope.freq_base") == 1e6 and _field(art, "tokenizer.ggml.pre") == "qwen2"
+        assert gguf_field(art, "qwen3.attention.key_length") == 32 and gguf_field(art, "qwen3.attention.value_length") == 32
+        assert gguf_field(art, "qwen3.rope.freq_base") == 1e6 and gguf_field(art, "tokenizer.ggml.pre") == "qwen2"
     else:
         assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names
         assert not names & {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"}
         shapes = {t.name: list(t.shape) for t in gguf.GGUFReader(str(art)).tensors}
         assert shapes["blk.0.attn_qkv.weight"] == [64, 128] and shapes["blk.0.ffn_up.weight"] == [64, 384]
-        assert _field(art, "phi3.rope.scaling.original_context_length") == 4096
+        assert gguf_field(art, "phi3.rope.scaling.original_context_length") == 4096
     log = _llama_log(art, capfd)
     assert "llama_model_loader" in log  # the loader's log was captured ...
     assert "missing" not in log.lower() and "not found" not in log.lower()  # ... and names no absent tensor
     v = verify("gguf", art, ck)
     assert v["passed"], v["summary"]
     assert v["n_codes_identical"] == v["n_quantized"] == rep["n_quantized"]
-
-
-def _copy_gguf(src: Path, dst: Path, drop: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> None:
-    """Rewrite a GGUF (gguf-py reader -> writer) without the tensors ending in `drop`, and with those ending in
-    `ones` replaced by 1.0 (an RMSNorm whose learned gain was lost)."""
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), _field(src, "general.architecture"))
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-    for t in r.tensors:
-        if t.name.endswith(drop):
-            continue
-        data = np.asarray(t.data)  # quantized: uint8 [rows, bytes], which the writer maps back to the shape
-        if t.name.endswith(ones):
-            data = np.ones_like(data)
-        w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)) if data.dtype == np.uint8 else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.mark.slow
@@ -272,19 +243,19 @@ def test_gguf_without_qk_norm_fails(bases, text_data, work, tmp_path, capfd):
     art = Path(export("gguf", ck, tmp_path / "m.gguf")["artifact"])
     norms = ("attn_q_norm.weight", "attn_k_norm.weight")
     missing = tmp_path / "no_qk_norm.gguf"
-    _copy_gguf(art, missing, drop=norms)
+    rewrite_gguf(art, missing, tensor=lambda name, d: None if name.endswith(norms) else d)
     with pytest.raises(ValueError, match="Failed to load"):
         _llama_log(missing, capfd)
     assert "tensor 'blk.0.attn_k_norm.weight' not found" in capfd.readouterr().err
     lost = tmp_path / "qk_norm_gain_lost.gguf"
-    _copy_gguf(art, lost, ones=norms)
+    rewrite_gguf(art, lost, tensor=lambda name, d: np.ones_like(d) if name.endswith(norms) else d)
     rt = runtime_check(lost, ck)
     assert not rt["logits"]["passed"], rt["logits"]
     assert rt["tokenizer"]["passed"]  # the vocabulary is intact: only the q/k norms break the logits
     assert not verify("gguf", lost, ck)["passed"]
     # the untouched rewrite passes, so the copy itself is faithful
     same = tmp_path / "copy.gguf"
-    _copy_gguf(art, same)
+    rewrite_gguf(art, same)
     assert runtime_check(same, ck)["passed"]
 
 
@@ -402,5 +373,5 @@ def test_phi3_sliding_window_gguf_warns(tmp_path, text_data, work):
     """llama.cpp disables Phi-3 SWA: the GGUF export says so in its report instead of passing it silently."""
     ck = trained(build_phi3(tmp_path / "phi3", sliding_window=5), text_data, work)
     rep = export("gguf", ck, tmp_path / "m.gguf")
-    assert _field(Path(rep["artifact"]), "phi3.attention.sliding_window") == 5
+    assert gguf_field(Path(rep["artifact"]), "phi3.attention.sliding_window") == 5
     assert any("sliding_window=5" in w for w in rep["warnings"])

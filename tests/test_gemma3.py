@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import require_shared, trained
+from conftest import gguf_field, require_shared, rewrite_gguf, trained
 
 from l4q_export.errors import L4QInputError
 from l4q_export.formats import get_target
@@ -104,34 +104,6 @@ def test_train_and_fold(base, text_data, work, bits, group):
     assert rep["n_layers"] == 6 * 7 and rep["n_bit_identical"] == 6 * 7
 
 
-def _field(art: Path, key: str):
-    f = gguf.GGUFReader(str(art)).fields.get(key)
-    return None if f is None else f.contents()
-
-
-def _copy_gguf(src: Path, dst: Path, fields: dict | None = None, shift_norms: float = 0.0) -> None:
-    """Rewrite a GGUF (gguf-py reader -> writer) with some metadata replaced and `shift_norms` added to every
-    norm gain (-1 undoes the (1 + w) the exporter stored)."""
-    fields = fields or {}
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), _field(src, "general.architecture"))
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, fields.get(f.name, f.contents()), vtype, sub_type=sub)
-    for t in r.tensors:
-        data = np.asarray(t.data)
-        if t.name.endswith("norm.weight"):
-            data = data + np.float32(shift_norms)
-        w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)) if data.dtype == np.uint8 else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("bits", "group"), SPECS)
 def test_gguf(base, text_data, work, tmp_path, bits, group):
@@ -142,10 +114,10 @@ def test_gguf(base, text_data, work, tmp_path, bits, group):
     names = {t.name for t in gguf.GGUFReader(str(art)).tensors}
     assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
             "blk.0.ffn_norm.weight"} <= names and "output.weight" not in names
-    assert _field(art, "gemma3.attention.sliding_window") == WINDOW
-    assert _field(art, "gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
-    assert _field(art, "gemma3.rope.freq_base") == 1e6 and _field(art, "gemma3.rope.freq_base_swa") == 1e4
-    assert _field(art, "gemma3.attention.key_length") == 32
+    assert gguf_field(art, "gemma3.attention.sliding_window") == WINDOW
+    assert gguf_field(art, "gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
+    assert gguf_field(art, "gemma3.rope.freq_base") == 1e6 and gguf_field(art, "gemma3.rope.freq_base_swa") == 1e4
+    assert gguf_field(art, "gemma3.attention.key_length") == 32
     # (1 + w) stored as the gain, computed in fp32 from the bf16 base weight
     from safetensors.torch import load_file
 
@@ -164,9 +136,10 @@ def test_gguf_negative_controls(base, text_data, work, tmp_path):
     good = verify_artifact(get_target("gguf"), art, ck)
     assert good["passed"], good["summary"]
     key = "gemma3.attention.sliding_window_pattern"
-    for name, kw in {"pattern": {"fields": {key: [False] + [True] * 5}}, "no_plus_one": {"shift_norms": -1.0}}.items():
+    undo_plus_one = lambda name, d: d - np.float32(1.0) if name.endswith("norm.weight") else d  # noqa: E731
+    for name, kw in {"pattern": {"fields": {key: [False] + [True] * 5}}, "no_plus_one": {"tensor": undo_plus_one}}.items():
         bad = tmp_path / f"{name}.gguf"
-        _copy_gguf(art, bad, **kw)
+        rewrite_gguf(art, bad, **kw)
         v = verify_artifact(get_target("gguf"), bad, ck)
         assert not v["passed"], (name, v["summary"])
 
