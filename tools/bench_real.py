@@ -126,7 +126,7 @@ class Config:
     @classmethod
     def parse(cls, text: str) -> Config:
         if text.startswith("q"):
-            return cls(bits={"2": 2, "3": 3, "4": 4, "5": 5, "6": 6}[text[1]], group=0, grid=text)
+            return cls(bits=int(text[1]), group=0, grid=text)
         parts = text.split(":")
         return cls(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float")
 
