@@ -31,6 +31,7 @@ from .arch import SUPPORTED
 from .errors import L4QInputError
 from .guard import check_not_input, protect
 from .quant import QuantSpec
+from .quant.finite import all_finite
 from .quant.kplan import ModuleGrid, grid_from_dict
 from .quant.kquant import KQuantSpec
 
@@ -251,7 +252,7 @@ class Checkpoint:
         if "scale" not in out and "d" not in out:  # d: a K-grid module (KQuantLinear)
             raise L4QInputError(f"adapter has no tensors for module {module} ({self.dir / ADAPTER_FILE})")
         for k, t in out.items():
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise L4QInputError(f"adapter tensor {module}.{k} contains NaN/Inf")
         if "scale" in out and (out["scale"] <= 0).any():
             raise L4QInputError(f"adapter tensor {module}.scale has zero or negative scales")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from .errors import L4QInputError
+from .quant.finite import all_finite
 
 # The tensors each method's training layer reads back (see the layers' `load_tensors`/`layer_from_tensors`);
 # "offset" only when the quantizer has a zero point, "lora_*" only when the rank is > 0.
@@ -153,7 +153,7 @@ def validate_checkpoint(ck, adapter_path: Path, base_config: dict[str, Any]) -> 
                 raise L4QInputError(f"{path}: tensor {key} has shape {list(t.shape)}; expected {[out_f, rank]}")
             if n == "lora_A" and (t.dim() != 2 or t.shape[1] > in_f):
                 raise L4QInputError(f"{path}: tensor {key} has shape {list(t.shape)}; expected [{rank}, <= {in_f}]")
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise L4QInputError(f"{path}: tensor {key} contains NaN/Inf")
             if n == "scale" and (t <= 0).any():
                 raise L4QInputError(f"{path}: tensor {key} has zero or negative scales")

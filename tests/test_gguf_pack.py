@@ -133,7 +133,8 @@ def test_measured_error_equals_gguf_py_decode(name, bits, zp, fp16):
         assert err == 0.0 if fp16 else err > 0.0
 
 
-@pytest.mark.parametrize("dtype,big", [(torch.float16, 65504.0), (torch.bfloat16, 3.3895e38), (torch.float32, 3.4e38)])
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 65504.0), (torch.bfloat16, 3.3895e38), (torch.float32, 3.4e38),
+                                       (torch.float64, 1.7e308)])
 def test_finiteness_check_sees_every_nan_and_inf(dtype, big):
     from l4q_export.quant.finite import all_finite
 

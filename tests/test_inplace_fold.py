@@ -9,8 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l4q_export.quant import QuantSpec
-from l4q_export.quant.core import combined_weight, dequantize_codes, effective_params, expand_groups, init_params, quantize
+from l4q_export.quant import QuantSpec, core
+from l4q_export.quant.core import (
+    combined_weight,
+    dequantize_codes,
+    effective_params,
+    expand_groups,
+    init_params,
+    quantize,
+    quantize_merged,
+)
 
 
 def _plain_delta(A, B, alpha):
@@ -51,6 +59,30 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
         u32 = u.clone()
         assert torch.equal(_bits(dequantize_codes(u32, qt.params, spec)), _bits(want_wq))
         assert torch.equal(u32, u)  # an fp32 codes tensor is not written into
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("zp", ["float", "integer", "symmetric"])
+@pytest.mark.parametrize("n,group", [(256, 32), (200, 64), (96, -1)])
+@pytest.mark.parametrize("lora", [True, False])
+def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
+    """quantize_merged's row blocks (3 rows each here, the last one partial) give the plain formula's codes."""
+    monkeypatch.setattr(core, "_DELTA_BLOCK_ELEMENTS", 3 * n)
+    g = torch.Generator().manual_seed(7 * n + group)
+    spec = QuantSpec(4, group, zp)
+    W0 = (torch.randn(41, n, generator=g) * 0.02).to(dtype)
+    A, B = (torch.randn(8, n, generator=g) / n**0.5, torch.randn(41, 8, generator=g) * 2e-3) if lora else (None, None)
+    with torch.no_grad():
+        want_w = W0.float() + _plain_delta(A, B, 2.0) if lora else W0.float()
+        s, off = init_params(want_w, spec, "minmax")
+        p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
+        qt = quantize_merged("t", W0, A, B, 2.0, p, spec)
+        gl = spec.group_len(n)
+        d = expand_groups(p.scale, gl, n)
+        v = (want_w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else \
+            want_w / d + expand_groups(p.zero, gl, n)
+        assert torch.equal(qt.codes, v.clamp(0, spec.umax).round().to(torch.uint8))
+        assert torch.equal(_bits(qt.minimum), _bits(p.minimum if p.minimum is not None else -(p.scale * p.zero)))
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -16,6 +16,7 @@ from .core import (
     lora_delta,
     lora_delta_loop,
     quantize,
+    quantize_merged,
     round_codes,
     shifted_input,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "pack_bits",
     "pack_int32",
     "quantize",
+    "quantize_merged",
     "round_codes",
     "shifted_input",
     "unpack_bits",

@@ -17,6 +17,8 @@ codes a GPU run trained with, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +55,13 @@ def group_reduce(x: torch.Tensor, group_len: int, op: str) -> torch.Tensor:
     return x.amin(-1) if op == "amin" else x.amax(-1)
 
 
-# Rows per block of the LoRA delta: the block's accumulator and product buffer stay in cache across the r passes.
-# At most torch's intra-op grain (32768 elements), so each of the many small operations runs on the calling thread:
-# with 2 threads a block of 65536 elements is split across both, and on a loaded machine every operation then waits
-# for a descheduled worker (measured: 13-20 s instead of 1.5 s for one 11008x4096 rank-16 delta).  Per element the
-# operations are the same whatever the block size.
-_DELTA_BLOCK_ELEMENTS = 1 << 15
+# Elements per row block of the LoRA delta and the blocked fold: the block's buffers (1 MiB each) stay in cache across
+# the ~40 passes over them.  Blocks run on one thread (`_one_thread`): handing each small operation to the OpenMP pool
+# costs more than it saves, and on a loaded machine every operation then waits for a descheduled worker (measured:
+# 13-20 s instead of 1.5 s for one 11008x4096 rank-16 delta).  Measured on one 11008x4096 rank-16 fold (2-core EPYC):
+# 0.88 s at 2^15 elements, 0.59 at 2^16, 0.36 at 2^18, 0.51 at 2^20.  Per element the operations are the same
+# whatever the block size, so the bits are too.
+_DELTA_BLOCK_ELEMENTS = 1 << 18
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -75,19 +78,26 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
         return lora_delta_loop(A, B, alpha)  # autograd cannot record out= writes
     out_f, in_f = B.shape[0], A.shape[1]
     acc = torch.empty(out_f, in_f, dtype=torch.float32, device=A.device)
-    rows = max(1, _DELTA_BLOCK_ELEMENTS // max(in_f, 1))
+    rows = _block_rows(in_f)
     buf = torch.empty(min(rows, max(out_f, 1)), in_f, dtype=torch.float32, device=A.device)
-    for r0 in range(0, out_f, rows):
-        r1 = min(r0 + rows, out_f)
-        blk = acc[r0:r1]
-        Bb = B[r0:r1]
-        prod = buf[: r1 - r0]
-        torch.mul(Bb[:, 0:1], A[0:1, :], out=blk)
-        for k in range(1, A.shape[0]):
-            torch.mul(Bb[:, k : k + 1], A[k : k + 1, :], out=prod)
-            blk.add_(prod)
-        blk.mul_(alpha)
+    with _one_thread():
+        for r0 in range(0, out_f, rows):
+            r1 = min(r0 + rows, out_f)
+            _delta_into(acc[r0:r1], buf[: r1 - r0], A, B[r0:r1], alpha)
     return acc
+
+
+def _block_rows(in_f: int) -> int:
+    return max(1, _DELTA_BLOCK_ELEMENTS // max(in_f, 1))
+
+
+def _delta_into(blk: torch.Tensor, prod: torch.Tensor, A: torch.Tensor, Bb: torch.Tensor, alpha: float) -> None:
+    """blk = alpha * Bb @ A for one row block (fp32 A, Bb), in `lora_delta_loop`'s order of operations."""
+    torch.mul(Bb[:, 0:1], A[0:1, :], out=blk)
+    for k in range(1, A.shape[0]):
+        torch.mul(Bb[:, k : k + 1], A[k : k + 1, :], out=prod)
+        blk.add_(prod)
+    blk.mul_(alpha)
 
 
 def lora_delta_loop(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -259,6 +269,82 @@ def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> Qua
         u = gv.flat(v.clamp_(0, spec.umax).round_())
     minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
     return QuantizedTensor(name=name, spec=spec, codes=u.to(torch.uint8), scale=p.scale, minimum=minimum, zero=p.zero)
+
+
+_BLOCKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def quantize_merged(
+    name: str, W0: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, alpha: float, p: GroupParams,
+    spec: QuantSpec,
+) -> QuantizedTensor:
+    """``quantize(name, combined_weight(W0, A, B, alpha), p, spec)``, one cache-sized row block at a time.
+
+    The fold of a 7B linear is memory-bound: merged weight, shifted input and codes as whole [out, in] fp32 passes
+    are ~7 trips through main memory per element.  Blocked, each block's delta, + W0, - m, / d, clamp and round run
+    on the same cache-resident buffer and only the uint8 codes are full size.  Every element sees the very same
+    IEEE operations in the same order (groups run along a row, so a row block holds whole groups), so codes are
+    bit-identical to the unblocked form, which autograd, torch.compile and unusual base dtypes still take.
+    """
+    if (
+        _tracked(W0, A, B, p.scale, p.minimum, p.zero)
+        or W0.dtype not in _BLOCKED_DTYPES
+        or W0.dim() != 2
+        or W0.device.type != "cpu"
+    ):
+        return quantize(name, combined_weight(W0, A, B, alpha), p, spec)
+    out_f, in_f = W0.shape
+    merged = A is not None and B is not None
+    Af = A.float() if merged else None
+    Bf = B.float() if merged else None
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    rows = min(_block_rows(in_f), max(out_f, 1))
+    buf = torch.empty(rows, in_f, dtype=torch.float32)
+    prod = torch.empty(rows, in_f, dtype=torch.float32) if merged else None
+    with _one_thread():
+        for r0 in range(0, out_f, rows):
+            _quantize_block(codes, buf, prod, W0, Af, Bf, alpha, p, spec, r0, min(r0 + rows, out_f))
+    minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
+    return QuantizedTensor(name=name, spec=spec, codes=codes, scale=p.scale, minimum=minimum, zero=p.zero)
+
+
+def _quantize_block(
+    codes: torch.Tensor, buf: torch.Tensor, prod: torch.Tensor | None, W0: torch.Tensor, A: torch.Tensor | None,
+    B: torch.Tensor | None, alpha: float, p: GroupParams, spec: QuantSpec, r0: int, r1: int,
+) -> None:
+    """codes[r0:r1] of `quantize_merged`, computed in `buf` (and `prod`, the delta's product buffer)."""
+    acc = buf[: r1 - r0]
+    if A is not None and B is not None and prod is not None:
+        _delta_into(acc, prod[: r1 - r0], A, B[r0:r1], alpha)
+        acc.add_(W0[r0:r1])
+    else:
+        acc.copy_(W0[r0:r1])
+    gv = _Grouped(acc, spec)
+    x = gv.view(acc)
+    if p.minimum is not None:
+        x.sub_(gv.param(p.minimum[r0:r1])).div_(gv.param(p.scale[r0:r1]))
+    else:
+        x.div_(gv.param(p.scale[r0:r1])).add_(gv.param(p.zero[r0:r1]))
+    codes[r0:r1].copy_(acc.clamp_(0, spec.umax).round_())
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's intra-op work on the calling thread only, for loops of many cache-sized operations.
+
+    Some element-wise CPU kernels (round_, floor_) hand even a 32768-element tensor to the OpenMP pool; waking the
+    pool costs more than the work (measured on 2 cores: 5-8 ms per round_ of an 8x4096 block vs 0.016 ms on one
+    thread -- 7 s of a 2-second fold).  The count is restored on exit, exceptions included.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------

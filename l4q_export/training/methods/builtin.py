@@ -22,7 +22,7 @@ from torch import nn
 
 from ...checkpoint import Checkpoint
 from ...errors import FidelityError, L4QInputError
-from ...quant import QuantizedTensor, combined_weight, effective_params, quantize
+from ...quant import QuantizedTensor, effective_params, quantize_merged
 from ...quant.grids import float_spec, integer_spec
 from ...quant.kplan import check_grid, grid_to_dict, module_grid
 from ...quant.kquant import KQuantized, KQuantSpec
@@ -38,12 +38,13 @@ QAT_LORA_EXPORT = ("refuse", "merge")
 
 def fold_merged(ck: Checkpoint, module: str, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> QuantizedTensor | KQuantized:
     """quantize(W0 + alpha*B@A) on the stored grid: L4Q's fold (and lora's / rtn's / merged qat-lora's), with
-    exactly the training forward's operations and dtype (`quant.combined_weight` + `quant.quantize`).
+    exactly the training forward's operations and dtype (`quant.quantize_merged`: `combined_weight` + `quantize`,
+    in cache-sized row blocks).
     A K-grid module (`l4q-train --grid`, ck.kspec) folds to its K-quant integers instead."""
     if ck.kspec is not None:
         return fold_kquant_tensors(ck.kspec, module + ".weight", W0, ck.lora_scale, t)
     p = effective_params(ck.spec, t["scale"], t.get("offset"), ck.fp16_grid)
-    return quantize(module + ".weight", combined_weight(W0, t.get("lora_A"), t.get("lora_B"), ck.lora_scale), p, ck.spec)
+    return quantize_merged(module + ".weight", W0, t.get("lora_A"), t.get("lora_B"), ck.lora_scale, p, ck.spec)
 
 
 def _fold_qalora(ck: Checkpoint, module: str, W0: torch.Tensor, t: dict[str, torch.Tensor]) -> QuantizedTensor:
