@@ -1,6 +1,6 @@
 """`l4q-export --to mlx`: an mlx-lm model directory holding the fold's codes, scales and minima unchanged.
 
-Streams `fold_checkpoint` one tensor at a time into safetensors shards (peak memory: one shard plus one layer),
+Streams `fold_checkpoint` one tensor at a time into safetensors shards (peak memory: one tensor plus one layer),
 inside an `AtomicDir`, so a failed export leaves nothing behind and never touches an existing output until it
 is complete.  Nothing is re-quantized: codes are the fold's, packed as MLX packs them (layout.py).
 """

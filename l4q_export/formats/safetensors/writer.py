@@ -53,7 +53,7 @@ CLI_OPTIONS: list[click.Option] = [
     click.Option(["--flavor", "flavor"], type=click.Choice(FLAVORS), default="compressed-tensors", show_default=True,
                  help="safetensors target: compressed-tensors pack-quantized, GPTQ gptq_v2, or legacy GPTQ v1 (z >= 1 only)."),
     click.Option(["--shard-size", "shard_size"], default="5GB", show_default=True,
-                 help="safetensors: maximum shard size (e.g. 5GB, 500MB); also bounds the exporter's memory."),
+                 help="safetensors: maximum shard size (e.g. 5GB, 500MB); memory does not depend on it."),
 ]
 
 REFUSE_FLOAT = (
