@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,15 @@ class Checkpoint:
     config: dict[str, Any]
     base_dir: Path
     _adapter: Any = field(default=None, repr=False)
+    _base_check: Future[None] | None = field(default=None, repr=False)
+
+    def confirm_base(self) -> None:
+        """Wait for a base-shard hash check started by `load_checkpoint(..., overlap_hashes=True)`; raises its
+        L4QInputError.  Exporters call it (through `fold_checkpoint`) after the last tensor and before committing
+        their output, so a changed base still produces no file -- the hashing just ran beside the fold."""
+        if self._base_check is not None:
+            check, self._base_check = self._base_check, None
+            check.result()
 
     @property
     def method(self) -> str:
@@ -262,8 +272,22 @@ class Checkpoint:
         return BaseWeights(self.base_dir)
 
 
-def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> Checkpoint:
-    """Open an L4Q checkpoint, resolve its base model and (by default) verify the base shard hashes."""
+def _check_shards(base_dir: Path, expected: dict[str, str]) -> None:
+    for shard, digest in expected.items():
+        path = base_dir / shard
+        if shard_sha256(path) != digest:
+            raise L4QInputError(
+                f"base shard {path} changed since training (sha256 mismatch); "
+                "the trained codes would not match -- restore the original base model"
+            )
+
+
+def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True, overlap_hashes: bool = False) -> Checkpoint:
+    """Open an L4Q checkpoint, resolve its base model and (by default) verify the base shard hashes.
+
+    overlap_hashes: hash on a background thread instead (a 7B base is ~13 GB of sha256, seconds of CPU) and leave
+    the verdict to `Checkpoint.confirm_base`; only for callers that confirm before any result leaves them
+    (`fold_checkpoint` does, after its last tensor)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise L4QInputError(f"model directory not found: {d}")
@@ -289,15 +313,15 @@ def load_checkpoint(model_dir: str | os.PathLike, check_hashes: bool = True) -> 
     ck = Checkpoint(dir=d, config=cfg, base_dir=base_dir)
     if check_hashes:
         expected = cfg["base_model"].get("shards", {})
-        for shard, digest in expected.items():
-            path = base_dir / shard
-            if not path.is_file():
-                raise L4QInputError(f"base shard {path} is missing")
-            if shard_sha256(path) != digest:
-                raise L4QInputError(
-                    f"base shard {path} changed since training (sha256 mismatch); "
-                    "the trained codes would not match -- restore the original base model"
-                )
+        for shard in expected:
+            if not (base_dir / shard).is_file():
+                raise L4QInputError(f"base shard {base_dir / shard} is missing")
+        if overlap_hashes:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="l4q-sha256")  # hashlib releases the GIL
+            ck._base_check = pool.submit(_check_shards, base_dir, expected)
+            pool.shutdown(wait=False)
+        else:
+            _check_shards(base_dir, expected)
     from .schema import validate_checkpoint
 
     validate_checkpoint(ck, d / ADAPTER_FILE, check_architecture(base_dir))

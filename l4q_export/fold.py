@@ -34,6 +34,7 @@ def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:
     for name in base.names():
         t = base.get(name)
         yield name, fold_module(ck, targets[name], t) if name in targets else t
+    ck.confirm_base()  # a base-hash check running beside the fold (load_checkpoint(overlap_hashes=True)) ends here
 
 
 def fold(model_dir: str | Path, check_hashes: bool = True) -> Iterator[tuple[str, FoldedTensor]]:

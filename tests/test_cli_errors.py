@@ -207,3 +207,21 @@ def test_allow_lossy_is_one_flag_for_every_target(tmp_path, tiny_base, checkpoin
     assert (out / "config.json").is_file() and json.loads(report.read_text())["artifact"]
     onnx = CliRunner().invoke(_export_command(), ["--to", "onnx", str(ck), "-o", str(tmp_path / "o"), "--allow-lossy"])
     assert onnx.exit_code == 2 and "--allow-lossy does not apply" in onnx.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", ["gguf", "onnx"])
+def test_export_refuses_changed_base_and_writes_nothing(tmp_path, tiny_base, checkpoint_factory, target):
+    """The base hashes are checked beside the fold (load_checkpoint(overlap_hashes=True)): a changed shard still
+    ends the export with the one-line error and no output, not even a temp file."""
+    from l4q_export.cli import _export_command
+
+    base = _copy_base(tiny_base, tmp_path / "base")
+    ck = checkpoint_factory(base)
+    t = load_file(str(base / "model.safetensors"))
+    t["model.norm.weight"] += 1
+    save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    res = CliRunner().invoke(_export_command(), ["--to", target, str(ck), "-o", str(out_dir / "artifact")])
+    assert res.exit_code == 2 and "changed since training" in res.output
+    assert list(out_dir.iterdir()) == []

@@ -686,3 +686,11 @@ def test_stories260k_trained(stories_checkpoint, tmp_path, form):
         assert_fused_ops(out, 5, rotary=False)
     res = assert_exact_export(stories_checkpoint, out, tmp_path, form)
     assert len(res["rows"]) == 35 and res["run"]["max_abs_logit"] > 1.0
+
+
+def test_cli_choices_are_the_writers():
+    """The CLI's option module (kept free of onnx for start-up time) offers the writer's dtypes and only forms it has."""
+    from l4q_export.formats.onnx import graph, linear, options
+
+    assert options.CLI_DTYPES == tuple(graph.DTYPES)
+    assert set(options.CLI_FORMS) <= set(linear.FORMS)

@@ -227,7 +227,7 @@ def export(model_dir: Path, output: Path | None, gguf_type: str = "auto", embed_
                             "hold the learned group scales exactly; pass --allow-lossy to accept (the error is reported)")
     t0 = time.time()
     model_dir = Path(model_dir)
-    ck = load_checkpoint(model_dir)
+    ck = load_checkpoint(model_dir, overlap_hashes=True)
     cfg = ck.model_config()
     grid = ck.config.get("grid")  # l4q-train --grid: K modules exact, legacy-type modules must land on their type
     grids = ck.config.get("module_grids") or {}

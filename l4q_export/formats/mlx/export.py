@@ -32,7 +32,7 @@ def write(model_dir: Path, out: Path | None, shard_size: str | int = "5GB", allo
     A tensor whose MLX decode is not bit-identical (integer zero points off the fp16 grid) is refused unless
     `allow_lossy`; its measured bound is then declared in l4q_mlx.json and held by verify."""
     model_dir = Path(model_dir)
-    ck = load_checkpoint(model_dir)
+    ck = load_checkpoint(model_dir, overlap_hashes=True)
     refuse_kgrid(ck, "mlx")
     if ck.architecture not in MLX_MODEL_TYPES:
         raise L4QInputError(f"architecture {ck.architecture} has no mlx-lm mapping here; supported: "

@@ -31,9 +31,9 @@ class ONNXTarget:
 
     @property
     def options(self) -> list[click.Option]:
-        from . import writer
+        from .options import CLI_OPTIONS
 
-        return writer.CLI_OPTIONS
+        return CLI_OPTIONS
 
     def capability(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> Capability:
         """Every grid is exact (float offsets as an exact group-sum term); the default MatMulNBits form needs a

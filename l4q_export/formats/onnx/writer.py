@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import click
 import onnx
 
 from ...arch import ALL_LINEARS
@@ -43,19 +42,6 @@ from .linear import FORMS, LinearWriter
 NAME = "onnx"
 MODEL_FILE = "model.onnx"
 META_KEY = "l4q_export"
-CLI_FORMS = ("matmulnbits", "qdq")
-
-CLI_OPTIONS = [
-    click.Option(["--onnx-form", "onnx_form"], type=click.Choice(CLI_FORMS), default="matmulnbits", show_default=True,
-                 help="ONNX: matmulnbits (com.microsoft::MatMulNBits) or qdq (standard DequantizeLinear + MatMul)."),
-    click.Option(["--dtype", "dtype"], type=click.Choice(tuple(DTYPES)), default="fp32", show_default=True,
-                 help="ONNX: activation/scale dtype of the graph (fp16 needs scales/offsets on the fp16 grid)."),
-    click.Option(["--onnx-fused/--no-onnx-fused", "onnx_fused"], default=None,
-                 help="ONNX: ORT's fused GroupQueryAttention + SkipSimplifiedLayerNormalization contrib ops "
-                      "[default: on for matmulnbits; qdq stays standard ops only]."),
-    click.Option(["--onnx-accuracy-level", "onnx_accuracy_level"], type=click.IntRange(0, 4), default=0, show_default=True,
-                 help="ONNX: MatMulNBits accuracy_level (0 = exact fp compute; 4 = int8 activations, faster, ~5e-3 error)."),
-]
 
 _LINEAR_SUFFIXES = ALL_LINEARS
 
@@ -126,7 +112,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
     if not 0 <= int(onnx_accuracy_level) <= 4:
         raise L4QInputError(f"onnx_accuracy_level={onnx_accuracy_level} must be in 0..4")
     model_dir = Path(model_dir)
-    ck = load_checkpoint(model_dir)
+    ck = load_checkpoint(model_dir, overlap_hashes=True)
     refuse_kgrid(ck, "onnx")
     cfg = ck.model_config()
     spec = DecoderSpec.from_config(cfg, ck.architecture)

@@ -120,7 +120,7 @@ def export(model_dir: Path, output: Path | None, flavor: str = "compressed-tenso
            shard_size: str | int = "5GB") -> ExportReport:
     """Stream the fold into a sharded HF model directory (atomically); returns the per-tensor report."""
     model_dir = Path(model_dir)
-    ck = load_checkpoint(model_dir)
+    ck = load_checkpoint(model_dir, overlap_hashes=True)
     refuse_kgrid(ck, "safetensors")
     _check_flavor(flavor, ck)
     max_bytes = parse_size(shard_size)
