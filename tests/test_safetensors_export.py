@@ -354,3 +354,21 @@ def test_stories260k_integer_zero_points(tmp_path):
     assert rep["exact"] and (rep["n_packed"], rep["n_dense"]) == (20, 15)  # 172 x 4 bits is not whole int32 words
     v = ST.verify(tmp_path / "gptq", ck)
     assert v["passed"] and v["n_exact"] == 35 and v["logits"]["max_abs_dlogit"] < DLOGIT_STORIES, v["summary"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 255, 257, 700])
+def test_row_sliced_pack_is_the_library_pack(bits, rows):
+    """layout._pack (uint8 signed form, row slices) gives compressed-tensors' pack_to_int32 of (u - 2^(b-1)) as int8,
+    computed here the plain way, and leaves the caller's codes untouched."""
+    from l4q_export.formats.safetensors.layout import _pack
+
+    def plain(v, dim):
+        return pack_to_int32((v.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits, dim)
+
+    g = torch.Generator().manual_seed(rows * 10 + bits)
+    u = torch.randint(0, 1 << bits, (rows, 200), generator=g, dtype=torch.uint8)
+    before = u.clone()
+    assert torch.equal(_pack(u, bits), plain(u, 1)) and torch.equal(u, before)
+    z = u[:, :7].float()  # fp32 zero points [N, G], packed along N
+    assert torch.equal(_pack(z, bits, packed_dim=0), plain(z, 0))

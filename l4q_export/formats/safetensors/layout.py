@@ -31,14 +31,28 @@ FLAVORS = ("compressed-tensors", "gptq", "gptq-v1")
 GPTQ_BITS = (2, 3, 4, 8)
 
 
+# Rows per `pack_to_int32` call: it widens its input to int32 and builds two more int32 arrays of that size, so a
+# whole 11008x4096 weight would take ~540 MB of temporaries; row slices keep them at a few MB (rows pack independently).
+_PACK_ROWS = 256
+
+
 def _pack(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
     """compressed-tensors' dense LSB-first int32 packing (`pack_to_int32`, also GPTQ's bitstream) of unsigned codes.
 
     `pack_to_int32` takes the signed int8 form (u - 2^(b-1)) and adds the offset back, so the stored words hold u.
+    The signed form is computed in uint8 (wrapping subtraction, then a two's-complement view: the same int8 values
+    as widening to int32) and, packing along rows, the library packs a slice of rows at a time.
     """
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    return pack_to_int32((values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits, packed_dim).contiguous()
+    signed = (values.to(torch.uint8) - (1 << (bits - 1))).view(torch.int8)  # a new tensor: never the caller's codes
+    if packed_dim != 1 or signed.dim() != 2 or signed.shape[0] <= _PACK_ROWS:
+        return pack_to_int32(signed, bits, packed_dim).contiguous()
+    rows, cols = signed.shape
+    out = torch.empty(rows, -(-cols * bits // 32), dtype=torch.int32)
+    for r0 in range(0, rows, _PACK_ROWS):
+        out[r0 : r0 + _PACK_ROWS] = pack_to_int32(signed[r0 : r0 + _PACK_ROWS], bits, 1)
+    return out
 
 
 def unpackable_reason(flavor: str, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
