@@ -55,6 +55,7 @@ def test_legacy_types_decode_bit_exactly(name, bits, zp, group):
     assert decoded.shape == ref.shape
     assert np.array_equal(decoded, ref), f"max err {np.abs(decoded - ref).max()}"
     assert np.array_equal(P.recover_codes(raw, name), P.expected_stored_codes(qt, name))
+    assert np.array_equal(P.recover_codes(raw, name, decoded), P.expected_stored_codes(qt, name))
 
 
 def test_q4_0_mirrors_blocks_that_only_fit_negated():

@@ -217,3 +217,21 @@ def test_capability_answers_and_the_demo_follows_them():
     assert isinstance(st.capability(QuantSpec(4, 32, "integer"), (64, 64), torch.float16), Exact)
     assert isinstance(st.capability(QuantSpec(5, 32, "integer"), (64, 64), torch.float16, flavor="gptq"), Refused)
     assert [zero_point_for(t, 4) for t in ("gguf", "onnx", "safetensors")] == ["float", "float", "integer"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.uint8])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, (1 << 20) + 3, 3 << 18])
+def test_same_bits_is_byte_equality(dtype, n):
+    """same_bits (64-bit words in slices) answers what comparing the raw bytes answers, with the difference in the
+    last element, in a sign bit (-0.0 vs 0.0) and in the dtype."""
+    from l4q_export.formats.base import same_bits
+
+    a = (np.arange(n) % 97).astype(dtype)
+    assert same_bits(a, a.copy()) and a.tobytes() == a.copy().tobytes()
+    if n:
+        b = a.copy()
+        b[-1] = 1 if dtype == np.uint8 and a[-1] == 0 else -a[-1] if dtype != np.uint8 else 0
+        assert not same_bits(a, b) and a.tobytes() != b.tobytes()
+    if dtype != np.uint8:
+        assert not same_bits(np.zeros(max(n, 1), dtype), -np.zeros(max(n, 1), dtype))
+    assert not same_bits(a, a.astype(np.int64))

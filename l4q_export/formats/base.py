@@ -166,7 +166,11 @@ def same_bits(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> boo
     b = b.numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
+    x, y = (np.ascontiguousarray(t).reshape(-1).view(np.uint8) for t in (a, b))
+    if x.size % 8 == 0:  # compared as 64-bit words, in slices: no byte-sized bool temporary of a whole weight
+        x, y = x.view(np.uint64), y.view(np.uint64)
+    step = 1 << 20
+    return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
 
 
 @dataclass

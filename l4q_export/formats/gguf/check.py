@@ -107,7 +107,7 @@ class GGUFArtifact:
         if tname not in P.QTYPES:  # F32/F16 of W_q: the weight is the whole content
             return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
                            info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
-        codes = unperm(P.recover_codes(raw, tname).reshape(shape))
+        codes = unperm(P.recover_codes(raw, tname, decoded).reshape(shape))
         return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
                        bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "gguf-py decoder"})
 

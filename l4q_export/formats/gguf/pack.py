@@ -379,16 +379,21 @@ _PROBES: dict[str, list[tuple[int, int, int, int]]] = {
 _RECOVER_CHUNK_BYTES = 1 << 20  # packed bytes per slice of rows: float64 temporaries stay small, results unchanged
 
 
-def recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
+def recover_codes(raw: np.ndarray, name: str, decoded: np.ndarray | None = None) -> np.ndarray:
     """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes].
 
-    Element-wise per block, so it runs over slices of rows (the same numbers, a bounded working set)."""
+    `decoded`: gguf-py's decode of `raw` [rows, elements] when the caller already has it (verify does), saving
+    one of the three decodes.  Element-wise per block, so it runs over slices of rows (the same numbers, a bounded
+    working set)."""
     raw = np.ascontiguousarray(raw)
     step = max(1, _RECOVER_CHUNK_BYTES // max(1, raw.shape[1]))
-    return np.concatenate([_recover_codes(raw[i : i + step], name) for i in range(0, raw.shape[0], step)])
+    if decoded is not None:
+        decoded = decoded.reshape(raw.shape[0], -1)
+    return np.concatenate([_recover_codes(raw[i : i + step], name, None if decoded is None else decoded[i : i + step])
+                           for i in range(0, raw.shape[0], step)])
 
 
-def _recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
+def _recover_codes(raw: np.ndarray, name: str, decoded: np.ndarray | None) -> np.ndarray:
     from gguf.quants import dequantize
 
     qtype = QTYPES[name]
@@ -402,12 +407,17 @@ def _recover_codes(raw: np.ndarray, name: str) -> np.ndarray:
             b[:, start:stop] = base if which == 0 else one
         return dequantize(b.reshape(rows, -1), qtype).astype(np.float64)
 
-    y = dequantize(np.ascontiguousarray(raw), qtype).astype(np.float64)
-    y0, y1 = probe(0), probe(1)
-    slope = y1 - y0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.rint((y - y0) / slope) * np.sign(slope)  # a mirrored block (negative d) reads back as u - z
-    return np.where(slope != 0, q, np.nan)
+    y = (dequantize(np.ascontiguousarray(raw), qtype) if decoded is None else decoded).astype(np.float64)
+    y0 = probe(0)
+    slope = probe(1)
+    slope -= y0
+    with np.errstate(divide="ignore", invalid="ignore"):  # in place: rint((y - y0) / slope) * sign(slope)
+        y -= y0
+        y /= slope
+        np.rint(y, out=y)
+        y *= np.sign(slope)  # a mirrored block (negative d) reads back as u - z
+    y[slope == 0] = np.nan
+    return y
 
 
 def expected_stored_codes(qt: QuantizedTensor, name: str) -> np.ndarray:
