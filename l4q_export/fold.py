@@ -10,6 +10,7 @@ This module knows methods only through the registry.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,9 +32,21 @@ def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:
     missing = [n for n in targets if n not in base]
     if missing:
         raise L4QInputError(f"base model lacks quantized weights listed in the checkpoint, e.g. {missing[0]}")
-    for name in base.names():
+    def one(name: str) -> FoldedTensor:
         t = base.get(name)
-        yield name, fold_module(ck, targets[name], t) if name in targets else t
+        return fold_module(ck, targets[name], t) if name in targets else t
+
+    # One tensor folds on a worker thread while the caller packs and writes the previous one (torch and numpy
+    # release the GIL): the next fold is submitted only once its predecessor is handed over, so at most two
+    # tensors are alive.  Same tensors, same order, same bits; an exception surfaces at its own tensor.
+    names = base.names()
+    with ThreadPoolExecutor(1, thread_name_prefix="l4q-fold") as pool:
+        ahead = pool.submit(one, names[0]) if names else None
+        for i, name in enumerate(names):
+            folded = ahead.result()
+            ahead = pool.submit(one, names[i + 1]) if i + 1 < len(names) else None
+            yield name, folded
+            del folded
     ck.confirm_base()  # a base-hash check running beside the fold (load_checkpoint(overlap_hashes=True)) ends here
 
 

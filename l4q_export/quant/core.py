@@ -17,6 +17,7 @@ codes a GPU run trained with, bit for bit.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -334,17 +335,25 @@ def _one_thread() -> Iterator[None]:
 
     Some element-wise CPU kernels (round_, floor_) hand even a 32768-element tensor to the OpenMP pool; waking the
     pool costs more than the work (measured on 2 cores: 5-8 ms per round_ of an 8x4096 block vs 0.016 ms on one
-    thread -- 7 s of a 2-second fold).  The count is restored on exit, exceptions included.
+    thread -- 7 s of a 2-second fold).  The count is restored when the last of the (possibly concurrent: the fold
+    runs on a worker thread, fold.py) users exits, exceptions included.
     """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    with _ONE_THREAD_LOCK:
+        if _ONE_THREAD_USERS[0] == 0:
+            _ONE_THREAD_USERS[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ONE_THREAD_USERS[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD_USERS[0] -= 1
+            if _ONE_THREAD_USERS[0] == 0:
+                torch.set_num_threads(_ONE_THREAD_USERS[1])
+
+
+_ONE_THREAD_LOCK = threading.Lock()
+_ONE_THREAD_USERS = [0, 1]  # [active users, the thread count to restore]
 
 
 # ----------------------------------------------------------------------------------------------------
