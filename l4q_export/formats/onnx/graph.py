@@ -16,10 +16,13 @@ exact up to fp32 summation order (docs/onnx.md measures it) and ORT never fuses 
 from __future__ import annotations
 
 import importlib
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -198,6 +201,20 @@ def _windows(cfg: dict[str, Any], architecture: str, n_layers: int) -> tuple[int
 
 # numpy dtypes whose ONNX raw_data is the array's own little-endian bytes (ml_dtypes' 4-bit types are packed by onnx)
 _PLAIN_DTYPES = tuple(np.dtype(d) for d in ("<f4", "<f2", "u1", "i1", "<i4", "<i8"))
+_UINT4 = np.dtype(ml_dtypes.uint4)
+
+
+def pack_uint4(array: np.ndarray) -> np.ndarray:
+    """ONNX's UINT4 raw_data: two elements per byte in row-major order, the first in the low nibble, an odd count
+    padded with a zero nibble (what numpy_helper.from_array stores).  Packed here rather than by from_array, whose
+    bytes would live in the TensorProto's protobuf arena until the whole graph is freed: clearing raw_data after
+    writing it to the file does not give the memory back, so a QDQ export held every code it wrote (~100 MB a 7B
+    layer)."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    packed = flat[0::2] & 0x0F
+    high = flat[1::2]
+    packed[: high.size] |= (high & 0x0F) << 4
+    return packed
 
 
 class ExternalData:
@@ -210,29 +227,51 @@ class ExternalData:
         self.offset = 0
 
     def tensor(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
-        """A TensorProto for `array` (ml_dtypes uint4 arrays are packed by onnx); big payloads go to the file."""
+        """A TensorProto for `array` (ml_dtypes uint4 arrays are packed as onnx packs them); big payloads go to the
+        file."""
         array = np.ascontiguousarray(array)
-        if array.dtype in _PLAIN_DTYPES and array.nbytes >= INLINE_BYTES:
+        if array.dtype in _PLAIN_DTYPES or array.dtype == _UINT4:
             # from_array's proto without its copies (tobytes, the proto's own, raw_data read back: 3x a 500 MB head)
-            t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                            raw_data=b"")  # set_external_data wants the field present; it is cleared below
-            raw = memoryview(array).cast("B")
+            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            raw = memoryview(pack_uint4(array) if array.dtype == _UINT4 else array).cast("B")
         else:
             t = numpy_helper.from_array(array, name)
-            raw = t.raw_data
-        if onnx_type is not None and t.data_type != onnx_type:
-            raise AssertionError(f"{name}: expected ONNX type {onnx_type}, got {t.data_type}")
+            data_type, raw = t.data_type, memoryview(t.raw_data)
+        if onnx_type is not None and data_type != onnx_type:
+            raise AssertionError(f"{name}: expected ONNX type {onnx_type}, got {data_type}")
         if len(raw) < INLINE_BYTES:
-            return t
+            return numpy_helper.from_array(array, name)
+        return self._external(name, array.shape, data_type, [raw], len(raw))
+
+    def stream(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]) -> TensorProto:
+        """A tensor of a plain dtype written from consecutive row-major chunks (each written before the next is
+        asked for, so a chunk may reuse its predecessor's buffer): the same bytes and file layout as `tensor` on the
+        whole array, without ever holding it (an fp32 7B lm_head is 500 MB)."""
+        dtype = np.dtype(dtype)
+        if dtype not in _PLAIN_DTYPES:
+            raise AssertionError(f"{name}: stream writes plain dtypes only, not {dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < INLINE_BYTES:
+            return self.tensor(name, np.concatenate([np.array(c).ravel() for c in chunks]).reshape(shape))
+        return self._external(name, shape, helper.np_dtype_to_tensor_dtype(dtype), chunks, nbytes)
+
+    def _external(self, name: str, shape: tuple[int, ...], data_type: int, chunks: Iterable[Any], nbytes: int) -> TensorProto:
+        """Append the chunks at the next ALIGN-aligned offset; returns the TensorProto pointing at them."""
         pad = (-self.offset) % ALIGN
         if pad:
             self._f.write(b"\0" * pad)
             self.offset += pad
-        self._f.write(raw)
-        onnx.external_data_helper.set_external_data(t, self.filename, offset=self.offset, length=len(raw))
+        start = self.offset
+        for chunk in chunks:
+            raw = memoryview(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk).cast("B")
+            self._f.write(raw)
+            self.offset += len(raw)
+        if self.offset - start != nbytes:
+            raise AssertionError(f"{name}: wrote {self.offset - start} bytes, expected {nbytes}")
+        t = TensorProto(name=name, dims=shape, data_type=data_type, raw_data=b"")  # set_external_data wants the field
+        onnx.external_data_helper.set_external_data(t, self.filename, offset=start, length=nbytes)
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
-        self.offset += len(raw)
         return t
 
     def close(self) -> None:

@@ -129,6 +129,7 @@ def export(model_dir: Path, output: Path | None = None, onnx_form: str = "matmul
             for name, t in fold_checkpoint(ck):
                 if isinstance(t, QuantizedTensor):
                     writer.add_quantized(t)
+                    del t  # its codes are in the file: not alive through the next fold (45 MB at a 7B MLP)
                     continue
                 role = _float_role(name)
                 if role is None:
