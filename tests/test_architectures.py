@@ -311,15 +311,18 @@ def test_eval_runs_on_artifacts(bases, text_data, work, tmp_path, arch):
     gg = Path(export("gguf", ck, tmp_path / "m.gguf")["artifact"])
     export("onnx", ck, tmp_path / "onnx")
     ppl = {}
-    for name, target in (("checkpoint", ck), ("gguf", gg), ("onnx", tmp_path / "onnx")):
+    for name, target in (("checkpoint", ck), ("gguf", gg), ("onnx", tmp_path / "onnx"), ("base", bases[arch])):
         r = run_eval(Path(target), ["ppl"], text=text_data, max_tokens=256, ctx=64)
         ppl[name] = r["results"]["ppl"]["ppl"]
         assert np.isfinite(ppl[name]) and ppl[name] > 1
     # the artifacts compute the trained model: their perplexity matches the checkpoint's closely
     assert abs(ppl["onnx"] / ppl["checkpoint"] - 1) < 1e-3
-    # llama.cpp quantizes activations to Q8 inside its matmuls; on this near-uniform random model (ppl ~4000) that
-    # moved ppl by 4.95% for qwen3 once the fp16 scale grid became the default (ONNX, exact fp32, stays within 1e-3).
-    assert abs(ppl["gguf"] / ppl["checkpoint"] - 1) < 0.06
+    # llama.cpp quantizes activations to Q8 inside its matmuls, and by how much that moves the perplexity of this
+    # near-uniform random model depends on the CPU's kernel: qwen3 4.95% on one machine, 6.46% on another (phi3
+    # 0.003% on both), so no fixed bound holds everywhere.  What must hold is that the GGUF runs the *trained*
+    # model: it is far closer to the checkpoint than the untrained base is (qwen3: 6.5% vs 43%; phi3: 0.003% vs 14.5%).
+    trained_gap = abs(ppl["gguf"] / ppl["checkpoint"] - 1)
+    assert trained_gap < 0.25 * abs(ppl["base"] / ppl["checkpoint"] - 1), ppl
 
 
 def test_phi3_longrope_refused(bases, tmp_path):
