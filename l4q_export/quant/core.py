@@ -149,6 +149,11 @@ class GroupParams:
     minimum: torch.Tensor | None = None
     zero: torch.Tensor | None = None
 
+    def rows(self, r0: int, r1: int) -> GroupParams:
+        """The parameters of output rows r0:r1 (views): what a row chunk of the weight is quantized with."""
+        return GroupParams(scale=self.scale[r0:r1], minimum=None if self.minimum is None else self.minimum[r0:r1],
+                           zero=None if self.zero is None else self.zero[r0:r1])
+
 
 def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: torch.Tensor | None, fp16_grid: bool = False) -> GroupParams:
     """Turn trained parameters into the canonical (d, m) or (d, z).
@@ -255,19 +260,25 @@ class QuantizedTensor:
         return dequantize_codes(self.codes, self.params, self.spec)
 
 
+def _round_into(out: torch.Tensor, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
+    """`round_codes(shifted_input(w, p, spec), spec)` with every step written into `out` (fp32, w's shape; it may
+    be w itself): the same operations in the same order, one buffer instead of one per step."""
+    gv = _Grouped(w, spec)
+    x, o = gv.view(w), gv.view(out)
+    if p.minimum is not None:
+        torch.sub(x, gv.param(p.minimum), out=o).div_(gv.param(p.scale))
+    else:
+        torch.div(x, gv.param(p.scale), out=o).add_(gv.param(p.zero))
+    return out.clamp_(0, spec.umax).round_()
+
+
 def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> QuantizedTensor:
     """Codes for an fp32 combined weight under fixed group parameters, packaged canonically."""
     w = w.float()
     if _tracked(w, p.scale, p.minimum, p.zero):
         u = round_codes(shifted_input(w, p, spec), spec)
-    else:  # shifted_input + round_codes with one fp32 buffer: the same operations in the same order
-        gv = _Grouped(w, spec)
-        x = gv.view(w)
-        if p.minimum is not None:
-            v = torch.sub(x, gv.param(p.minimum)).div_(gv.param(p.scale))
-        else:
-            v = torch.div(x, gv.param(p.scale)).add_(gv.param(p.zero))
-        u = gv.flat(v.clamp_(0, spec.umax).round_())
+    else:
+        u = _round_into(torch.empty_like(w), w, p, spec)
     minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
     return QuantizedTensor(name=name, spec=spec, codes=u.to(torch.uint8), scale=p.scale, minimum=minimum, zero=p.zero)
 
@@ -320,13 +331,7 @@ def _quantize_block(
         acc.add_(W0[r0:r1])
     else:
         acc.copy_(W0[r0:r1])
-    gv = _Grouped(acc, spec)
-    x = gv.view(acc)
-    if p.minimum is not None:
-        x.sub_(gv.param(p.minimum[r0:r1])).div_(gv.param(p.scale[r0:r1]))
-    else:
-        x.div_(gv.param(p.scale[r0:r1])).add_(gv.param(p.zero[r0:r1]))
-    codes[r0:r1].copy_(acc.clamp_(0, spec.umax).round_())
+    codes[r0:r1].copy_(_round_into(acc, acc, p.rows(r0, r1), spec))
 
 
 @contextmanager

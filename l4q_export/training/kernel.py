@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import L4QInputError
 from ..quant import effective_params, round_codes, shifted_input
 from . import fused
-from .layer import L4QFunction, L4QLinear, _combined_rows, _row_chunks, _rows, _slice
+from .layer import L4QFunction, L4QLinear, _combined_rows, _row_chunks, _rows
 
 KERNELS = ("auto", "eager", "compiled")
 
@@ -73,7 +73,7 @@ def _codes_equal(layer: L4QLinear, inputs: tuple) -> bool:
     p = effective_params(cfg.spec, scale, off, cfg.fp16_grid)
     out_f, in_f = W0.shape
     for r0, r1 in _row_chunks(out_f, in_f):
-        pr = _slice(p, r0, r1)
+        pr = p.rows(r0, r1)
         u_c, _ = fused.compiled("forward")(W0[r0:r1], _rows(w0s, r0, r1), A, _rows(B, r0, r1), pr.scale, pr.minimum,
                                            pr.zero, cfg.spec, cfg.lora_scale)
         u_e = round_codes(shifted_input(_combined_rows(W0, w0s, A, B, cfg.lora_scale, r0, r1), pr, cfg.spec), cfg.spec)

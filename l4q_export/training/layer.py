@@ -67,14 +67,6 @@ def _row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
 
 
-def _slice(p: GroupParams, r0: int, r1: int) -> GroupParams:
-    return GroupParams(
-        scale=p.scale[r0:r1],
-        minimum=None if p.minimum is None else p.minimum[r0:r1],
-        zero=None if p.zero is None else p.zero[r0:r1],
-    )
-
-
 def _combined_rows(
     W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None, lora_scale: float,
     r0: int, r1: int,
@@ -103,7 +95,7 @@ class L4QFunction(torch.autograd.Function):
         with torch.no_grad():
             p = effective_params(cfg.spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
-                pr = _slice(p, r0, r1)
+                pr = p.rows(r0, r1)
                 if cfg.kernel == "compiled":
                     _, wq = fused.compiled("forward")(W0[r0:r1], _rows(w0_scale, r0, r1), A, _rows(B, r0, r1),
                                                       pr.scale, pr.minimum, pr.zero, cfg.spec, cfg.lora_scale)
@@ -137,7 +129,7 @@ class L4QFunction(torch.autograd.Function):
         with torch.no_grad():
             p = effective_params(spec, scale, offset, cfg.fp16_grid)
             for r0, r1 in _row_chunks(out_f, in_f):
-                pr = _slice(p, r0, r1)
+                pr = p.rows(r0, r1)
                 if cfg.kernel == "compiled":
                     _compiled_backward_rows(x2, gy2, W0, w0_scale, A, B, pr, cfg, r0, r1, need_x, need_w, need_lora,
                                             grad_x, gA, gB, gd, gm)
