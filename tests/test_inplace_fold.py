@@ -28,6 +28,15 @@ def _plain_delta(A, B, alpha):
     return acc * alpha
 
 
+def _plain_codes(w, p, spec):
+    """round(clamp((w - m)/d or w/d + z)) with the group parameters expanded to [out, in]."""
+    n = w.shape[1]
+    gl = spec.group_len(n)
+    d = expand_groups(p.scale, gl, n)
+    v = (w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else w / d + expand_groups(p.zero, gl, n)
+    return v.clamp(0, spec.umax).round()
+
+
 def _bits(t):
     return t.contiguous().view(torch.int32)
 
@@ -49,9 +58,7 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
         qt = quantize("t", w, p, spec)
         gl = spec.group_len(n)
         d = expand_groups(p.scale, gl, n)
-        v = (want_w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else \
-            want_w / d + expand_groups(p.zero, gl, n)
-        u = v.clamp(0, spec.umax).round()
+        u = _plain_codes(want_w, p, spec)
         assert torch.equal(qt.codes, u.to(torch.uint8))
         want_wq = u * d + expand_groups(qt.minimum, gl, n) if p.minimum is not None else \
             (u - expand_groups(p.zero, gl, n)) * d
@@ -77,11 +84,7 @@ def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
         s, off = init_params(want_w, spec, "minmax")
         p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
         qt = quantize_merged("t", W0, A, B, 2.0, p, spec)
-        gl = spec.group_len(n)
-        d = expand_groups(p.scale, gl, n)
-        v = (want_w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else \
-            want_w / d + expand_groups(p.zero, gl, n)
-        assert torch.equal(qt.codes, v.clamp(0, spec.umax).round().to(torch.uint8))
+        assert torch.equal(qt.codes, _plain_codes(want_w, p, spec).to(torch.uint8))
         assert torch.equal(_bits(qt.minimum), _bits(p.minimum if p.minimum is not None else -(p.scale * p.zero)))
 
 
