@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l4q_export.quant import QuantSpec, core
+from l4q_export.quant import QuantSpec, inplace
 from l4q_export.quant.core import (
     combined_weight,
     dequantize_codes,
@@ -74,7 +74,7 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
 @pytest.mark.parametrize("lora", [True, False])
 def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
     """quantize_merged's row blocks (3 rows each here, the last one partial) give the plain formula's codes."""
-    monkeypatch.setattr(core, "_DELTA_BLOCK_ELEMENTS", 3 * n)
+    monkeypatch.setattr(inplace, "BLOCK_ELEMENTS", 3 * n)
     g = torch.Generator().manual_seed(7 * n + group)
     spec = QuantSpec(4, group, zp)
     W0 = (torch.randn(41, n, generator=g) * 0.02).to(dtype)
@@ -86,6 +86,48 @@ def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
         qt = quantize_merged("t", W0, A, B, 2.0, p, spec)
         assert torch.equal(qt.codes, _plain_codes(want_w, p, spec).to(torch.uint8))
         assert torch.equal(_bits(qt.minimum), _bits(p.minimum if p.minimum is not None else -(p.scale * p.zero)))
+
+
+def _plain_wq(u, p, spec):
+    n = u.shape[1]
+    gl = spec.group_len(n)
+    d = expand_groups(p.scale, gl, n)
+    return u * d + expand_groups(p.minimum, gl, n) if p.minimum is not None else (u - expand_groups(p.zero, gl, n)) * d
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "float16", "float32", "int8"])
+@pytest.mark.parametrize("zp", ["float", "integer", "symmetric"])
+@pytest.mark.parametrize("n,group", [(256, 32), (200, 64), (96, -1)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_training_recompute_is_bit_identical(monkeypatch, base, zp, n, group, out_dtype):
+    """The training kernel's W_q (training/blocked.py, forward and backward, 3-row blocks inside a 17-row chunk
+    starting at row 5) is the plain formulas' W_q in the activation dtype: what the fold exports is what trained."""
+    from l4q_export.quant.base_int8 import int8_absmax, int8_dequant
+    from l4q_export.training import blocked
+
+    monkeypatch.setattr(inplace, "BLOCK_ELEMENTS", 3 * n)
+    g = torch.Generator().manual_seed(11 * n + group)
+    spec = QuantSpec(4, group, zp)
+    W = torch.randn(41, n, generator=g) * 0.02
+    W0, w0s = int8_absmax(W) if base == "int8" else (W.to(getattr(torch, base)), None)
+    A, B = torch.randn(8, n, generator=g) / n**0.5, torch.randn(41, 8, generator=g) * 2e-3
+    with torch.no_grad():
+        w0 = int8_dequant(W0, w0s) if w0s is not None else W0.float()
+        want_w = w0 + _plain_delta(A, B, 2.0)
+        s, off = init_params(want_w, spec, "minmax")
+        p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
+        want = _plain_wq(_plain_codes(want_w, p, spec), p, spec)[5:22].to(out_dtype)
+        got = blocked.forward_rows(W0, w0s, A, B, p, spec, 2.0, 5, 22, out_dtype)
+        assert torch.equal(got.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
+                           want.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32))
+        G = torch.randn(17, n, generator=g)
+        wq, gw, gd, gm = blocked.backward_rows(W0, w0s, A, B, p, spec, 2.0, 5, 22, G.clone(), out_dtype, True)
+        assert torch.equal(wq, got)
+        v = (want_w - expand_groups(p.minimum, spec.group_len(n), n)) / expand_groups(p.scale, spec.group_len(n), n) \
+            if p.minimum is not None else want_w / expand_groups(p.scale, spec.group_len(n), n) + \
+            expand_groups(p.zero, spec.group_len(n), n)
+        inside = ((v >= 0) & (v <= spec.umax))[5:22]
+        assert torch.equal(gw, G * inside)  # the STE mask times G, exactly
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -42,12 +42,14 @@ def _layer(bits, group, zp, fin, fout, base_dtype):
 
 
 @pytest.mark.parametrize("bits,group,zp,fin,fout,base_dtype", CASES)
-def test_compiled_codes_identical_and_grads_within_tolerance(bits, group, zp, fin, fout, base_dtype):
+def test_compiled_wq_identical_and_grads_within_tolerance(bits, group, zp, fin, fout, base_dtype):
     m = _layer(bits, group, zp, fin, fout, base_dtype)
     p = effective_params(m.spec, m.scale, m.offset, m.cfg.fp16_grid)
     W0, w0s = (m.weight_int8, m.weight_int8_scale) if base_dtype == "int8" else (m.weight, None)
-    codes, _ = fused.compiled("forward")(W0, w0s, m.lora_A, m.lora_B, p.scale, p.minimum, p.zero, m.spec, m.cfg.lora_scale)
-    assert torch.equal(codes, m.quantized().codes)  # the fold's codes, bit for bit
+    with torch.no_grad():
+        wq = fused.forward_rows(W0, w0s, m.lora_A.float(), m.lora_B.float(), p, m.spec, m.cfg.lora_scale, 0, fout,
+                                torch.float32)
+    assert torch.equal(wq.view(torch.int32), m.quantized().dequantize().view(torch.int32))  # the fold's W_q, bit for bit
 
     x = torch.randn(3, 5, fin)
     gy = torch.randn(3, 5, fout)
@@ -83,7 +85,7 @@ def _model() -> torch.nn.Module:
 
 
 def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
-    """A compiler that changed one code: `compiled` refuses with one line, `auto` runs eager and says why."""
+    """A compiler that changed one bit of W_q: `compiled` refuses with one line, `auto` runs eager and says why."""
     real = fused.compiled
 
     def broken(name):
@@ -91,16 +93,15 @@ def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
         if name != "forward":
             return fn
 
-        def off_by_one(*a):
-            codes, wq = fn(*a)
-            codes = codes.clone()
-            codes.view(-1)[0] ^= 1
-            return codes, wq
-        return off_by_one
+        def one_bit_off(*a):
+            wq = fn(*a).clone()
+            wq.view(torch.int32).view(-1)[0] ^= 1
+            return wq
+        return one_bit_off
 
     monkeypatch.setattr(fused, "compiled", broken)
     model = _model()
-    with pytest.raises(L4QInputError, match="self-check failed.*codes differ") as e:
+    with pytest.raises(L4QInputError, match="self-check failed.*W_q differs") as e:
         kernel.select_kernel(model, "compiled")
     assert "\n" not in str(e.value)
     monkeypatch.setattr(kernel, "AUTO_MIN_ELEMENTS", 0)

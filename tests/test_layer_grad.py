@@ -79,6 +79,31 @@ def test_chunked_backward_equals_unchunked(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("zp,fin,group", [("float", 70, 32), ("integer", 52, 24), ("symmetric", 64, 16)])
+def test_cache_blocks_change_no_bit_of_the_output(monkeypatch, zp, fin, group):
+    """The eager kernel's cache-sized row blocks (training/blocked.py): 3-row blocks vs one block per chunk give the
+    same output bits and the same gradients up to fp32 summation order (the group sums run per block)."""
+    from l4q_export.quant import inplace
+
+    torch.manual_seed(fin)
+    m = L4QLinear(torch.nn.Linear(fin, 33, bias=False), QuantSpec(4, group, zp), rank=3, lora_alpha=6, init="minmax")
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.05)
+    x = torch.randn(4, fin)
+    runs = []
+    for elements in (1 << 22, 3 * fin):
+        monkeypatch.setattr(inplace, "BLOCK_ELEMENTS", elements)
+        for p in m.parameters():
+            p.grad = None
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.square().sum().backward()
+        runs.append([y.detach(), xx.grad, *[p.grad.clone() for p in m.parameters() if p.grad is not None]])
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1:], runs[1][1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_saves_only_x_and_parameter_references():
     m = L4QLinear(torch.nn.Linear(64, 48, bias=False), QuantSpec(4, 32), rank=4, lora_alpha=8)
     params = {p.data_ptr() for p in m.parameters()}

@@ -17,13 +17,11 @@ codes a GPU run trained with, bit for bit.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .inplace import block_rows, delta_into, dequantize_, merged_into, one_thread, round_into, row_blocks
 from .spec import QuantSpec
 
 # Scales are clamped to this floor in the forward so an all-zero group can never divide by zero.
@@ -56,15 +54,6 @@ def group_reduce(x: torch.Tensor, group_len: int, op: str) -> torch.Tensor:
     return x.amin(-1) if op == "amin" else x.amax(-1)
 
 
-# Elements per row block of the LoRA delta and the blocked fold: the block's buffers (1 MiB each) stay in cache across
-# the ~40 passes over them.  Blocks run on one thread (`_one_thread`): handing each small operation to the OpenMP pool
-# costs more than it saves, and on a loaded machine every operation then waits for a descheduled worker (measured:
-# 13-20 s instead of 1.5 s for one 11008x4096 rank-16 delta).  Measured on one 11008x4096 rank-16 fold (2-core EPYC):
-# 0.88 s at 2^15 elements, 0.59 at 2^16, 0.36 at 2^18, 0.51 at 2^20.  Per element the operations are the same
-# whatever the block size, so the bits are too.
-_DELTA_BLOCK_ELEMENTS = 1 << 18
-
-
 def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * B @ A in fp32, as a fixed-order sum of rank-1 outer products (device-independent rounding).
 
@@ -79,26 +68,12 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
         return lora_delta_loop(A, B, alpha)  # autograd cannot record out= writes
     out_f, in_f = B.shape[0], A.shape[1]
     acc = torch.empty(out_f, in_f, dtype=torch.float32, device=A.device)
-    rows = _block_rows(in_f)
+    rows = block_rows(in_f)
     buf = torch.empty(min(rows, max(out_f, 1)), in_f, dtype=torch.float32, device=A.device)
-    with _one_thread():
-        for r0 in range(0, out_f, rows):
-            r1 = min(r0 + rows, out_f)
-            _delta_into(acc[r0:r1], buf[: r1 - r0], A, B[r0:r1], alpha)
+    with one_thread():
+        for r0, r1 in row_blocks(out_f, rows):
+            delta_into(acc[r0:r1], buf[: r1 - r0], A, B[r0:r1], alpha)
     return acc
-
-
-def _block_rows(in_f: int) -> int:
-    return max(1, _DELTA_BLOCK_ELEMENTS // max(in_f, 1))
-
-
-def _delta_into(blk: torch.Tensor, prod: torch.Tensor, A: torch.Tensor, Bb: torch.Tensor, alpha: float) -> None:
-    """blk = alpha * Bb @ A for one row block (fp32 A, Bb), in `lora_delta_loop`'s order of operations."""
-    torch.mul(Bb[:, 0:1], A[0:1, :], out=blk)
-    for k in range(1, A.shape[0]):
-        torch.mul(Bb[:, k : k + 1], A[k : k + 1, :], out=prod)
-        blk.add_(prod)
-    blk.mul_(alpha)
 
 
 def lora_delta_loop(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -177,8 +152,9 @@ def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: torch.Tensor 
 class _Grouped:
     """View an [out, in] tensor as [out, G, g] so per-group parameters broadcast without an expanded copy.
 
-    A partial last group cannot be viewed that way; then parameters are expanded to [out, in] instead.
-    Both paths apply the same element-wise operations to the same numbers, so results are identical.
+    A partial last group cannot be viewed that way; then parameters are expanded to [out, in] instead (the
+    out-of-place forms below are what autograd and torch.compile see; the in-place ones of inplace.py split the
+    partial group off instead).  Every path applies the same element-wise operations to the same numbers.
     """
 
     def __init__(self, t: torch.Tensor, spec: QuantSpec) -> None:
@@ -215,17 +191,16 @@ def round_codes(v: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
     """W = d*u + m (float mode) or (u - z)*d (integer modes), fp32, two separately rounded ops."""
-    gv = _Grouped(u, spec)
-    uf = gv.view(u.float())
     if _tracked(u, p.scale, p.minimum, p.zero):
+        gv = _Grouped(u, spec)
+        uf = gv.view(u.float())
         if p.minimum is not None:
             return gv.flat(uf * gv.param(p.scale) + gv.param(p.minimum))
         return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
+    uf = u.float()
     if uf.data_ptr() == u.data_ptr():  # u was already fp32: never write into the caller's tensor
         uf = uf.clone()
-    if p.minimum is not None:
-        return gv.flat(uf.mul_(gv.param(p.scale)).add_(gv.param(p.minimum)))
-    return gv.flat(uf.sub_(gv.param(p.zero)).mul_(gv.param(p.scale)))
+    return dequantize_(uf, p, spec)
 
 
 @dataclass
@@ -260,25 +235,13 @@ class QuantizedTensor:
         return dequantize_codes(self.codes, self.params, self.spec)
 
 
-def _round_into(out: torch.Tensor, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.Tensor:
-    """`round_codes(shifted_input(w, p, spec), spec)` with every step written into `out` (fp32, w's shape; it may
-    be w itself): the same operations in the same order, one buffer instead of one per step."""
-    gv = _Grouped(w, spec)
-    x, o = gv.view(w), gv.view(out)
-    if p.minimum is not None:
-        torch.sub(x, gv.param(p.minimum), out=o).div_(gv.param(p.scale))
-    else:
-        torch.div(x, gv.param(p.scale), out=o).add_(gv.param(p.zero))
-    return out.clamp_(0, spec.umax).round_()
-
-
 def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> QuantizedTensor:
     """Codes for an fp32 combined weight under fixed group parameters, packaged canonically."""
     w = w.float()
     if _tracked(w, p.scale, p.minimum, p.zero):
         u = round_codes(shifted_input(w, p, spec), spec)
     else:
-        u = _round_into(torch.empty_like(w), w, p, spec)
+        u = round_into(torch.empty_like(w), w, p, spec)
     minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
     return QuantizedTensor(name=name, spec=spec, codes=u.to(torch.uint8), scale=p.scale, minimum=minimum, zero=p.zero)
 
@@ -310,55 +273,15 @@ def quantize_merged(
     Af = A.float() if merged else None
     Bf = B.float() if merged else None
     codes = torch.empty(out_f, in_f, dtype=torch.uint8)
-    rows = min(_block_rows(in_f), max(out_f, 1))
+    rows = min(block_rows(in_f), max(out_f, 1))
     buf = torch.empty(rows, in_f, dtype=torch.float32)
-    prod = torch.empty(rows, in_f, dtype=torch.float32) if merged else None
-    with _one_thread():
-        for r0 in range(0, out_f, rows):
-            _quantize_block(codes, buf, prod, W0, Af, Bf, alpha, p, spec, r0, min(r0 + rows, out_f))
+    prod = torch.empty(rows, in_f, dtype=torch.float32) if merged else buf
+    with one_thread():
+        for r0, r1 in row_blocks(out_f, rows):
+            acc = merged_into(buf[: r1 - r0], prod[: r1 - r0], W0, None, Af, Bf, alpha, r0, r1)
+            codes[r0:r1].copy_(round_into(acc, acc, p.rows(r0, r1), spec))
     minimum = p.minimum if p.minimum is not None else -(p.scale * p.zero)
     return QuantizedTensor(name=name, spec=spec, codes=codes, scale=p.scale, minimum=minimum, zero=p.zero)
-
-
-def _quantize_block(
-    codes: torch.Tensor, buf: torch.Tensor, prod: torch.Tensor | None, W0: torch.Tensor, A: torch.Tensor | None,
-    B: torch.Tensor | None, alpha: float, p: GroupParams, spec: QuantSpec, r0: int, r1: int,
-) -> None:
-    """codes[r0:r1] of `quantize_merged`, computed in `buf` (and `prod`, the delta's product buffer)."""
-    acc = buf[: r1 - r0]
-    if A is not None and B is not None and prod is not None:
-        _delta_into(acc, prod[: r1 - r0], A, B[r0:r1], alpha)
-        acc.add_(W0[r0:r1])
-    else:
-        acc.copy_(W0[r0:r1])
-    codes[r0:r1].copy_(_round_into(acc, acc, p.rows(r0, r1), spec))
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch's intra-op work on the calling thread only, for loops of many cache-sized operations.
-
-    Some element-wise CPU kernels (round_, floor_) hand even a 32768-element tensor to the OpenMP pool; waking the
-    pool costs more than the work (measured on 2 cores: 5-8 ms per round_ of an 8x4096 block vs 0.016 ms on one
-    thread -- 7 s of a 2-second fold).  The count is restored when the last of the (possibly concurrent: the fold
-    runs on a worker thread, fold.py) users exits, exceptions included.
-    """
-    with _ONE_THREAD_LOCK:
-        if _ONE_THREAD_USERS[0] == 0:
-            _ONE_THREAD_USERS[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ONE_THREAD_USERS[0] += 1
-    try:
-        yield
-    finally:
-        with _ONE_THREAD_LOCK:
-            _ONE_THREAD_USERS[0] -= 1
-            if _ONE_THREAD_USERS[0] == 0:
-                torch.set_num_threads(_ONE_THREAD_USERS[1])
-
-
-_ONE_THREAD_LOCK = threading.Lock()
-_ONE_THREAD_USERS = [0, 1]  # [active users, the thread count to restore]
 
 
 # ----------------------------------------------------------------------------------------------------

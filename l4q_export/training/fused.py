@@ -1,14 +1,16 @@
-"""`--kernel compiled`: torch.compile'd row-chunk pieces of L4QFunction (training/layer.py).
+"""`--kernel compiled`: the row-chunk pieces of L4QFunction (layer.py) as torch.compile'd graphs.
 
-The eager Function walks each row chunk through ~10 separate element-wise passes over [rows, in] buffers (widen W0,
-r LoRA passes, shift, clamp, round, dequantize; in backward the same again plus the STE mask and the group sums).
-Here each chunk's chain is one traced function that inductor fuses into a few loops.  The operations are the
-eager ones (`quant.core`, `lora_delta_loop`: the same IEEE op per element, in the same order), so the codes are
-expected to be bit-identical; whether the compiler kept them so (no contraction into FMA, no reciprocal for the
-division) is *checked*, not assumed: training/kernel.py compares compiled and eager on the run's own layers at
-start-up and refuses (or falls back to eager) when a single code differs.  The GEMMs stay outside (eager): they
-depend on the token count, these pieces only on the layer shape, so one compilation with dynamic shapes serves
-every layer and batch.
+The eager kernel (blocked.py) runs each chunk's chain -- widen W0, r LoRA passes, shift, clamp, round, dequantize;
+in backward the same plus the STE mask and the group sums -- as ~40 separate passes over cache-sized blocks.
+Here each chunk's chain is one traced graph that inductor fuses into a few loops (measured on SmolLM2's shapes, one
+thread: a 1536x576 forward piece 0.67 ms vs 2.8 ms eager).  The graphs are the eager operations (core's
+expressions, `lora_delta_loop`: the same IEEE op per element, in the same order; a partial last group as a
+second view, as blocked.py does), so W_q is expected to be bit-identical; whether the compiler kept it so (no
+contraction into FMA, no reciprocal for the division) is *checked*, not assumed: training/kernel.py compares
+compiled and eager on the run's own layers at start-up and refuses (or falls back to eager) when a single bit of
+W_q differs.  Shapes are static (one compilation per chunk shape, a few per model): with dynamic shapes inductor's
+loops were slower than eager.  The GEMMs stay outside (eager) and so does the cast to the activation dtype, so
+the graphs the self-check runs in fp32 are the graphs training runs.
 """
 
 from __future__ import annotations
@@ -18,74 +20,108 @@ from collections.abc import Callable
 
 import torch
 
-from ..quant import (
-    GroupParams,
-    QuantSpec,
-    dequantize_codes,
-    expand_groups,
-    group_sum,
-    lora_delta_loop,
-    round_codes,
-    shifted_input,
-)
+from ..quant import GroupParams, QuantSpec, lora_delta_loop
 from ..quant.base_int8 import int8_dequant
 
 
-def combined_rows(
-    W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, Br: torch.Tensor | None, lora_scale: float
-) -> torch.Tensor:
+def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, Br: torch.Tensor | None,
+            alpha: float) -> torch.Tensor:
     """Rows of W0 (or the int8 base's W0') + alpha*B@A in fp32, per element the very ops of the fold."""
     w = W0r.float() if w0_scale is None else int8_dequant(W0r, w0_scale)
-    if A is None or Br is None:
-        return w
-    return w + lora_delta_loop(A, Br, lora_scale)
+    return w if A is None or Br is None else w + lora_delta_loop(A, Br, alpha)
 
 
-def forward_rows(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, lora_scale: float):
-    """(codes uint8, W_q fp32) of one row chunk."""
-    p = GroupParams(scale=scale, minimum=minimum, zero=zero)
-    u = round_codes(shifted_input(combined_rows(W0r, w0_scale, A, Br, lora_scale), p, spec), spec)
-    return u.to(torch.uint8), dequantize_codes(u, p, spec)
+def _parts(g: int, t: torch.Tensor, *params: torch.Tensor | None):
+    """(view of t, views of params) for the whole groups ([rows, G', g] / [rows, G', 1]) and the partial last group
+    ([rows, rest] / [rows, 1]) -- quant.inplace.group_views' split, as out-of-place slices a graph can trace."""
+    rows, n = t.shape
+    full = n // g
+    cut = full * g
+    out = []
+    if full:
+        out.append((t[:, :cut].reshape(rows, full, g), [None if p is None else p[:, :full, None] for p in params]))
+    if cut < n:
+        out.append((t[:, cut:], [None if p is None else p[:, full : full + 1] for p in params]))
+    return out
 
 
-def backward_rows(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpec, lora_scale: float,
-                  need_x: bool, need_lora: bool):
-    """(W_q or None, dB rows or None, this chunk's dA term or None, dd [rows, G], dm/dz [rows, G]) of one row chunk
-    given G = the chunk's dy^T x -- the formulas of L4QFunction.backward (see layer.py's docstring)."""
-    in_f = W0r.shape[1]
-    g = spec.group_len(in_f)
-    p = GroupParams(scale=scale, minimum=minimum, zero=zero)
-    v = shifted_input(combined_rows(W0r, w0_scale, A, Br, lora_scale), p, spec)
-    u = round_codes(v, spec)
-    wq = dequantize_codes(u, p, spec) if need_x else None
-    inside = (v >= 0) & (v <= spec.umax)
-    gB = gA = None
-    if need_lora:
-        gw = G * inside
-        gB = lora_scale * (gw @ A.float().T)
-        gA = lora_scale * (Br.float().T @ gw)
-    if minimum is not None:
-        dd = u - v * inside
-    else:
-        dd = u - torch.where(inside, v, expand_groups(zero, g, in_f))
-    gd = group_sum(dd * G, g)
-    outside = G.masked_fill(inside, 0.0)
-    if minimum is None:
-        outside = outside * -expand_groups(scale, g, in_f)
-    gm = group_sum(outside, g)
-    return wq, gB, gA, gd, gm
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    flat = [p.flatten(1) for p in pieces]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
 
 
-# Each distinct (quantizer spec, LoRA scale, which gradients are needed, per-group vs partial-group layout) is one
-# compilation of a piece; a model has a handful, a test session more than dynamo's default of 8 per code object.
+def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, alpha: float) -> torch.Tensor:
+    """W_q (fp32) of one row chunk."""
+    out = []
+    for w, (d, m, z) in _parts(spec.group_len(W0r.shape[1]), _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero):
+        v = (w - m) / d if m is not None else w / d + z
+        u = v.clamp(0, spec.umax).round()
+        out.append(u * d + m if m is not None else (u - z) * d)
+    return _join(out)
+
+
+def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpec, alpha: float, need_x: bool,
+                   need_lora: bool):
+    """(W_q fp32 or None, mask*G or None, dd [rows, G], dm/dz [rows, G]) of one row chunk given its G = dy^T x --
+    the formulas of layer.py's docstring, as blocked.backward_rows computes them."""
+    g = spec.group_len(W0r.shape[1])
+    wq, gw, gd, gm = [], [], [], []
+    for (w, (d, m, z)), (Gp, _) in zip(_parts(g, _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero),
+                                      _parts(g, G), strict=True):
+        v = (w - m) / d if m is not None else w / d + z
+        c = v.clamp(0, spec.umax)
+        mask = (c == v).float()  # 1.0 where 0 <= v <= umax
+        u = c.round()
+        if need_x:
+            wq.append(u * d + m if m is not None else (u - z) * d)
+        masked = Gp * mask
+        if need_lora:
+            gw.append(masked)
+        dd = u - v * mask if m is not None else u - v * mask - (1.0 - mask) * z
+        gd.append((dd * Gp).sum(-1, keepdim=w.dim() == 2))
+        outside = Gp - masked
+        gm.append((outside if m is not None else outside * -d).sum(-1, keepdim=w.dim() == 2))
+    return _join(wq) if need_x else None, _join(gw) if need_lora else None, torch.cat(gd, 1), torch.cat(gm, 1)
+
+
+# Each distinct (chunk shape, quantizer spec, LoRA scale, which gradients are needed) is one compilation of a graph;
+# a model has a handful, a test session more than dynamo's default of 8 per code object.
 RECOMPILE_LIMIT = 64
 
 
 @functools.cache
 def compiled(name: str) -> Callable:
-    """The torch.compile'd piece ("forward" or "backward"), built on first use (compilation happens at the first call)."""
+    """The torch.compile'd graph ("forward" or "backward"), built on first use (compilation happens per shape at its
+    first call)."""
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    fn = {"forward": forward_rows, "backward": backward_rows}[name]
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    fn = {"forward": forward_graph, "backward": backward_graph}[name]
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _args(W0, w0_scale, A, B, p: GroupParams, r0: int, r1: int) -> tuple:
+    pr = p.rows(r0, r1)
+    return (W0[r0:r1], None if w0_scale is None else w0_scale[r0:r1], A, None if B is None else B[r0:r1],
+            pr.scale, pr.minimum, pr.zero)
+
+
+def forward_rows(W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None,
+                 p: GroupParams, spec: QuantSpec, alpha: float, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """blocked.forward_rows through the compiled graph."""
+    return compiled("forward")(*_args(W0, w0_scale, A, B, p, r0, r1), spec, alpha).to(dtype)
+
+
+def backward_rows(
+    W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None,
+    p: GroupParams, spec: QuantSpec, alpha: float, r0: int, r1: int, G: torch.Tensor | None,
+    wq_dtype: torch.dtype | None, need_lora: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """blocked.backward_rows through the compiled graph (only W_q, from the forward graph, when G is None)."""
+    args = _args(W0, w0_scale, A, B, p, r0, r1)
+    if G is None:
+        wq = compiled("forward")(*args, spec, alpha).to(wq_dtype)
+        zeros = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=W0.device)
+        return wq, None, zeros, zeros.clone()
+    wq, gw, gd, gm = compiled("backward")(*args, G, spec, alpha, wq_dtype is not None, need_lora)
+    return None if wq is None else wq.to(wq_dtype), gw, gd, gm

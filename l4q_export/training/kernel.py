@@ -7,8 +7,8 @@
               every layer is too small to pay back a compilation; the choice and reason go to train_report.json
 
 The self-check runs before step 0 on one layer of every distinct shape of the model itself (its own W0, a random
-non-zero LoRA B and perturbed scales, so the LoRA path and clipping are exercised): the integer codes of every
-row chunk must be bit-identical to eager's, the forward output bit-identical, and every gradient within the
+non-zero LoRA B and perturbed scales, so the LoRA path and clipping are exercised): W_q of every row chunk must be
+bit-identical to the fold's codes dequantized, the forward output bit-identical, and every gradient within the
 tolerance tests/test_layer_grad.py holds the Function to (max |diff| / max |ref| < 1e-5).  A compiler that fused
 a multiply-add into an FMA or turned the division into a reciprocal would change codes, and with them what the
 fold exports -- so a failing check is never trained through: `compiled` refuses, `auto` falls back.
@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import L4QInputError
-from ..quant import effective_params, round_codes, shifted_input
+from ..quant import combined_weight, effective_params, quantize
+from ..quant.base_int8 import int8_dequant
 from . import fused
-from .layer import L4QFunction, L4QLinear, _combined_rows, _row_chunks, _rows
+from .layer import L4QFunction, L4QLinear, _row_chunks, _rows
 
 KERNELS = ("auto", "eager", "compiled")
 
@@ -66,18 +67,18 @@ def _layer_inputs(layer: L4QLinear, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def _codes_equal(layer: L4QLinear, inputs: tuple) -> bool:
-    """Every row chunk's codes: compiled piece vs the eager ops."""
+def _wq_equal(layer: L4QLinear, inputs: tuple) -> bool:
+    """Every row chunk's W_q: the compiled graph vs the fold's codes dequantized, bit for bit in fp32."""
     W0, w0s, A, B, scale, off = inputs
     cfg = layer.cfg
     p = effective_params(cfg.spec, scale, off, cfg.fp16_grid)
     out_f, in_f = W0.shape
+    Af, Bf = (None, None) if A is None else (A.float(), B.float())
     for r0, r1 in _row_chunks(out_f, in_f):
-        pr = p.rows(r0, r1)
-        u_c, _ = fused.compiled("forward")(W0[r0:r1], _rows(w0s, r0, r1), A, _rows(B, r0, r1), pr.scale, pr.minimum,
-                                           pr.zero, cfg.spec, cfg.lora_scale)
-        u_e = round_codes(shifted_input(_combined_rows(W0, w0s, A, B, cfg.lora_scale, r0, r1), pr, cfg.spec), cfg.spec)
-        if not torch.equal(u_c, u_e.to(torch.uint8)):
+        got = fused.forward_rows(W0, w0s, Af, Bf, p, cfg.spec, cfg.lora_scale, r0, r1, torch.float32)
+        w0 = W0[r0:r1] if w0s is None else int8_dequant(W0[r0:r1], w0s[r0:r1])
+        want = quantize("", combined_weight(w0, A, _rows(B, r0, r1), cfg.lora_scale), p.rows(r0, r1), cfg.spec)
+        if not torch.equal(got.view(torch.int32), want.dequantize().view(torch.int32)):
             return False
     return True
 
@@ -113,8 +114,8 @@ def self_check(model: nn.Module, seed: int = 0) -> tuple[bool, str]:
         x = torch.randn(CHECK_TOKENS, layer.in_features, generator=g).to(dev, dt)
         gy = torch.randn(CHECK_TOKENS, layer.out_features, generator=g).to(dev, dt)
         try:
-            if not _codes_equal(layer, inputs):
-                return False, f"{name}: compiled codes differ from eager"
+            if not _wq_equal(layer, inputs):
+                return False, f"{name}: compiled W_q differs from the fold's"
             pairs = [(_fwd_bwd(layer, inputs, x, gy, "eager", nx), _fwd_bwd(layer, inputs, x, gy, "compiled", nx))
                      for nx in (True, False)]  # every piece variant training will call
         except Exception as e:  # a compiler failure (no C compiler, unsupported op) is a reason, not a crash

@@ -30,22 +30,15 @@ from torch.nn import functional as F
 
 from ..quant import (
     SCALE_FLOOR,
-    GroupParams,
     QuantizedTensor,
     QuantSpec,
     combined_weight,
-    dequantize_codes,
     effective_params,
-    expand_groups,
-    group_sum,
     init_params,
-    lora_delta,
     quantize,
-    round_codes,
-    shifted_input,
 )
 from ..quant.base_int8 import BASE_DTYPES, int8_absmax, int8_dequant
-from . import fused
+from . import blocked, fused
 
 # Transient buffers in forward/backward are limited to about this many fp32 elements per buffer.
 CHUNK_ELEMENTS = 1 << 20
@@ -67,15 +60,13 @@ def _row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
 
 
-def _combined_rows(
-    W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None, lora_scale: float,
-    r0: int, r1: int,
-) -> torch.Tensor:
-    """Rows r0:r1 of W0 (int8 base: q*scale) + alpha*B@A in fp32 -- element for element the numbers of the full fold."""
-    w = W0[r0:r1].float() if w0_scale is None else int8_dequant(W0[r0:r1], w0_scale[r0:r1])
-    if A is None or B is None:
-        return w
-    return w + lora_delta(A, B[r0:r1], lora_scale)
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def _kernel(cfg: LayerConfig):
+    """The module whose forward_rows/backward_rows run a row chunk: blocked.py (eager) or fused.py (compiled)."""
+    return fused if cfg.kernel == "compiled" else blocked
 
 
 def _rows(t: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
@@ -94,15 +85,11 @@ class L4QFunction(torch.autograd.Function):
         y2 = x2.new_empty(x2.shape[0], out_f)
         with torch.no_grad():
             p = effective_params(cfg.spec, scale, offset, cfg.fp16_grid)
+            Af, Bf = _float(A), _float(B)
+            kernel = _kernel(cfg)
             for r0, r1 in _row_chunks(out_f, in_f):
-                pr = p.rows(r0, r1)
-                if cfg.kernel == "compiled":
-                    _, wq = fused.compiled("forward")(W0[r0:r1], _rows(w0_scale, r0, r1), A, _rows(B, r0, r1),
-                                                      pr.scale, pr.minimum, pr.zero, cfg.spec, cfg.lora_scale)
-                else:
-                    w = _combined_rows(W0, w0_scale, A, B, cfg.lora_scale, r0, r1)
-                    wq = dequantize_codes(round_codes(shifted_input(w, pr, cfg.spec), cfg.spec), pr, cfg.spec)
-                y2[:, r0:r1] = x2 @ wq.to(x2.dtype).T
+                wq = kernel.forward_rows(W0, w0_scale, Af, Bf, p, cfg.spec, cfg.lora_scale, r0, r1, x2.dtype)
+                y2[:, r0:r1] = x2 @ wq.T
         ctx.cfg = cfg
         ctx.save_for_backward(x, W0, w0_scale, A, B, scale, offset)
         return y2.view(*x.shape[:-1], out_f)
@@ -119,7 +106,6 @@ class L4QFunction(torch.autograd.Function):
         need_lora = A is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         need_q = ctx.needs_input_grad[5] or (offset is not None and ctx.needs_input_grad[6])
         need_w = need_lora or need_q
-        g = spec.group_len(in_f)
 
         grad_x = torch.zeros(x2.shape, dtype=torch.float32, device=x.device) if need_x else None
         gA = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_lora else None
@@ -128,44 +114,19 @@ class L4QFunction(torch.autograd.Function):
         gm = torch.zeros_like(gd)  # d/dm (float mode) or d/dz (integer mode)
         with torch.no_grad():
             p = effective_params(spec, scale, offset, cfg.fp16_grid)
+            Af, Bf = _float(A), _float(B)
+            kernel = _kernel(cfg)
             for r0, r1 in _row_chunks(out_f, in_f):
-                pr = p.rows(r0, r1)
-                if cfg.kernel == "compiled":
-                    _compiled_backward_rows(x2, gy2, W0, w0_scale, A, B, pr, cfg, r0, r1, need_x, need_w, need_lora,
-                                            grad_x, gA, gB, gd, gm)
-                    continue
-                w = _combined_rows(W0, w0_scale, A, B, cfg.lora_scale, r0, r1)
-                v = shifted_input(w, pr, spec)
-                del w
-                u = round_codes(v, spec)
+                gy = gy2[:, r0:r1]
+                G = (gy.T @ x2.to(gy2.dtype)).float() if need_w else None  # transient [rows, in]; never a .grad
+                wq, gw, gd[r0:r1], gm[r0:r1] = kernel.backward_rows(
+                    W0, w0_scale, Af, Bf, p, spec, cfg.lora_scale, r0, r1, G, gy.dtype if need_x else None, need_lora)
                 if need_x:
-                    wq = dequantize_codes(u, pr, spec)
-                    if gy2.dtype == torch.float32:  # in place: no [tokens, in] temporary per chunk
-                        grad_x.addmm_(gy2[:, r0:r1], wq)
-                    else:  # low-precision activations: accumulate the chunks in fp32
-                        grad_x += (gy2[:, r0:r1] @ wq.to(gy2.dtype)).float()
-                    del wq
-                if not need_w:
-                    continue
-                G = (gy2[:, r0:r1].T @ x2.to(gy2.dtype)).float()  # transient [rows, in]; never a .grad
-                inside = (v >= 0) & (v <= spec.umax)
-                if need_lora:
-                    gw = G * inside
-                    gB[r0:r1] = cfg.lora_scale * (gw @ A.float().T)
-                    gA += cfg.lora_scale * (B[r0:r1].float().T @ gw)
-                    del gw
-                # In-place from here on: u, v and G are not needed afterwards, and every avoided
-                # [rows, in] temporary is peak memory saved.
-                if pr.minimum is not None:
-                    dd = u.sub_(v.mul_(inside))  # u - v inside, u outside
-                else:
-                    dd = u.sub_(torch.where(inside, v, expand_groups(pr.zero, g, in_f)))  # u - v | u - z
-                gd[r0:r1] = group_sum(dd.mul_(G), g)
-                outside = G.masked_fill_(inside, 0.0)
-                if pr.minimum is None:
-                    outside.mul_(-expand_groups(pr.scale, g, in_f))
-                gm[r0:r1] = group_sum(outside, g)
-                del G, inside, outside, dd, v, u
+                    _add_grad_x(grad_x, gy, wq)
+                if gw is not None:
+                    gB[r0:r1] = cfg.lora_scale * (gw @ Af.T)
+                    gA += cfg.lora_scale * (Bf[r0:r1].T @ gw)
+                del G, wq, gw
 
         gs = spec.lsq_grad_scale(in_f) if cfg.lsq_grad_scale else 1.0
         if spec.zero_point == "float":
@@ -184,26 +145,6 @@ class L4QFunction(torch.autograd.Function):
             grad_off.to(offset.dtype) if grad_off is not None and ctx.needs_input_grad[6] else None,
             None,
         )
-
-
-def _compiled_backward_rows(x2, gy2, W0, w0_scale, A, B, pr: GroupParams, cfg: LayerConfig, r0: int, r1: int,
-                            need_x: bool, need_w: bool, need_lora: bool, grad_x, gA, gB, gd, gm) -> None:
-    """One row chunk of L4QFunction.backward through the compiled piece (fused.backward_rows); GEMMs stay eager."""
-    gy = gy2[:, r0:r1]
-    args = (W0[r0:r1], _rows(w0_scale, r0, r1), A, _rows(B, r0, r1), pr.scale, pr.minimum, pr.zero)
-    if not need_w:  # only grad_x: the forward piece gives W_q
-        _, wq = fused.compiled("forward")(*args, cfg.spec, cfg.lora_scale)
-        _add_grad_x(grad_x, gy, wq)
-        return
-    G = (gy.T @ x2.to(gy2.dtype)).float()
-    wq, dB, dA, dd, dm = fused.compiled("backward")(*args, G, cfg.spec, cfg.lora_scale, need_x, need_lora)
-    if need_x:
-        _add_grad_x(grad_x, gy, wq)
-    if need_lora:
-        gB[r0:r1] = dB
-        gA += dA
-    gd[r0:r1] = dd
-    gm[r0:r1] = dm
 
 
 def _add_grad_x(grad_x: torch.Tensor, gy: torch.Tensor, wq: torch.Tensor) -> None:
