@@ -101,13 +101,42 @@ def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
 
     monkeypatch.setattr(fused, "compiled", broken)
     model = _model()
-    with pytest.raises(L4QInputError, match="self-check failed.*W_q differs") as e:
+    with pytest.raises(L4QInputError, match=r"self-check failed.*W_q \(torch.float32\) differs") as e:
         kernel.select_kernel(model, "compiled")
     assert "\n" not in str(e.value)
     monkeypatch.setattr(kernel, "AUTO_MIN_ELEMENTS", 0)
     rec = kernel.select_kernel(model, "auto")
     assert rec["used"] == "eager" and rec["reason"].startswith("self-check failed")
     assert model.a.cfg.kernel == "eager"
+
+
+def test_self_check_covers_the_half_precision_graphs(monkeypatch):
+    """A bf16 model trains through the graphs that round W_q to bf16: those are checked too, so a compiler that
+    changed one bf16 bit of them (and nothing in fp32) is refused."""
+    model = torch.nn.Module()
+    torch.manual_seed(0)
+    model.a = L4QLinear(torch.nn.Linear(48, 24, bias=False).to(torch.bfloat16), QuantSpec(4, 16, "float"), rank=4,
+                        lora_alpha=8)
+    model.norm = torch.nn.LayerNorm(48).to(torch.bfloat16)
+    assert kernel.select_kernel(model, "compiled")["used"] == "compiled"
+    real = fused.compiled
+
+    def broken(name):
+        fn = real(name)
+        if name != "forward":
+            return fn
+
+        def bf16_bit_off(*a):
+            wq = fn(*a)
+            if wq.dtype == torch.bfloat16:
+                wq = wq.clone()
+                wq.view(torch.int16).view(-1)[0] ^= 1
+            return wq
+        return bf16_bit_off
+
+    monkeypatch.setattr(fused, "compiled", broken)
+    with pytest.raises(L4QInputError, match=r"W_q \(torch.bfloat16\) differs"):
+        kernel.select_kernel(model, "compiled")
 
 
 def test_auto_records_choice_and_small_models_stay_eager():

@@ -99,11 +99,13 @@ def backward_rows(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(W_q in wq_dtype or None, mask*G or None, dd, dm/dz) of rows r0:r1 -- layer.py's docstring has the formulas.
 
-    G: the chunk's fp32 dy^T x (None when only grad_x is needed); it is overwritten (its outside part is reduced
-    in place).  dd and dm are [r1-r0, G] fp32."""
+    G: the chunk's dy^T x in the activation dtype (None when only grad_x is needed).  dd and dm are [r1-r0, G]
+    fp32."""
     in_f = W0.shape[1]
     g = spec.group_len(in_f)
     dev = W0.device
+    if G is not None:  # widened exactly; consumed (an fp32 G is overwritten: its outside part is reduced in place)
+        G = G.float()
     wq = torch.empty(r1 - r0, in_f, dtype=wq_dtype, device=dev) if wq_dtype is not None else None
     gw = torch.empty(r1 - r0, in_f, dtype=torch.float32, device=dev) if need_lora and G is not None else None
     gd = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=dev)

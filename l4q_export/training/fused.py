@@ -9,8 +9,8 @@ second view, as blocked.py does), so W_q is expected to be bit-identical; whethe
 contraction into FMA, no reciprocal for the division) is *checked*, not assumed: training/kernel.py compares
 compiled and eager on the run's own layers at start-up and refuses (or falls back to eager) when a single bit of
 W_q differs.  Shapes are static (one compilation per chunk shape, a few per model): with dynamic shapes inductor's
-loops were slower than eager.  The GEMMs stay outside (eager) and so does the cast to the activation dtype, so
-the graphs the self-check runs in fp32 are the graphs training runs.
+loops were slower than eager.  The GEMMs stay outside (eager); the cast of W_q to the activation dtype is inside,
+so the self-check compares the graphs in that dtype as well as in fp32 (kernel.py).
 """
 
 from __future__ import annotations
@@ -50,21 +50,24 @@ def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
 
 
-def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, alpha: float) -> torch.Tensor:
-    """W_q (fp32) of one row chunk."""
+def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, alpha: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """W_q of one row chunk in `dtype` (computed in fp32, rounded once at the end)."""
     out = []
     for w, (d, m, z) in _parts(spec.group_len(W0r.shape[1]), _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero):
         v = (w - m) / d if m is not None else w / d + z
         u = v.clamp(0, spec.umax).round()
         out.append(u * d + m if m is not None else (u - z) * d)
-    return _join(out)
+    return _join(out).to(dtype)
 
 
-def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpec, alpha: float, need_x: bool,
-                   need_lora: bool):
-    """(W_q fp32 or None, mask*G or None, dd [rows, G], dm/dz [rows, G]) of one row chunk given its G = dy^T x --
-    the formulas of layer.py's docstring, as blocked.backward_rows computes them."""
+def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpec, alpha: float,
+                   wq_dtype: torch.dtype | None, need_lora: bool):
+    """(W_q in wq_dtype or None, mask*G or None, dd [rows, G], dm/dz [rows, G]) of one row chunk given its G = dy^T x
+    (in the activation dtype; widened here, exactly) -- layer.py's formulas, as blocked.backward_rows computes them."""
     g = spec.group_len(W0r.shape[1])
+    need_x = wq_dtype is not None
+    G = G.float()
     wq, gw, gd, gm = [], [], [], []
     for (w, (d, m, z)), (Gp, _) in zip(_parts(g, _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero),
                                       _parts(g, G), strict=True):
@@ -81,7 +84,8 @@ def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpe
         gd.append((dd * Gp).sum(-1, keepdim=w.dim() == 2))
         outside = Gp - masked
         gm.append((outside if m is not None else outside * -d).sum(-1, keepdim=w.dim() == 2))
-    return _join(wq) if need_x else None, _join(gw) if need_lora else None, torch.cat(gd, 1), torch.cat(gm, 1)
+    return (_join(wq).to(wq_dtype) if need_x else None, _join(gw) if need_lora else None, torch.cat(gd, 1),
+            torch.cat(gm, 1))
 
 
 # Each distinct (chunk shape, quantizer spec, LoRA scale, which gradients are needed) is one compilation of a graph;
@@ -109,7 +113,7 @@ def _args(W0, w0_scale, A, B, p: GroupParams, r0: int, r1: int) -> tuple:
 def forward_rows(W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None,
                  p: GroupParams, spec: QuantSpec, alpha: float, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """blocked.forward_rows through the compiled graph."""
-    return compiled("forward")(*_args(W0, w0_scale, A, B, p, r0, r1), spec, alpha).to(dtype)
+    return compiled("forward")(*_args(W0, w0_scale, A, B, p, r0, r1), spec, alpha, dtype)
 
 
 def backward_rows(
@@ -117,11 +121,11 @@ def backward_rows(
     p: GroupParams, spec: QuantSpec, alpha: float, r0: int, r1: int, G: torch.Tensor | None,
     wq_dtype: torch.dtype | None, need_lora: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """blocked.backward_rows through the compiled graph (only W_q, from the forward graph, when G is None)."""
+    """blocked.backward_rows through the compiled graph (only W_q, from the forward graph, when G is None).  G may
+    be in the activation dtype: the graph widens it."""
     args = _args(W0, w0_scale, A, B, p, r0, r1)
     if G is None:
-        wq = compiled("forward")(*args, spec, alpha).to(wq_dtype)
+        wq = compiled("forward")(*args, spec, alpha, wq_dtype)
         zeros = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=W0.device)
         return wq, None, zeros, zeros.clone()
-    wq, gw, gd, gm = compiled("backward")(*args, G, spec, alpha, wq_dtype is not None, need_lora)
-    return None if wq is None else wq.to(wq_dtype), gw, gd, gm
+    return compiled("backward")(*args, G, spec, alpha, wq_dtype, need_lora)

@@ -66,20 +66,34 @@ def _layer_inputs(layer: L4QLinear, seed: int) -> tuple[torch.Tensor, ...]:
     return W0, w0s, A, B, scale, off
 
 
+def _check_dtypes(model: nn.Module) -> tuple[torch.dtype, ...]:
+    """fp32 (every bit of W_q) and the half-precision activation dtypes the model computes in (its norms' and
+    embeddings' dtype, by the trainer's policy): the graphs round W_q to it inside, so that variant is compiled and
+    checked on its own."""
+    half = sorted({p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}, key=str)
+    return (torch.float32, *half)
+
+
 @torch.no_grad()
-def _wq_equal(layer: L4QLinear, inputs: tuple) -> bool:
-    """Every row chunk's W_q: the compiled graph vs the fold's codes dequantized, bit for bit in fp32."""
+def _wq_equal(layer: L4QLinear, inputs: tuple, dtype: torch.dtype, seed: int) -> bool:
+    """Every row chunk's W_q in `dtype`, from the forward and the backward graph, vs the fold's codes dequantized
+    (then rounded to `dtype`), bit for bit."""
     W0, w0s, A, B, scale, off = inputs
     cfg = layer.cfg
     p = effective_params(cfg.spec, scale, off, cfg.fp16_grid)
     out_f, in_f = W0.shape
     Af, Bf = (None, None) if A is None else (A.float(), B.float())
+    g = torch.Generator().manual_seed(seed)
     for r0, r1 in _row_chunks(out_f, in_f):
-        got = fused.forward_rows(W0, w0s, Af, Bf, p, cfg.spec, cfg.lora_scale, r0, r1, torch.float32)
         w0 = W0[r0:r1] if w0s is None else int8_dequant(W0[r0:r1], w0s[r0:r1])
         want = quantize("", combined_weight(w0, A, _rows(B, r0, r1), cfg.lora_scale), p.rows(r0, r1), cfg.spec)
-        if not torch.equal(got.view(torch.int32), want.dequantize().view(torch.int32)):
-            return False
+        want = want.dequantize().to(dtype)
+        G = torch.randn(r1 - r0, in_f, generator=g).to(W0.device, dtype)
+        for got in (fused.forward_rows(W0, w0s, Af, Bf, p, cfg.spec, cfg.lora_scale, r0, r1, dtype),
+                    fused.backward_rows(W0, w0s, Af, Bf, p, cfg.spec, cfg.lora_scale, r0, r1, G, dtype, A is not None)[0]):
+            if not torch.equal(got.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                               want.view(torch.int16 if dtype.itemsize == 2 else torch.int32)):
+                return False
     return True
 
 
@@ -103,30 +117,32 @@ def self_check(model: nn.Module, seed: int = 0) -> tuple[bool, str]:
     """(passed, reason): compiled vs eager on one L4Q layer of each distinct (shape, base dtype, spec)."""
     seen: set = set()
     checked = 0
+    dtypes = _check_dtypes(model)
     for name, layer in _l4q_layers(model):
         key = (layer.out_features, layer.in_features, layer.base_dtype, layer.cfg)
         if key in seen:
             continue
         seen.add(key)
         inputs = _layer_inputs(layer, seed + checked)
-        dev, dt = inputs[4].device, layer.scale.dtype
-        g = torch.Generator().manual_seed(seed + 1000 + checked)
-        x = torch.randn(CHECK_TOKENS, layer.in_features, generator=g).to(dev, dt)
-        gy = torch.randn(CHECK_TOKENS, layer.out_features, generator=g).to(dev, dt)
-        try:
-            if not _wq_equal(layer, inputs):
-                return False, f"{name}: compiled W_q differs from the fold's"
-            pairs = [(_fwd_bwd(layer, inputs, x, gy, "eager", nx), _fwd_bwd(layer, inputs, x, gy, "compiled", nx))
-                     for nx in (True, False)]  # every piece variant training will call
-        except Exception as e:  # a compiler failure (no C compiler, unsupported op) is a reason, not a crash
-            return False, f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        for ref, got in pairs:
-            if not torch.equal(ref[0], got[0]):
-                return False, f"{name}: compiled forward output differs from eager"
-            for i, (r, c) in enumerate(zip(ref[1:], got[1:], strict=True)):
-                if _rel(c, r) >= GRAD_RTOL:
-                    return False, (f"{name}: compiled gradient {i} differs from eager by {_rel(c, r):.2e} "
-                                   f"(bound {GRAD_RTOL:g})")
+        dev = inputs[4].device
+        for dt in dtypes:
+            g = torch.Generator().manual_seed(seed + 1000 + checked)
+            x = torch.randn(CHECK_TOKENS, layer.in_features, generator=g).to(dev, dt)
+            gy = torch.randn(CHECK_TOKENS, layer.out_features, generator=g).to(dev, dt)
+            try:
+                if not _wq_equal(layer, inputs, dt, seed + 2000 + checked):
+                    return False, f"{name}: compiled W_q ({dt}) differs from the fold's"
+                pairs = [(_fwd_bwd(layer, inputs, x, gy, "eager", nx), _fwd_bwd(layer, inputs, x, gy, "compiled", nx))
+                         for nx in (True, False)]  # every graph variant training will call
+            except Exception as e:  # a compiler failure (no C compiler, unsupported op) is a reason, not a crash
+                return False, f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            for ref, got in pairs:
+                if not torch.equal(ref[0], got[0]):
+                    return False, f"{name}: compiled forward output ({dt}) differs from eager"
+                for i, (r, c) in enumerate(zip(ref[1:], got[1:], strict=True)):
+                    if _rel(c, r) >= GRAD_RTOL:
+                        return False, (f"{name}: compiled gradient {i} ({dt}) differs from eager by {_rel(c, r):.2e} "
+                                       f"(bound {GRAD_RTOL:g})")
         checked += 1
     if not checked:
         return False, "no L4Q layer in the model (other methods' layers have no compiled kernel)"

@@ -118,7 +118,7 @@ class L4QFunction(torch.autograd.Function):
             kernel = _kernel(cfg)
             for r0, r1 in _row_chunks(out_f, in_f):
                 gy = gy2[:, r0:r1]
-                G = (gy.T @ x2.to(gy2.dtype)).float() if need_w else None  # transient [rows, in]; never a .grad
+                G = gy.T @ x2.to(gy2.dtype) if need_w else None  # transient [rows, in]; never a .grad
                 wq, gw, gd[r0:r1], gm[r0:r1] = kernel.backward_rows(
                     W0, w0_scale, Af, Bf, p, spec, cfg.lora_scale, r0, r1, G, gy.dtype if need_x else None, need_lora)
                 if need_x:
