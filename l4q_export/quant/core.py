@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inplace import block_rows, delta_into, dequantize_, merged_into, one_thread, round_into, row_blocks
+from .inplace import GroupParams, block_rows, delta_into, dequantize_, merged_into, one_thread, round_into, row_blocks
 from .spec import QuantSpec
 
 # Scales are clamped to this floor in the forward so an all-zero group can never divide by zero.
@@ -111,23 +111,6 @@ def _tracked(*ts: torch.Tensor | None) -> bool:
 def to_grid(t: torch.Tensor, fp16_grid: bool) -> torch.Tensor:
     """Snap a scale/offset to the fp16 grid (exact fp16 exports) or leave it in fp32."""
     return t.half().float() if fp16_grid else t.float()
-
-
-@dataclass(frozen=True)
-class GroupParams:
-    """Effective per-group parameters of one layer, [out, G] fp32 each.
-
-    `zero` is set (integer-valued floats) for the integer and symmetric modes, `minimum` for float mode.
-    """
-
-    scale: torch.Tensor
-    minimum: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-
-    def rows(self, r0: int, r1: int) -> GroupParams:
-        """The parameters of output rows r0:r1 (views): what a row chunk of the weight is quantized with."""
-        return GroupParams(scale=self.scale[r0:r1], minimum=None if self.minimum is None else self.minimum[r0:r1],
-                           zero=None if self.zero is None else self.zero[r0:r1])
 
 
 def effective_params(spec: QuantSpec, scale: torch.Tensor, offset: torch.Tensor | None, fp16_grid: bool = False) -> GroupParams:
