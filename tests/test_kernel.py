@@ -84,8 +84,8 @@ def _model() -> torch.nn.Module:
     return model
 
 
-def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
-    """A compiler that changed one bit of W_q: `compiled` refuses with one line, `auto` runs eager and says why."""
+def _flip_first_wq_bit(monkeypatch, dtype: torch.dtype) -> None:
+    """A compiler that gets one bit of W_q wrong, only where the forward graph outputs `dtype`."""
     real = fused.compiled
 
     def broken(name):
@@ -94,12 +94,19 @@ def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
             return fn
 
         def one_bit_off(*a):
-            wq = fn(*a).clone()
-            wq.view(torch.int32).view(-1)[0] ^= 1
+            wq = fn(*a)
+            if wq.dtype == dtype:
+                wq = wq.clone()
+                wq.view(torch.int16 if dtype.itemsize == 2 else torch.int32).view(-1)[0] ^= 1
             return wq
         return one_bit_off
 
     monkeypatch.setattr(fused, "compiled", broken)
+
+
+def test_failing_self_check_refuses_compiled_and_auto_falls_back(monkeypatch):
+    """A compiler that changed one bit of W_q: `compiled` refuses with one line, `auto` runs eager and says why."""
+    _flip_first_wq_bit(monkeypatch, torch.float32)
     model = _model()
     with pytest.raises(L4QInputError, match=r"self-check failed.*W_q \(torch.float32\) differs") as e:
         kernel.select_kernel(model, "compiled")
@@ -119,22 +126,7 @@ def test_self_check_covers_the_half_precision_graphs(monkeypatch):
                         lora_alpha=8)
     model.norm = torch.nn.LayerNorm(48).to(torch.bfloat16)
     assert kernel.select_kernel(model, "compiled")["used"] == "compiled"
-    real = fused.compiled
-
-    def broken(name):
-        fn = real(name)
-        if name != "forward":
-            return fn
-
-        def bf16_bit_off(*a):
-            wq = fn(*a)
-            if wq.dtype == torch.bfloat16:
-                wq = wq.clone()
-                wq.view(torch.int16).view(-1)[0] ^= 1
-            return wq
-        return bf16_bit_off
-
-    monkeypatch.setattr(fused, "compiled", broken)
+    _flip_first_wq_bit(monkeypatch, torch.bfloat16)
     with pytest.raises(L4QInputError, match=r"W_q \(torch.bfloat16\) differs"):
         kernel.select_kernel(model, "compiled")
 
