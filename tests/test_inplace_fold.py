@@ -28,13 +28,25 @@ def _plain_delta(A, B, alpha):
     return acc * alpha
 
 
-def _plain_codes(w, p, spec):
-    """round(clamp((w - m)/d or w/d + z)) with the group parameters expanded to [out, in]."""
+def _plain_v(w, p, spec):
+    """(w - m)/d or w/d + z with the group parameters expanded to [out, in]."""
     n = w.shape[1]
     gl = spec.group_len(n)
     d = expand_groups(p.scale, gl, n)
-    v = (w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else w / d + expand_groups(p.zero, gl, n)
-    return v.clamp(0, spec.umax).round()
+    return (w - expand_groups(p.minimum, gl, n)) / d if p.minimum is not None else w / d + expand_groups(p.zero, gl, n)
+
+
+def _plain_codes(w, p, spec):
+    """round(clamp((w - m)/d or w/d + z))."""
+    return _plain_v(w, p, spec).clamp(0, spec.umax).round()
+
+
+def _plain_wq(u, p, spec):
+    """d*u + m or (u - z)*d with the group parameters expanded to [out, in]."""
+    n = u.shape[1]
+    gl = spec.group_len(n)
+    d = expand_groups(p.scale, gl, n)
+    return u * d + expand_groups(p.minimum, gl, n) if p.minimum is not None else (u - expand_groups(p.zero, gl, n)) * d
 
 
 def _bits(t):
@@ -56,12 +68,9 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
         s, off = init_params(want_w, spec, "minmax")
         p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
         qt = quantize("t", w, p, spec)
-        gl = spec.group_len(n)
-        d = expand_groups(p.scale, gl, n)
         u = _plain_codes(want_w, p, spec)
         assert torch.equal(qt.codes, u.to(torch.uint8))
-        want_wq = u * d + expand_groups(qt.minimum, gl, n) if p.minimum is not None else \
-            (u - expand_groups(p.zero, gl, n)) * d
+        want_wq = _plain_wq(u, p, spec)
         assert torch.equal(_bits(qt.dequantize()), _bits(want_wq))
         u32 = u.clone()
         assert torch.equal(_bits(dequantize_codes(u32, qt.params, spec)), _bits(want_wq))
@@ -86,13 +95,6 @@ def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
         qt = quantize_merged("t", W0, A, B, 2.0, p, spec)
         assert torch.equal(qt.codes, _plain_codes(want_w, p, spec).to(torch.uint8))
         assert torch.equal(_bits(qt.minimum), _bits(p.minimum if p.minimum is not None else -(p.scale * p.zero)))
-
-
-def _plain_wq(u, p, spec):
-    n = u.shape[1]
-    gl = spec.group_len(n)
-    d = expand_groups(p.scale, gl, n)
-    return u * d + expand_groups(p.minimum, gl, n) if p.minimum is not None else (u - expand_groups(p.zero, gl, n)) * d
 
 
 @pytest.mark.parametrize("base", ["bfloat16", "float16", "float32", "int8"])
@@ -123,9 +125,7 @@ def test_training_recompute_is_bit_identical(monkeypatch, base, zp, n, group, ou
         G = torch.randn(17, n, generator=g)
         wq, gw, gd, gm = blocked.backward_rows(W0, w0s, A, B, p, spec, 2.0, 5, 22, G.clone(), out_dtype, True)
         assert torch.equal(wq, got)
-        v = (want_w - expand_groups(p.minimum, spec.group_len(n), n)) / expand_groups(p.scale, spec.group_len(n), n) \
-            if p.minimum is not None else want_w / expand_groups(p.scale, spec.group_len(n), n) + \
-            expand_groups(p.zero, spec.group_len(n), n)
+        v = _plain_v(want_w, p, spec)
         inside = ((v >= 0) & (v <= spec.umax))[5:22]
         assert torch.equal(gw, G * inside)  # the STE mask times G, exactly
 

@@ -26,6 +26,7 @@ from ..quant.inplace import (
     group_views,
     merged_into,
     one_thread,
+    round_into,
     row_blocks,
     shift_into,
 )
@@ -87,8 +88,7 @@ def forward_rows(
             n = b1 - b0
             acc = merged_into(buf.acc[:n], buf.prod[:n], W0, w0_scale, A, B, alpha, b0, b1)
             pb = p.rows(b0, b1)
-            shift_into(acc, acc, pb, spec).clamp_(0, spec.umax).round_()
-            wq[b0 - r0 : b1 - r0].copy_(dequantize_(acc, pb, spec))
+            wq[b0 - r0 : b1 - r0].copy_(dequantize_(round_into(acc, acc, pb, spec), pb, spec))
     return wq
 
 
@@ -96,11 +96,11 @@ def backward_rows(
     W0: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None,
     p: GroupParams, spec: QuantSpec, alpha: float, r0: int, r1: int, G: torch.Tensor | None,
     wq_dtype: torch.dtype | None, need_lora: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(W_q in wq_dtype or None, mask*G or None, dd, dm/dz) of rows r0:r1 -- layer.py's docstring has the formulas.
 
-    G: the chunk's dy^T x in the activation dtype (None when only grad_x is needed).  dd and dm are [r1-r0, G]
-    fp32."""
+    G: the chunk's dy^T x in the activation dtype, or None when only grad_x is needed (then only W_q is returned).
+    dd and dm are [r1-r0, G] fp32."""
     in_f = W0.shape[1]
     g = spec.group_len(in_f)
     dev = W0.device
@@ -108,8 +108,8 @@ def backward_rows(
         G = G.float()
     wq = torch.empty(r1 - r0, in_f, dtype=wq_dtype, device=dev) if wq_dtype is not None else None
     gw = torch.empty(r1 - r0, in_f, dtype=torch.float32, device=dev) if need_lora and G is not None else None
-    gd = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=dev)
-    gm = torch.zeros_like(gd)
+    gd = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=dev) if G is not None else None
+    gm = torch.zeros_like(gd) if gd is not None else None
     with _walk(r0, r1, in_f, dev) as (blocks, buf):
         for b0, b1 in blocks:
             n, c0, c1 = b1 - b0, b0 - r0, b1 - r0
@@ -121,7 +121,7 @@ def backward_rows(
             u = c.round_()
             if wq is not None:
                 wq[c0:c1].copy_(dequantize_(buf.prod[:n].copy_(u), pb, spec))
-            if G is None or mask is None:
+            if G is None:
                 continue
             Gb = G[c0:c1]
             v.mul_(mask)

@@ -5,12 +5,12 @@ in backward the same plus the STE mask and the group sums -- as ~40 separate pas
 Here each chunk's chain is one traced graph that inductor fuses into a few loops (measured on SmolLM2's shapes, one
 thread: a 1536x576 forward piece 0.67 ms vs 2.8 ms eager).  The graphs are the eager operations (core's
 expressions, `lora_delta_loop`: the same IEEE op per element, in the same order; a partial last group as a
-second view, as blocked.py does), so W_q is expected to be bit-identical; whether the compiler kept it so (no
-contraction into FMA, no reciprocal for the division) is *checked*, not assumed: training/kernel.py compares
-compiled and eager on the run's own layers at start-up and refuses (or falls back to eager) when a single bit of
-W_q differs.  Shapes are static (one compilation per chunk shape, a few per model): with dynamic shapes inductor's
-loops were slower than eager.  The GEMMs stay outside (eager); the cast of W_q to the activation dtype is inside,
-so the self-check compares the graphs in that dtype as well as in fp32 (kernel.py).
+second view, `quant.inplace.group_views`, as blocked.py does), so W_q is expected to be bit-identical; whether
+the compiler kept it so (no contraction into FMA, no reciprocal for the division) is *checked*, not assumed:
+training/kernel.py compares compiled and eager on the run's own layers at start-up and refuses (or falls back to
+eager) when a single bit of W_q differs.  Shapes are static (one compilation per chunk shape, a few per model):
+with dynamic shapes inductor's loops were slower than eager.  The GEMMs stay outside (eager); the cast of W_q to
+the activation dtype is inside, so the self-check compares the graphs in that dtype as well as in fp32 (kernel.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from ..quant import GroupParams, QuantSpec, lora_delta_loop
 from ..quant.base_int8 import int8_dequant
+from ..quant.inplace import group_views
 
 
 def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, Br: torch.Tensor | None,
@@ -29,20 +30,6 @@ def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | 
     """Rows of W0 (or the int8 base's W0') + alpha*B@A in fp32, per element the very ops of the fold."""
     w = W0r.float() if w0_scale is None else int8_dequant(W0r, w0_scale)
     return w if A is None or Br is None else w + lora_delta_loop(A, Br, alpha)
-
-
-def _parts(g: int, t: torch.Tensor, *params: torch.Tensor | None):
-    """(view of t, views of params) for the whole groups ([rows, G', g] / [rows, G', 1]) and the partial last group
-    ([rows, rest] / [rows, 1]) -- quant.inplace.group_views' split, as out-of-place slices a graph can trace."""
-    rows, n = t.shape
-    full = n // g
-    cut = full * g
-    out = []
-    if full:
-        out.append((t[:, :cut].reshape(rows, full, g), [None if p is None else p[:, :full, None] for p in params]))
-    if cut < n:
-        out.append((t[:, cut:], [None if p is None else p[:, full : full + 1] for p in params]))
-    return out
 
 
 def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +41,8 @@ def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, a
                   dtype: torch.dtype) -> torch.Tensor:
     """W_q of one row chunk in `dtype` (computed in fp32, rounded once at the end)."""
     out = []
-    for w, (d, m, z) in _parts(spec.group_len(W0r.shape[1]), _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero):
+    g = spec.group_len(W0r.shape[1])
+    for (w,), (d, m, z) in group_views(g, (_merged(W0r, w0_scale, A, Br, alpha),), (scale, minimum, zero)):
         v = (w - m) / d if m is not None else w / d + z
         u = v.clamp(0, spec.umax).round()
         out.append(u * d + m if m is not None else (u - z) * d)
@@ -69,8 +57,7 @@ def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpe
     need_x = wq_dtype is not None
     G = G.float()
     wq, gw, gd, gm = [], [], [], []
-    for (w, (d, m, z)), (Gp, _) in zip(_parts(g, _merged(W0r, w0_scale, A, Br, alpha), scale, minimum, zero),
-                                      _parts(g, G), strict=True):
+    for (w, Gp), (d, m, z) in group_views(g, (_merged(W0r, w0_scale, A, Br, alpha), G), (scale, minimum, zero)):
         v = (w - m) / d if m is not None else w / d + z
         c = v.clamp(0, spec.umax)
         mask = (c == v).float()  # 1.0 where 0 <= v <= umax
@@ -81,7 +68,7 @@ def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpe
         if need_lora:
             gw.append(masked)
         dd = u - v * mask if m is not None else u - v * mask - (1.0 - mask) * z
-        gd.append((dd * Gp).sum(-1, keepdim=w.dim() == 2))
+        gd.append((dd * Gp).sum(-1, keepdim=w.dim() == 2))  # [rows, G'] per whole groups, [rows, 1] for the rest
         outside = Gp - masked
         gm.append((outside if m is not None else outside * -d).sum(-1, keepdim=w.dim() == 2))
     return (_join(wq).to(wq_dtype) if need_x else None, _join(gw) if need_lora else None, torch.cat(gd, 1),
@@ -125,7 +112,5 @@ def backward_rows(
     be in the activation dtype: the graph widens it."""
     args = _args(W0, w0_scale, A, B, p, r0, r1)
     if G is None:
-        wq = compiled("forward")(*args, spec, alpha, wq_dtype)
-        zeros = torch.zeros(r1 - r0, p.scale.shape[1], dtype=torch.float32, device=W0.device)
-        return wq, None, zeros, zeros.clone()
+        return compiled("forward")(*args, spec, alpha, wq_dtype), None, None, None
     return compiled("backward")(*args, G, spec, alpha, wq_dtype, need_lora)

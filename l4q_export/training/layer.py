@@ -119,8 +119,10 @@ class L4QFunction(torch.autograd.Function):
             for r0, r1 in _row_chunks(out_f, in_f):
                 gy = gy2[:, r0:r1]
                 G = gy.T @ x2.to(gy2.dtype) if need_w else None  # transient [rows, in]; never a .grad
-                wq, gw, gd[r0:r1], gm[r0:r1] = kernel.backward_rows(
+                wq, gw, dd, dm = kernel.backward_rows(
                     W0, w0_scale, Af, Bf, p, spec, cfg.lora_scale, r0, r1, G, gy.dtype if need_x else None, need_lora)
+                if dd is not None:
+                    gd[r0:r1], gm[r0:r1] = dd, dm
                 if need_x:
                     _add_grad_x(grad_x, gy, wq)
                 if gw is not None:
