@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .boundary import guarded_command
 from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from .errors import FidelityError, L4QInputError
 from .fold import QUANTIZED, fold_checkpoint
-from .formats.base import Decoded, Target, Tolerance, VerifyReport, same_bits
+from .formats.base import Decoded, Target, Tolerance, VerifyReport, max_abs_diff, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax
 from .guard import check_output
 from .quant import QuantizedTensor
@@ -123,7 +124,7 @@ def compare_tensor(qt: QuantizedTensor | KQuantized, got: Decoded | torch.Tensor
     wq = qt.dequantize()
     if isinstance(got, torch.Tensor):  # stored dense: must be the fold's W_q itself
         ok = same_bits(got.float(), wq)
-        err = float((got.float() - wq).abs().max()) if got.shape == wq.shape else float("inf")
+        err = max_abs_diff(got.float(), wq)
         return {**row, "stored": "dense", "codes_identical": ok, "within_bound": ok, "max_abs_error": err, "declared_bound": 0.0}
     want = got.expect(qt)
     keys = sorted(set(got.fields) | set(want))  # a field missing on either side is a difference
@@ -132,8 +133,7 @@ def compare_tensor(qt: QuantizedTensor | KQuantized, got: Decoded | torch.Tensor
     if got.weight is None:  # the fields define the weight exactly
         err = 0.0 if not differ else float("inf")
     else:  # the library computes in the artifact's dtype: compare with W_q rounded to it
-        w = got.weight
-        err = float((w.float() - wq.to(w.dtype).float()).abs().max()) if w.shape == wq.shape else float("inf")
+        err = max_abs_diff(got.weight, wq)
     row.update(max_abs_error=err, declared_bound=got.bound, within_bound=err <= got.bound)
     return row
 
@@ -209,18 +209,36 @@ def compare_runtime(backend: Backend, ck: Checkpoint, tol: Tolerance, prompts: t
 
 
 def verify_tensors(target: Target, artifact: Path, model_dir: Path) -> dict[str, Any]:
-    """Levels (a) and (b) only (no runtime): per quantized linear of the fold, the artifact's decoded copy."""
-    ck = load_checkpoint(model_dir)
-    reader = target.read_back(artifact)
-    rows = [compare_tensor(t, reader.get(name)) for name, t in fold_checkpoint(ck) if isinstance(t, QUANTIZED)]
+    """Levels (a) and (b) only (no runtime): per quantized linear of the fold, the artifact's decoded copy.
+
+    Three things run at once (numpy, torch and the format libraries release the GIL): the base shards are hashed
+    beside the fold and the verdict is awaited after the last tensor (`fold_checkpoint`), before any row is
+    returned; the artifact is opened (library imports, header parsing) and then each tensor's copy decoded on a
+    worker thread while the previous one is compared and the next fold runs on the fold's own worker.  At most
+    two decoded tensors are alive; same rows, same order; an error surfaces at its own tensor."""
+    ck = load_checkpoint(model_dir, overlap_hashes=True)
+    rows = []
+    with ThreadPoolExecutor(1, thread_name_prefix="l4q-read") as pool:
+        opened = pool.submit(target.read_back, artifact)
+        pending = None
+        for name, t in fold_checkpoint(ck):
+            if not isinstance(t, QUANTIZED):
+                continue
+            current = (t, pool.submit(lambda n: opened.result().get(n), name))
+            if pending is not None:
+                rows.append(compare_tensor(pending[0], pending[1].result()))
+            pending = current
+        if pending is not None:
+            rows.append(compare_tensor(pending[0], pending[1].result()))
+        opened.result()  # a fold without quantized linears still opens (and so validates) the artifact
     return {"n_quantized": len(rows), "n_codes_identical": sum(bool(r["codes_identical"]) for r in rows),
             "n_within_bound": sum(bool(r["within_bound"]) for r in rows), "layers": rows}
 
 
 def verify_artifact(target: Target, artifact: Path, model_dir: Path) -> dict[str, Any]:
     """Every level for one artifact of `target`; the report has the same keys for every target."""
-    ck = load_checkpoint(model_dir)
-    rows = verify_tensors(target, artifact, model_dir)["layers"]
+    rows = verify_tensors(target, artifact, model_dir)["layers"]  # hashes the base beside the fold, then confirms
+    ck = load_checkpoint(model_dir)  # the shard hashes just computed are remembered: no second pass
     tol = target.tolerance(artifact)
     backend = target.runtime(artifact)
     checks = target.checks(artifact, ck, backend)

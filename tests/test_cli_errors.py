@@ -225,3 +225,21 @@ def test_export_refuses_changed_base_and_writes_nothing(tmp_path, tiny_base, che
     res = CliRunner().invoke(_export_command(), ["--to", target, str(ck), "-o", str(out_dir / "artifact")])
     assert res.exit_code == 2 and "changed since training" in res.output
     assert list(out_dir.iterdir()) == []
+
+
+def test_verify_artifact_refuses_changed_base(tmp_path, tiny_base, checkpoint_factory):
+    """Artifact verify hashes the base beside the fold and the read-back (verify_tensors): a shard changed after
+    export still ends it with the one-line error (exit 2) and no report, however far the comparison got."""
+    from l4q_export.cli import _export_command
+
+    base = _copy_base(tiny_base, tmp_path / "base")
+    ck = checkpoint_factory(base)
+    art = tmp_path / "m.gguf"
+    assert CliRunner().invoke(_export_command(), ["--to", "gguf", str(ck), "-o", str(art)]).exit_code == 0
+    t = load_file(str(base / "model.safetensors"))
+    t["model.norm.weight"] += 1
+    save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    report = tmp_path / "r.json"
+    res = _verify(str(art), "--model", str(ck), "--json", str(report))
+    assert res.exit_code == 2 and "changed since training" in res.output
+    assert not report.exists()

@@ -54,8 +54,9 @@ def test_legacy_types_decode_bit_exactly(name, bits, zp, group):
     ref = qt.dequantize().numpy()
     assert decoded.shape == ref.shape
     assert np.array_equal(decoded, ref), f"max err {np.abs(decoded - ref).max()}"
-    assert np.array_equal(P.recover_codes(raw, name), P.expected_stored_codes(qt, name))
-    assert np.array_equal(P.recover_codes(raw, name, decoded), P.expected_stored_codes(qt, name))
+    weight, codes = P.decode_with_codes(raw, name)
+    assert np.array_equal(weight, decoded)  # the one-pass decode is gguf-py's own
+    assert np.array_equal(codes, P.expected_stored_codes(qt, name))
 
 
 def test_q4_0_mirrors_blocks_that_only_fit_negated():
@@ -90,7 +91,7 @@ def test_fp32_scales_decode_within_fp16_rounding():
     err = np.abs(dequantize(raw, P.QTYPES["q4_1"]) - qt.dequantize().numpy()).max()
     bound = float((qt.scale * 15 + qt.minimum.abs()).max()) * 2.0**-11 * 1.01
     assert 0 < err <= bound
-    assert np.array_equal(P.recover_codes(raw, "q4_1"), P.expected_stored_codes(qt, "q4_1"))
+    assert np.array_equal(P.decode_with_codes(raw, "q4_1")[1], P.expected_stored_codes(qt, "q4_1"))
 
 
 KQ_CASES = [("q4_k", 4, "float"), ("q4_k", 3, "integer"), ("q2_k", 2, "float"), ("q3_k", 3, "symmetric"),
@@ -102,7 +103,9 @@ def test_kquants_keep_codes_with_small_scale_error(name, bits, zp):
     qt = make_qt(bits, 32, zp, n=512)
     raw = P.pack(qt, name)
     decoded = dequantize(raw, P.QTYPES[name])
-    assert np.array_equal(P.recover_codes(raw, name), P.expected_stored_codes(qt, name))
+    weight, codes = P.decode_with_codes(raw, name)
+    assert np.array_equal(weight, decoded)
+    assert np.array_equal(codes, P.expected_stored_codes(qt, name))
     step = float(qt.scale.max())
     err = np.abs(decoded - qt.dequantize().numpy()).max()
     assert err < 0.2 * step * qt.spec.umax  # re-encoded sub-scales: small relative to the weight range
@@ -147,3 +150,25 @@ def test_finiteness_check_sees_every_nan_and_inf(dtype, big):
         assert not all_finite(y) and not bool(torch.isfinite(y).all())
     assert all_finite(torch.full((3000, 700), big, dtype=dtype))  # the largest finite values are not flagged
     assert all_finite(x.t())  # a non-contiguous view
+
+
+@pytest.mark.parametrize("name,bits,zp", [("q4_1", 4, "float"), ("q5_0", 4, "integer"), ("q6_k", 5, "integer")])
+def test_codes_read_back_in_row_slices_and_a_zero_scale_block_has_none(monkeypatch, name, bits, zp):
+    """Slices of one row give gguf-py's whole-tensor decode and the fold's codes; a block whose fp16 scale is zeroed
+    in the bytes cannot say its codes (NO_CODE, never a plausible integer), and no other element changes."""
+    qt = make_qt(bits, 32, zp, out=5, n=512)
+    raw = P.pack(qt, name)
+    monkeypatch.setattr(P, "_DECODE_CHUNK_BYTES", 1)  # one row per slice
+    weight, codes = P.decode_with_codes(raw, name)
+    assert np.array_equal(weight, dequantize(raw, P.QTYPES[name]))
+    want = P.expected_stored_codes(qt, name)
+    assert np.array_equal(codes, want)
+    block, size = P.GGML_QUANT_SIZES[P.QTYPES[name]]
+    d_at = size - 2 if name == "q6_k" else 0  # the block's fp16 d: last field of Q6_K, first of the legacy types
+    broken = raw.copy()
+    broken[2, size + d_at : size + d_at + 2] = 0  # row 2, second block: d = 0
+    _, codes = P.decode_with_codes(broken, name)
+    lost = np.zeros_like(want, dtype=bool)
+    lost[2, block : 2 * block] = True
+    assert (codes[lost] == P.NO_CODE).all()
+    assert np.array_equal(codes[~lost], want[~lost])

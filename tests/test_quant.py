@@ -55,6 +55,20 @@ def test_pack_is_lsb_first_bitstream(bits, n):
     assert pack_bits(vals[None], bits)[0].tobytes() == big.to_bytes(nbytes, "little")
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 30), st.integers(0, 3))
+def test_unpack_reads_the_lsb_first_bitstream(bits, n, spare):
+    """Independent oracle: value i is bits [i*bits, (i+1)*bits) of the bytes read as one little-endian integer
+    (spare bytes after the stream are ignored); too few bytes for n values is an error, not a short result."""
+    rng = np.random.default_rng(bits * 1000 + n * 10 + spare)
+    nbytes = -(-n * bits // 8) + spare
+    raw = rng.integers(0, 256, size=(2, nbytes), dtype=np.uint8)
+    want = [[(int.from_bytes(row.tobytes(), "little") >> (i * bits)) & ((1 << bits) - 1) for i in range(n)] for row in raw]
+    np.testing.assert_array_equal(unpack_bits(raw, bits, n), np.array(want, np.uint8))
+    with pytest.raises(ValueError):
+        unpack_bits(raw[:, : -(-n * bits // 8) - 1], bits, n)
+
+
 def test_pack_int32_matches_gptq_nibble_order():
     # GPTQ/compressed-tensors 4-bit: value j of a word sits at bits 4j..4j+3.
     vals = np.arange(16, dtype=np.uint8).reshape(2, 8) % 16

@@ -173,6 +173,26 @@ def same_bits(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> boo
     return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
 
 
+def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want|, with `want` first rounded to got's dtype (a library computes in the artifact's dtype).
+
+    Over row slices on one thread: a whole-tensor difference costs two [out, in] fp32 temporaries, each
+    page-faulted in fresh (that, not the arithmetic, was most of verify's system time).  A NaN anywhere gives NaN
+    (so no bound is met), a shape mismatch inf."""
+    from ..quant.inplace import one_thread
+
+    if got.shape != want.shape:
+        return float("inf")
+    if got.numel() == 0:
+        return 0.0
+    g, w = (t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1) for t in (got, want))
+    step = max(1, (1 << 18) // g.shape[1])
+    with one_thread():
+        worst = [(g[i : i + step].float() - w[i : i + step].to(g.dtype).float()).abs_().amax()
+                 for i in range(0, g.shape[0], step)]
+    return float(torch.stack(worst).amax())
+
+
 @dataclass
 class Decoded:
     """One quantized linear as the artifact holds it, decoded by the format's own library.

@@ -13,13 +13,24 @@ import torch
 
 def decode_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                         bits: int, v1: bool) -> dict[str, torch.Tensor]:
-    """{"codes": int32 [N, K], "zero": int32 [N, G], "weight": fp32 [N, K], "scale_dtype": scales.dtype}."""
+    """{"codes": int16 [N, K], "zero": int16 [N, G], "weight": fp32 [N, K], "scale_dtype": scales.dtype}.
+
+    qweight is unpacked along its rows as the library does for packed_dim=0 (it transposes the words, unpacks
+    along dim 1 and transposes back), minus the transpose back: the codes come out in [N, K], and only the
+    8x smaller packed words are ever transposed.  The weight is built in row slices into one output."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from .inplace import one_thread
 
     g_idx = g_idx.long()
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     half = 1 << (bits - 1)
-    q = unpack_from_int32(qweight, bits, torch.Size([k, n]), packed_dim=0).to(torch.int32) + half  # [K, N]
-    z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int32) + half + int(v1)
-    w = (q - z[g_idx]).float() * scales.float()[g_idx]
-    return {"codes": q.T, "zero": z.T, "weight": w.T.contiguous(), "scale_dtype": scales.dtype}
+    q = unpack_from_int32(qweight.T, bits, torch.Size([n, k]), packed_dim=1).to(torch.int16) + half  # [N, K]
+    z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int16) + half + int(v1)
+    zt, st = z.T.contiguous(), scales.float().T.contiguous()  # [N, G]
+    w = torch.empty(n, k)
+    step = max(1, (1 << 16) // max(1, k))
+    with one_thread():
+        for i in range(0, n, step):
+            torch.mul((q[i : i + step] - zt[i : i + step][:, g_idx]).float(), st[i : i + step][:, g_idx], out=w[i : i + step])
+    return {"codes": q, "zero": zt, "weight": w, "scale_dtype": scales.dtype}

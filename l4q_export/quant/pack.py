@@ -46,6 +46,14 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     _check(bits)
     p = np.asarray(packed, dtype=np.uint8)
     lead = p.shape[:-1]
+    if p.shape[-1] * 8 < n * bits:
+        raise ValueError(f"{p.shape[-1]} bytes hold fewer than {n} values of {bits} bits")
+    if 8 % bits == 0:  # whole values per byte: value j of a byte is (byte >> j*bits) & mask, one pass per position
+        per, mask = 8 // bits, np.uint8((1 << bits) - 1)
+        out = np.empty((*lead, p.shape[-1], per), np.uint8)
+        for j in range(per):
+            np.bitwise_and(p >> np.uint8(j * bits), mask, out=out[..., j])
+        return out.reshape(*lead, -1)[..., :n]
     stream = np.unpackbits(p, axis=-1, bitorder="little")[..., : n * bits]
     planes = stream.reshape(*lead, n, bits).astype(np.uint8)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)

@@ -1,7 +1,7 @@
 """Reading a GGUF artifact back for `verify`, independent of our packers, and GGUF's own check (tokenizer parity).
 
 Every quantized tensor is read with gguf-py's `GGUFReader` and decoded with `gguf.quants.dequantize`; the stored
-integers are recovered from that decoder alone (`pack.recover_codes`) and must be what the fold's codes become in
+integers are recovered from that decoder alone (`pack.decode_with_codes`) and must be what the fold's codes become in
 that block type (`pack.expected_stored_codes`: u, or u - z for types without a minimum).  The decoded weights are
 held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Trained K-grid tensors
 (declared ``kgrid``) are unpacked field by field from ggml's block layout (`kquant.unpack_blocks`): codes,
@@ -93,21 +93,26 @@ class GGUFArtifact:
         qtype = gguf.GGMLQuantizationType(int(rt.tensor_type))
         raw = np.asarray(rt.data)
         shape = tuple(int(x) for x in reversed(rt.shape.tolist()))  # ggml lists dims innermost first
-        decoded = gguf.quants.dequantize(raw, qtype).reshape(shape)
+        tname = qtype.name.lower()
+        declared = self.declared.get(gname, {})
+        kgrid = bool(declared.get("kgrid"))
+        if tname in P.QTYPES and not kgrid:  # one pass over the bytes gives the weight and the codes it implies
+            decoded, codes = P.decode_with_codes(raw.reshape(shape[0], -1), tname)
+        else:
+            decoded = np.array(gguf.quants.dequantize(raw, qtype).reshape(shape), np.float32)  # F32: not the mmap itself
         idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
         inv = None if idx is None else np.argsort(idx)
         unperm = (lambda a: a) if inv is None else (lambda a: a[inv])
-        weight = torch.from_numpy(np.ascontiguousarray(unperm(decoded)).astype(np.float32))
-        bound = float(self.declared.get(gname, {}).get("max_abs_error", 0.0))
-        tname = qtype.name.lower()
-        if self.declared.get(gname, {}).get("kgrid"):  # a trained K-grid module: every stored field, block by block
+        weight = torch.from_numpy(np.ascontiguousarray(unperm(decoded)))
+        bound = float(declared.get("max_abs_error", 0.0))
+        if kgrid:  # a trained K-grid module: every stored field, block by block
             kq = unpack_blocks(kquant_spec(tname), raw, shape, hf_name)
             return Decoded(hf_name, {k: unperm(v) for k, v in kfields(kq).items()}, kfields, weight=weight, bound=bound,
                            info={"type": qtype.name, "gguf": gname, "codes_from": "ggml block layout (kquant.unpack_blocks)"})
         if tname not in P.QTYPES:  # F32/F16 of W_q: the weight is the whole content
             return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
                            info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
-        codes = unperm(P.recover_codes(raw, tname, decoded).reshape(shape))
+        codes = unperm(codes.reshape(shape))
         return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
                        bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "gguf-py decoder"})
 

@@ -376,56 +376,69 @@ _PROBES: dict[str, list[tuple[int, int, int, int]]] = {
 }
 
 
-_RECOVER_CHUNK_BYTES = 1 << 20  # packed bytes per slice of rows: float64 temporaries stay small, results unchanged
+_DECODE_CHUNK_BYTES = 1 << 16  # packed bytes per slice of rows: every temporary of a slice stays in cache
+NO_CODE = np.iinfo(np.int16).min  # an element whose code cannot be read back (zero or non-finite slope): no code is
 
 
-def recover_codes(raw: np.ndarray, name: str, decoded: np.ndarray | None = None) -> np.ndarray:
-    """Stored integer codes (u for min types, +-(u - z) for the others) of a packed tensor [rows, bytes].
+def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """gguf-py's decode of a packed tensor [rows, bytes] (float32 [rows, elements]) and the stored integer codes it
+    implies (int16: u for min types, +-(u - z) for the others; `NO_CODE` where a block cannot say).
 
-    `decoded`: gguf-py's decode of `raw` [rows, elements] when the caller already has it (verify does), saving
-    one of the three decodes.  Element-wise per block, so it runs over slices of rows (the same numbers, a bounded
-    working set)."""
-    raw = np.ascontiguousarray(raw)
-    step = max(1, _RECOVER_CHUNK_BYTES // max(1, raw.shape[1]))
-    if decoded is not None:
-        decoded = decoded.reshape(raw.shape[0], -1)
-    return np.concatenate([_recover_codes(raw[i : i + step], name, None if decoded is None else decoded[i : i + step])
-                           for i in range(0, raw.shape[0], step)])
+    One pass over slices of rows: each slice is decoded once as stored and once per probe while its bytes are in
+    cache, so the working set is a slice, not three float64 copies of the tensor, and the results are the same
+    numbers a whole-tensor pass gives (every step is element-wise per block)."""
+    qtype = QTYPES[name]
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(raw).view(np.ndarray)  # a plain view of gguf-py's memmap: numpy's memmap subclass costs per slice
+    rows = raw.shape[0]
+    cols = raw.shape[1] // size * block
+    weight = np.empty((rows, cols), np.float32)
+    codes = np.empty((rows, cols), np.int16)
+    step = max(1, _DECODE_CHUNK_BYTES // max(1, raw.shape[1]))
+    for i in range(0, rows, step):
+        _decode_slice(np.ascontiguousarray(raw[i : i + step]), name, weight[i : i + step], codes[i : i + step])
+    return weight, codes
 
 
-def _recover_codes(raw: np.ndarray, name: str, decoded: np.ndarray | None) -> np.ndarray:
+def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndarray) -> None:
+    """Fill `weight` and `codes` (one slice of rows).  A probe sets every code of a block to one value, so it
+    decodes to one intercept and one slope per sub-block (the elements sharing a scale): those are read once per
+    sub-block, and each element's code is rint((y - intercept) / |slope|) -- the same integer as
+    rint((y - intercept) / slope) * sign(slope), since division and rint are sign-symmetric; a mirrored block
+    (negative d) reads back as u - z."""
     from gguf.quants import dequantize
 
     qtype = QTYPES[name]
-    _block, size = GGML_QUANT_SIZES[qtype]
+    size, sub = GGML_QUANT_SIZES[qtype][1], INFO[name].sub
     rows = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(-1, size)
+    blocks = raw.reshape(-1, size)
 
     def probe(which: int) -> np.ndarray:
         b = blocks.copy()
         for start, stop, base, one in _PROBES[name]:
             b[:, start:stop] = base if which == 0 else one
-        return dequantize(b.reshape(rows, -1), qtype).astype(np.float64)
+        return dequantize(b.reshape(rows, -1), qtype).reshape(-1, sub)[:, :1].astype(np.float64)
 
-    y = (dequantize(np.ascontiguousarray(raw), qtype) if decoded is None else decoded).astype(np.float64)
+    weight[...] = dequantize(raw, qtype)
     y0 = probe(0)
-    slope = probe(1)
-    slope -= y0
-    with np.errstate(divide="ignore", invalid="ignore"):  # in place: rint((y - y0) / slope) * sign(slope)
-        y -= y0
+    slope = np.abs(probe(1) - y0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.subtract(weight.reshape(-1, sub), y0, dtype=np.float64)
         y /= slope
         np.rint(y, out=y)
-        y *= np.sign(slope)  # a mirrored block (negative d) reads back as u - z
-    y[slope == 0] = np.nan
-    return y
+    # a zero slope gives inf or nan: no code; a finite value outside int16 stays outside every code range
+    np.nan_to_num(y, copy=False, nan=NO_CODE, posinf=NO_CODE, neginf=NO_CODE)
+    np.clip(y, NO_CODE, np.iinfo(np.int16).max, out=y)
+    codes[...] = y.reshape(codes.shape)
 
 
 def expected_stored_codes(qt: QuantizedTensor, name: str) -> np.ndarray:
-    """What `recover_codes` must return for this tensor: u (min types) or u - z (types without a minimum)."""
+    """What `decode_with_codes` must read back for this tensor (int16): u (min types) or u - z (types without a
+    minimum)."""
     info = INFO[name]
-    u = qt.codes.numpy().astype(np.float64)
+    u = qt.codes.numpy().astype(np.int16)
     if info.has_min or qt.zero is None:
         return u
     _out, n = qt.shape
-    z = np.repeat(qt.zero.numpy(), qt.spec.group_len(n), axis=1)[:, :n].astype(np.float64)
-    return u - z
+    u -= np.repeat(qt.zero.numpy().astype(np.int16), qt.spec.group_len(n), axis=1)[:, :n]
+    return u

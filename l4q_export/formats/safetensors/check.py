@@ -39,12 +39,12 @@ def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[
           if f"{module}.{k}" in reader}
     shape = torch.Size(sd["weight_shape"].tolist())
     half = 1 << (bits - 1)
-    codes = unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int32) + half
+    codes = unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int16) + half
     g = sd["weight_scale"].shape[1]
     if "weight_zero_point" in sd:
-        zero = unpack_from_int32(sd["weight_zero_point"], bits, torch.Size([shape[0], g]), packed_dim=0).to(torch.int32) + half
+        zero = unpack_from_int32(sd["weight_zero_point"], bits, torch.Size([shape[0], g]), packed_dim=0).to(torch.int16) + half
     else:
-        zero = torch.full((shape[0], g), half, dtype=torch.int32)
+        zero = torch.full((shape[0], g), half, dtype=torch.int16)
     weight = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
     return {"codes": codes, "zero": zero, "weight": weight, "scale_dtype": sd["weight_scale"].dtype}
 
@@ -61,7 +61,7 @@ def _expected(qt: QuantizedTensor, rounded: bool) -> dict[str, np.ndarray]:
     if qt.zero is None:
         raise L4QInputError(f"{qt.name}: checkpoint has float zero points but the export claims exact integer ones "
                             "(was it exported from another checkpoint?)")
-    return {"codes": qt.codes.to(torch.int32).numpy(), "zero": qt.zero.to(torch.int32).numpy()}
+    return {"codes": qt.codes.to(torch.int16).numpy(), "zero": qt.zero.to(torch.int16).numpy()}
 
 
 class SafetensorsArtifact:
