@@ -82,7 +82,8 @@ def test_fold_paths_are_bit_identical(dtype, zp, n, group):
 @pytest.mark.parametrize("n,group", [(256, 32), (200, 64), (96, -1)])
 @pytest.mark.parametrize("lora", [True, False])
 def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
-    """quantize_merged's row blocks (3 rows each here, the last one partial) give the plain formula's codes."""
+    """quantize_merged's and dequantize's row blocks (3 rows each here, the last one partial) give the plain
+    formulas' codes and W_q."""
     monkeypatch.setattr(inplace, "BLOCK_ELEMENTS", 3 * n)
     g = torch.Generator().manual_seed(7 * n + group)
     spec = QuantSpec(4, group, zp)
@@ -93,7 +94,10 @@ def test_blocked_fold_is_bit_identical(monkeypatch, dtype, zp, n, group, lora):
         s, off = init_params(want_w, spec, "minmax")
         p = effective_params(spec, s * (1 + 0.05 * torch.rand(s.shape, generator=g)), off, fp16_grid=False)
         qt = quantize_merged("t", W0, A, B, 2.0, p, spec)
-        assert torch.equal(qt.codes, _plain_codes(want_w, p, spec).to(torch.uint8))
+        u = _plain_codes(want_w, p, spec)
+        assert torch.equal(qt.codes, u.to(torch.uint8))
+        assert torch.equal(_bits(qt.dequantize()), _bits(_plain_wq(u, p, spec)))  # W_q in the same row blocks
+        assert torch.equal(_bits(qt.rows(5, 17).dequantize()), _bits(_plain_wq(u, p, spec)[5:17]))  # and a row slice
         assert torch.equal(_bits(qt.minimum), _bits(p.minimum if p.minimum is not None else -(p.scale * p.zero)))
 
 

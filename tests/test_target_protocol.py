@@ -26,7 +26,7 @@ from conftest import make_checkpoint
 from l4q_export import formats
 from l4q_export.checkpoint import AtomicDir, Checkpoint, load_checkpoint
 from l4q_export.fold import fold_checkpoint
-from l4q_export.formats.base import Decoded, Exact, ExportReport, Target, Tolerance
+from l4q_export.formats.base import Decoded, Exact, ExportReport, Target, Tolerance, max_abs_diff
 from l4q_export.formats.runtime import ModuleBackend
 from l4q_export.quant import QuantizedTensor, QuantSpec
 from l4q_export.verify import near_tie_greedy
@@ -235,3 +235,19 @@ def test_same_bits_is_byte_equality(dtype, n):
     if dtype != np.uint8:
         assert not same_bits(np.zeros(max(n, 1), dtype), -np.zeros(max(n, 1), dtype))
     assert not same_bits(a, a.astype(np.int64))
+
+
+def test_max_abs_diff_in_slices_is_the_plain_max_and_keeps_nan_and_shape():
+    """Row slices (300 columns: 873 rows per slice, so 3 slices) against the plain whole-tensor formula; the
+    reference is rounded to the decoded weight's dtype; a NaN in the last slice and a shape mismatch are failures."""
+    g = torch.Generator().manual_seed(3)
+    want = torch.randn(2000, 300, generator=g)
+    got = want + 1e-3 * torch.randn(2000, 300, generator=g)
+    plain = float((got - want).abs().max())
+    assert max_abs_diff(got, want) == plain
+    assert max_abs_diff(got, lambda r0, r1: want[r0:r1], tuple(want.shape)) == plain
+    half = got.half()
+    assert max_abs_diff(half, want) == float((half.float() - want.half().float()).abs().max())
+    got[1999, 299] = float("nan")
+    assert np.isnan(max_abs_diff(got, want))
+    assert max_abs_diff(got[:, :299], want) == float("inf")

@@ -173,23 +173,26 @@ def same_bits(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> boo
     return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
 
 
-def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+def max_abs_diff(got: torch.Tensor, want: torch.Tensor | Callable[[int, int], torch.Tensor],
+                 shape: tuple[int, ...] | None = None) -> float:
     """max |got - want|, with `want` first rounded to got's dtype (a library computes in the artifact's dtype).
 
-    Over row slices on one thread: a whole-tensor difference costs two [out, in] fp32 temporaries, each
-    page-faulted in fresh (that, not the arithmetic, was most of verify's system time).  A NaN anywhere gives NaN
-    (so no bound is met), a shape mismatch inf."""
+    `want`: the reference, or a function giving its rows r0:r1 with its `shape` (so the reference is never whole
+    in memory).  Over row slices on one thread: a whole-tensor difference costs two [out, in] fp32 temporaries,
+    each page-faulted in fresh (that, not the arithmetic, was most of verify's system time).  A NaN anywhere gives
+    NaN (so no bound is met), a shape mismatch inf."""
     from ..quant.inplace import one_thread
 
-    if got.shape != want.shape:
+    rows_of = want if callable(want) else (lambda r0, r1: want[r0:r1])
+    if tuple(got.shape) != tuple(want.shape if shape is None else shape):
         return float("inf")
     if got.numel() == 0:
         return 0.0
-    g, w = (t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1) for t in (got, want))
+    g = got.reshape(got.shape[0], -1) if got.dim() > 1 else got.reshape(1, -1)
     step = max(1, (1 << 18) // g.shape[1])
     with one_thread():
-        worst = [(g[i : i + step].float() - w[i : i + step].to(g.dtype).float()).abs_().amax()
-                 for i in range(0, g.shape[0], step)]
+        worst = [(g[i : i + step].float() - rows_of(i, i + step).reshape(g[i : i + step].shape).to(g.dtype).float())
+                 .abs_().amax() for i in range(0, g.shape[0], step)]
     return float(torch.stack(worst).amax())
 
 

@@ -180,10 +180,18 @@ def dequantize_codes(u: torch.Tensor, p: GroupParams, spec: QuantSpec) -> torch.
         if p.minimum is not None:
             return gv.flat(uf * gv.param(p.scale) + gv.param(p.minimum))
         return gv.flat((uf - gv.param(p.zero)) * gv.param(p.scale))
-    uf = u.float()
-    if uf.data_ptr() == u.data_ptr():  # u was already fp32: never write into the caller's tensor
-        uf = uf.clone()
-    return dequantize_(uf, p, spec)
+    if u.dim() != 2 or u.device.type != "cpu":
+        uf = u.float()
+        if uf.data_ptr() == u.data_ptr():  # u was already fp32: never write into the caller's tensor
+            uf = uf.clone()
+        return dequantize_(uf, p, spec)
+    # CPU: one cache-sized row block at a time (the widening copy, then the two ops in place), as the fold does:
+    # the same IEEE operations on every element, three trips through memory fewer
+    out = torch.empty(u.shape, dtype=torch.float32)
+    with one_thread():
+        for r0, r1 in row_blocks(u.shape[0], block_rows(u.shape[1])):
+            dequantize_(out[r0:r1].copy_(u[r0:r1]), p.rows(r0, r1), spec)
+    return out
 
 
 @dataclass
@@ -216,6 +224,12 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """fp32 weights, bit-identical to the training forward's W_q."""
         return dequantize_codes(self.codes, self.params, self.spec)
+
+    def rows(self, r0: int, r1: int) -> QuantizedTensor:
+        """Output rows r0:r1 (views): their `dequantize()` is rows r0:r1 of the whole one, bit for bit (groups run
+        along a row), so a caller can walk W_q in slices without holding all of it."""
+        p = self.params.rows(r0, r1)
+        return QuantizedTensor(self.name, self.spec, self.codes[r0:r1], p.scale, self.minimum[r0:r1], p.zero)
 
 
 def quantize(name: str, w: torch.Tensor, p: GroupParams, spec: QuantSpec) -> QuantizedTensor:

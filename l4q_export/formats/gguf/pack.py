@@ -359,20 +359,23 @@ def pack(qt: QuantizedTensor, name: str) -> np.ndarray:
 # Independent code recovery (verify level a): only gguf-py's decoder and the documented field positions
 # --------------------------------------------------------------------------------------------------------
 
-# Per type: byte ranges (within a block) of the quant fields, and the fill values that make every element's
-# stored code equal to the "base" value and to base+1.  Decoding these two probes with gguf-py gives each
-# element's intercept and slope, so codes = rint((y - y_base) / (y_one - y_base)) -- no header parsing here.
-_PROBES: dict[str, list[tuple[int, int, int, int]]] = {
-    #          (start, stop, fill_base, fill_one)
-    "q4_0": [(2, 18, 0x88, 0x99)],
-    "q4_1": [(4, 20, 0x00, 0x11)],
-    "q5_0": [(2, 6, 0xFF, 0xFF), (6, 22, 0x00, 0x11)],
-    "q5_1": [(4, 8, 0x00, 0x00), (8, 24, 0x00, 0x11)],
-    "q8_0": [(2, 34, 0x00, 0x01)],
-    "q2_k": [(16, 80, 0x00, 0x55)],
-    "q3_k": [(0, 32, 0xFF, 0xFF), (32, 96, 0x00, 0x55)],
-    "q4_k": [(16, 144, 0x00, 0x11)],
-    "q6_k": [(0, 128, 0x00, 0x11), (128, 192, 0xAA, 0xAA)],
+# Per type: byte ranges (within a block) of the quant fields, each filled with a byte pattern (tiled), chosen so
+# that every sub-block (the elements sharing one scale) stores the "base" code at element `base_at` and base + 1
+# at element `one_at`.  One gguf-py decode of such a probe gives each sub-block's intercept and slope, so
+# codes = rint((y - y_base) / (y_one - y_base)) -- no header parsing here.  Where the patterns differ by element
+# they follow the bit positions of ggml's layouts: Q2_K/Q3_K element 128c + 32j + l in byte 32c + l (2 bits at 2j),
+# Q4_K sub-block 2c + h element l in byte 32c + l (nibble h), Q6_K element 128c + 64h + k in byte 64c + k of ql.
+_PROBES: dict[str, tuple[list[tuple[int, int, bytes]], int, int]] = {
+    #        ([(start, stop, pattern)], base_at, one_at)
+    "q4_0": ([(2, 18, b"\x98")], 0, 16),                              # elements 0-15 in low nibbles, 16-31 high
+    "q4_1": ([(4, 20, b"\x10")], 0, 16),
+    "q5_0": ([(2, 6, b"\xff"), (6, 22, b"\x10")], 0, 16),             # high bits all set: codes 16 / 17
+    "q5_1": ([(4, 8, b"\x00"), (8, 24, b"\x10")], 0, 16),
+    "q8_0": ([(2, 34, b"\x00\x01")], 0, 1),                           # one byte per element
+    "q2_k": ([(16, 80, b"\x00" * 8 + b"\x55" * 8)], 0, 8),             # l % 16 < 8: code 0, else 1, in all 4 fields
+    "q3_k": ([(0, 32, b"\xff"), (32, 96, b"\x00" * 8 + b"\x55" * 8)], 0, 8),
+    "q4_k": ([(16, 144, b"\x00" * 16 + b"\x11" * 16)], 0, 16),         # l < 16: code 0, else 1, both nibbles
+    "q6_k": ([(0, 128, b"\x00" * 8 + b"\x11" * 8), (128, 192, b"\xaa")], 0, 8),
 }
 
 
@@ -384,7 +387,7 @@ def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarra
     """gguf-py's decode of a packed tensor [rows, bytes] (float32 [rows, elements]) and the stored integer codes it
     implies (int16: u for min types, +-(u - z) for the others; `NO_CODE` where a block cannot say).
 
-    One pass over slices of rows: each slice is decoded once as stored and once per probe while its bytes are in
+    One pass over slices of rows: each slice is decoded once as stored and once as a probe while its bytes are in
     cache, so the working set is a slice, not three float64 copies of the tensor, and the results are the same
     numbers a whole-tensor pass gives (every step is element-wise per block)."""
     qtype = QTYPES[name]
@@ -401,9 +404,9 @@ def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarra
 
 
 def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndarray) -> None:
-    """Fill `weight` and `codes` (one slice of rows).  A probe sets every code of a block to one value, so it
-    decodes to one intercept and one slope per sub-block (the elements sharing a scale): those are read once per
-    sub-block, and each element's code is rint((y - intercept) / |slope|) -- the same integer as
+    """Fill `weight` and `codes` (one slice of rows).  The probe (`_PROBES`) stores the base code and base + 1 in
+    every sub-block (the elements sharing a scale), so one decode gives each sub-block's intercept and slope, and
+    each element's code is rint((y - intercept) / |slope|) -- the same integer as
     rint((y - intercept) / slope) * sign(slope), since division and rint are sign-symmetric; a mirrored block
     (negative d) reads back as u - z."""
     from gguf.quants import dequantize
@@ -413,15 +416,14 @@ def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndar
     rows = raw.shape[0]
     blocks = raw.reshape(-1, size)
 
-    def probe(which: int) -> np.ndarray:
-        b = blocks.copy()
-        for start, stop, base, one in _PROBES[name]:
-            b[:, start:stop] = base if which == 0 else one
-        return dequantize(b.reshape(rows, -1), qtype).reshape(-1, sub)[:, :1].astype(np.float64)
-
+    fields, base_at, one_at = _PROBES[name]
+    b = blocks.copy()
+    for start, stop, pattern in fields:
+        b[:, start:stop] = np.resize(np.frombuffer(pattern, np.uint8), stop - start)
+    p = dequantize(b.reshape(rows, -1), qtype).reshape(-1, sub)
     weight[...] = dequantize(raw, qtype)
-    y0 = probe(0)
-    slope = np.abs(probe(1) - y0)
+    y0 = p[:, base_at : base_at + 1].astype(np.float64)
+    slope = np.abs(p[:, one_at : one_at + 1] - y0)
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.subtract(weight.reshape(-1, sub), y0, dtype=np.float64)
         y /= slope
