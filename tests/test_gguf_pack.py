@@ -178,7 +178,8 @@ def test_codes_read_back_exactly_far_from_zero():
     """Groups whose minimum lies 4096 steps from zero (a shifted weight distribution): the decode's fp32 rounding of
     d*q + m is then ~2^-12 of a step, and every code still reads back exactly."""
     qt = make_qt(4, 32, "float", out=8, n=512)
-    qt.minimum[:] = (qt.scale * 4096 * torch.where(torch.rand(qt.scale.shape, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0, 1.0)).half().float()
+    sign = torch.where(torch.rand(qt.scale.shape, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0, 1.0)
+    qt.minimum[:] = (qt.scale * 4096 * sign).half().float()
     raw = P.pack(qt, "q4_1")
     weight, codes = P.decode_with_codes(raw, "q4_1")
     assert np.array_equal(weight, qt.dequantize().numpy())
