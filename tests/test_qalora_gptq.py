@@ -228,3 +228,32 @@ def test_cli_refuses_missing_and_pickle_only_dirs(env, tmp_path):
     res = _cli(env, tmp_path / "o2", "--method", "qalora", "--group-size", "32", "--qalora-base", str(pk))
     assert res.exit_code == 2 and "pickle" in res.output, res.output
     assert "--qalora-base" in CliRunner().invoke(train_cmd, ["--help"]).output
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("v1", [False, True])
+def test_decode_gptq_tensors_is_the_plain_formula(bits, act_order, v1):
+    """Words packed by compressed-tensors' own `pack_to_int32` along GPTQ's axes decode to the codes, zeros and
+    W[n, k] = s[g(k), n] * (q[n, k] - z[n, g(k)]) computed here with explicit gathers, over two row slices; an
+    act-order g_idx (the groups permuted over K) takes the gather path, contiguous groups the broadcast one."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from l4q_export.quant.gptq import decode_gptq_tensors
+
+    g = torch.Generator().manual_seed(bits * 10 + act_order + 2 * v1)
+    n, k, gl = 320, 1024, 128  # 2^18 elements per row slice: 256 rows, then a partial slice of 64
+    groups = k // gl
+    half = 1 << (bits - 1)
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    z = torch.randint(1 if v1 else 0, 1 << bits, (n, groups), generator=g)
+    scales = (0.01 + 0.01 * torch.rand(groups, n, generator=g)).half()
+    g_idx = torch.arange(k) // gl
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    qweight = pack_to_int32((q.T - half).to(torch.int8).contiguous(), bits, packed_dim=0)
+    qzeros = pack_to_int32((z.T - half - int(v1)).to(torch.int8).contiguous(), bits, packed_dim=1)
+    dec = decode_gptq_tensors(qweight, qzeros, scales, g_idx, bits, v1)
+    want = (q - z[:, g_idx]).float() * scales.float().T[:, g_idx]
+    assert torch.equal(dec["codes"].long(), q) and torch.equal(dec["zero"].long(), z)
+    assert torch.equal(dec["weight"].view(torch.int32), want.view(torch.int32))

@@ -29,8 +29,16 @@ def decode_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     z = unpack_from_int32(qzeros, bits, torch.Size([scales.shape[0], n]), packed_dim=1).to(torch.int16) + half + int(v1)
     zt, st = z.T.contiguous(), scales.float().T.contiguous()  # [N, G]
     w = torch.empty(n, k)
-    step = max(1, (1 << 16) // max(1, k))
+    groups = zt.shape[1]
+    gl = k // groups if groups and k % groups == 0 else 0
+    in_order = gl > 0 and torch.equal(g_idx, torch.arange(k) // gl)  # not act-order: broadcast, no gathers
+    step = max(1, (1 << 18) // max(1, k))
     with one_thread():
         for i in range(0, n, step):
-            torch.mul((q[i : i + step] - zt[i : i + step][:, g_idx]).float(), st[i : i + step][:, g_idx], out=w[i : i + step])
+            qs, zs, ss, ws = q[i : i + step], zt[i : i + step], st[i : i + step], w[i : i + step]
+            if in_order:
+                r = qs.shape[0]
+                torch.mul((qs.view(r, groups, gl) - zs[..., None]).float(), ss[..., None], out=ws.view(r, groups, gl))
+            else:
+                torch.mul((qs - zs[:, g_idx]).float(), ss[:, g_idx], out=ws)
     return {"codes": q, "zero": zt, "weight": w, "scale_dtype": scales.dtype}
