@@ -99,7 +99,8 @@ class GGUFArtifact:
         if tname in P.QTYPES and not kgrid:  # one pass over the bytes gives the weight and the codes it implies
             decoded, codes = P.decode_with_codes(raw.reshape(shape[0], -1), tname)
         else:
-            decoded = np.array(gguf.quants.dequantize(raw, qtype).reshape(shape), np.float32)  # F32: not the mmap itself
+            # F32 decodes to a view of the read-only mmap: copied (torch needs a writable array); others are fresh
+            decoded = np.require(gguf.quants.dequantize(raw, qtype).reshape(shape), np.float32, ["C", "W"])
         idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
         inv = None if idx is None else np.argsort(idx)
         unperm = (lambda a: a) if inv is None else (lambda a: a[inv])
