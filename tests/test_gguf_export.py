@@ -350,3 +350,33 @@ def test_stories260k_end_to_end(stories_checkpoint, tmp_path):
     g = v["greedy"]
     assert v["logits"]["top1_agreement"] >= 0.97 and g["matched"] == g["required"] >= 4, g
     assert np.isfinite(v["logits"]["mean_kl"])
+
+
+def test_reader_is_parsed_once_per_file_version(tmp_path):
+    """The header is parsed once per (path, size, mtime, inode): asked again it is the same reader; the file
+    rewritten in place (same size) or replaced is read anew; a missing file is one input-error line."""
+    import os
+
+    path = tmp_path / "t.gguf"
+
+    def write(value: int, pad: str = "") -> None:
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_uint32("test.value", value)
+        w.add_string("test.pad", pad)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(1)
+    first = C.open_reader(path)
+    assert C.open_reader(path) is first and C.field(first, "test.value") == 1
+    st = os.stat(path)
+    write(2)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later mtime even on a coarse clock
+    assert os.stat(path).st_size == st.st_size and C.field(C.open_reader(path), "test.value") == 2
+    write(3, pad="longer")
+    assert C.field(C.open_reader(path), "test.value") == 3
+    path.unlink()
+    with pytest.raises(L4QInputError):
+        C.open_reader(path)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import gguf
 import torch
 
 from ...checkpoint import Checkpoint
+from ...errors import L4QInputError
 from ...quant import QuantSpec
 from ..base import ArtifactReader, Bounded, Capability, Exact, ExportReport, Tolerance
 from . import writer
@@ -39,9 +39,11 @@ def tolerance_for_depth(n_blocks: int) -> Tolerance:
 
 def block_count(artifact: Path) -> int | None:
     """`<arch>.block_count` from the GGUF header (None when absent or unreadable)."""
+    from .check import open_reader
+
     try:
-        reader = gguf.GGUFReader(str(artifact))
-    except (ValueError, OSError):
+        reader = open_reader(artifact)
+    except L4QInputError:
         return None
     for key, f in reader.fields.items():
         if key.endswith(".block_count") and f.data:

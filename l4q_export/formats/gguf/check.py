@@ -12,7 +12,9 @@ permutation come from the file's own header, so the reader needs nothing but the
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,22 @@ def field(reader: gguf.GGUFReader, key: str) -> Any:
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
-    """gguf-py's reader, with its bare ValueError (truncated or damaged file) as one clear input-error line."""
+    """gguf-py's reader, with its bare ValueError (truncated or damaged file) as one clear input-error line.
+
+    Parsed once per version of the file (path, size, mtime, inode): one verify asks for the same header four times
+    (architecture, tolerance, the runtime's guard, read-back) and gguf-py parses every field eagerly -- the
+    32000-entry vocabulary of a LLaMA file costs ~1.8 s each time.  A rewritten file is a new key."""
     try:
-        return gguf.GGUFReader(str(path))
+        st = os.stat(path)
+    except OSError as e:
+        raise L4QInputError(f"{path} is not a complete GGUF file: {e.strerror or type(e).__name__}") from None
+    return _parsed(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, size: int, mtime_ns: int, inode: int) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise L4QInputError(f"{path} is not a complete GGUF file: {why}") from None
