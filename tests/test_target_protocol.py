@@ -251,3 +251,21 @@ def test_max_abs_diff_in_slices_is_the_plain_max_and_keeps_nan_and_shape():
     got[1999, 299] = float("nan")
     assert np.isnan(max_abs_diff(got, want))
     assert max_abs_diff(got[:, :299], want) == float("inf")
+
+
+def test_reference_logits_in_one_batch_are_each_sequence_alone(tiny_base, checkpoint_factory):
+    """verify's one right-padded forward of every sequence (`reference_logits`) gives each sequence's logits as a
+    forward of that sequence alone does: padding sits to the right of every real position, so causal attention
+    never sees it (float tolerance only: a batched GEMM may block its sums differently)."""
+    from l4q_export.training.methods import reference_model
+    from l4q_export.verify import reference_logits
+
+    model = reference_model(load_checkpoint(checkpoint_factory(tiny_base)))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 17, 1, 11)]
+    got = reference_logits(model, seqs)
+    for s, r in zip(seqs, got, strict=True):
+        with torch.no_grad():
+            alone = model(torch.tensor([s])).logits[0].double().numpy()
+        assert r.shape == alone.shape
+        np.testing.assert_allclose(r, alone, rtol=0, atol=1e-5 * max(1.0, float(np.abs(alone).max())))
