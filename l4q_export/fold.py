@@ -9,9 +9,10 @@ This module knows methods only through the registry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -21,8 +22,32 @@ from .quant import QuantizedTensor
 from .quant.kquant import KQuantized
 from .training.methods import checkpoint_method, fold_module
 
+T = TypeVar("T")
+R = TypeVar("R")
 FoldedTensor = torch.Tensor | QuantizedTensor | KQuantized  # KQuantized: a K-grid module (l4q-train --grid)
 QUANTIZED = (QuantizedTensor, KQuantized)  # isinstance test for "a quantized linear of the fold"
+
+
+_END = object()
+
+
+def one_ahead(fn: Callable[[T], R], items: Iterable[T], thread_name: str) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in order, with fn running on a worker thread one item ahead of the consumer (torch, numpy
+    and the format libraries release the GIL).  fn of the next item is submitted only once the previous result is
+    handed over, so at most two results are alive; an exception surfaces at its own item."""
+    it = iter(items)
+    item = next(it, _END)
+    if item is _END:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix=thread_name) as pool:
+        ahead = pool.submit(fn, item)
+        while ahead is not None:
+            result = ahead.result()
+            nxt = next(it, _END)
+            ahead = None if nxt is _END else pool.submit(fn, nxt)
+            yield item, result
+            del result
+            item = nxt
 
 
 def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:
@@ -36,17 +61,8 @@ def fold_checkpoint(ck: Checkpoint) -> Iterator[tuple[str, FoldedTensor]]:
         t = base.get(name)
         return fold_module(ck, targets[name], t) if name in targets else t
 
-    # One tensor folds on a worker thread while the caller packs and writes the previous one (torch and numpy
-    # release the GIL): the next fold is submitted only once its predecessor is handed over, so at most two
-    # tensors are alive.  Same tensors, same order, same bits; an exception surfaces at its own tensor.
-    names = base.names()
-    with ThreadPoolExecutor(1, thread_name_prefix="l4q-fold") as pool:
-        ahead = pool.submit(one, names[0]) if names else None
-        for i, name in enumerate(names):
-            folded = ahead.result()
-            ahead = pool.submit(one, names[i + 1]) if i + 1 < len(names) else None
-            yield name, folded
-            del folded
+    # One tensor folds on a worker thread while the caller packs and writes the previous one.
+    yield from one_ahead(one, base.names(), "l4q-fold")
     ck.confirm_base()  # a base-hash check running beside the fold (load_checkpoint(overlap_hashes=True)) ends here
 
 

@@ -22,7 +22,7 @@ import torch
 from .boundary import guarded_command
 from .checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from .errors import FidelityError, L4QInputError
-from .fold import QUANTIZED, fold_checkpoint
+from .fold import QUANTIZED, fold_checkpoint, one_ahead
 from .formats.base import Decoded, Target, Tolerance, VerifyReport, max_abs_diff, same_bits
 from .formats.runtime import Backend, HFTokenizer, log_softmax
 from .guard import check_output
@@ -238,23 +238,15 @@ def verify_tensors(target: Target, artifact: Path, model_dir: Path) -> dict[str,
 
     Three things run at once (numpy, torch and the format libraries release the GIL): the base shards are hashed
     beside the fold and the verdict is awaited after the last tensor (`fold_checkpoint`), before any row is
-    returned; the artifact is opened (library imports, header parsing) and then each tensor's copy decoded on a
-    worker thread while the previous one is compared and the next fold runs on the fold's own worker.  At most
-    two decoded tensors are alive; same rows, same order; an error surfaces at its own tensor."""
+    returned; the artifact is opened (library imports, header parsing) on one worker, and each tensor's copy
+    decoded on another (`one_ahead`) while the previous one is compared and the next fold runs on the fold's own
+    worker.  At most two decoded tensors are alive; same rows, same order; an error surfaces at its own tensor."""
     ck = load_checkpoint(model_dir, overlap_hashes=True)
-    rows = []
-    with ThreadPoolExecutor(1, thread_name_prefix="l4q-read") as pool:
-        opened = pool.submit(target.read_back, artifact)
-        pending = None
-        for name, t in fold_checkpoint(ck):
-            if not isinstance(t, QUANTIZED):
-                continue
-            current = (t, pool.submit(lambda n: opened.result().get(n), name))
-            if pending is not None:
-                rows.append(compare_tensor(pending[0], pending[1].result()))
-            pending = current
-        if pending is not None:
-            rows.append(compare_tensor(pending[0], pending[1].result()))
+    with ThreadPoolExecutor(1, thread_name_prefix="l4q-open") as opener:
+        opened = opener.submit(target.read_back, artifact)
+        quantized = ((name, t) for name, t in fold_checkpoint(ck) if isinstance(t, QUANTIZED))
+        rows = [compare_tensor(t, got) for (_, t), got in one_ahead(lambda item: opened.result().get(item[0]), quantized,
+                                                                      "l4q-read")]
         opened.result()  # a fold without quantized linears still opens (and so validates) the artifact
     return {"n_quantized": len(rows), "n_codes_identical": sum(bool(r["codes_identical"]) for r in rows),
             "n_within_bound": sum(bool(r["within_bound"]) for r in rows), "layers": rows}

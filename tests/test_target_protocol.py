@@ -269,3 +269,28 @@ def test_reference_logits_in_one_batch_are_each_sequence_alone(tiny_base, checkp
             alone = model(torch.tensor([s])).logits[0].double().numpy()
         assert r.shape == alone.shape
         np.testing.assert_allclose(r, alone, rtol=0, atol=1e-5 * max(1.0, float(np.abs(alone).max())))
+
+
+def test_one_ahead_keeps_order_a_window_of_two_and_errors_at_their_item():
+    """The fold's and verify's read-back pipeline: results in input order, fn of item i + 2 never starts before
+    item i is handed over (two results alive at most), and an error surfaces at its own item, after the earlier
+    ones."""
+    from l4q_export.fold import one_ahead
+
+    events: list[tuple[str, int]] = []
+
+    def fn(x: int) -> int:
+        events.append(("start", x))
+        if x == 4:
+            raise ValueError("item 4")
+        return x * 10
+
+    got = []
+    with pytest.raises(ValueError, match="item 4"):
+        for x, y in one_ahead(fn, range(6), "test"):
+            events.append(("got", x))
+            got.append((x, y))
+    assert got == [(0, 0), (1, 10), (2, 20), (3, 30)]
+    for x in range(3):
+        assert events.index(("got", x)) < events.index(("start", x + 2))
+    assert list(one_ahead(fn, [], "test")) == []

@@ -181,7 +181,7 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor | Callable[[int, int], to
     in memory).  Over row slices on one thread: a whole-tensor difference costs two [out, in] fp32 temporaries,
     each page-faulted in fresh (that, not the arithmetic, was most of verify's system time).  A NaN anywhere gives
     NaN (so no bound is met), a shape mismatch inf."""
-    from ..quant.inplace import one_thread
+    from ..quant.inplace import block_rows, one_thread, row_blocks
 
     rows_of = want if callable(want) else (lambda r0, r1: want[r0:r1])
     if tuple(got.shape) != tuple(want.shape if shape is None else shape):
@@ -189,10 +189,9 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor | Callable[[int, int], to
     if got.numel() == 0:
         return 0.0
     g = got.reshape(got.shape[0], -1) if got.dim() > 1 else got.reshape(1, -1)
-    step = max(1, (1 << 18) // g.shape[1])
     with one_thread():
-        worst = [(g[i : i + step].float() - rows_of(i, i + step).reshape(g[i : i + step].shape).to(g.dtype).float())
-                 .abs_().amax() for i in range(0, g.shape[0], step)]
+        worst = [(g[r0:r1].float() - rows_of(r0, r1).reshape(g[r0:r1].shape).to(g.dtype).float()).abs_().amax()
+                 for r0, r1 in row_blocks(g.shape[0], block_rows(g.shape[1]))]
     return float(torch.stack(worst).amax())
 
 

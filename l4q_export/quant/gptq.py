@@ -20,7 +20,7 @@ def decode_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     8x smaller packed words are ever transposed.  The weight is built in row slices into one output."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from .inplace import one_thread
+    from .inplace import block_rows, one_thread, row_blocks
 
     g_idx = g_idx.long()
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
@@ -32,13 +32,12 @@ def decode_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     groups = zt.shape[1]
     gl = k // groups if groups and k % groups == 0 else 0
     in_order = gl > 0 and torch.equal(g_idx, torch.arange(k) // gl)  # not act-order: broadcast, no gathers
-    step = max(1, (1 << 18) // max(1, k))
     with one_thread():
-        for i in range(0, n, step):
-            qs, zs, ss, ws = q[i : i + step], zt[i : i + step], st[i : i + step], w[i : i + step]
+        for r0, r1 in row_blocks(n, block_rows(k)):
+            qs, zs, ss, ws = q[r0:r1], zt[r0:r1], st[r0:r1], w[r0:r1]
             if in_order:
-                r = qs.shape[0]
-                torch.mul((qs.view(r, groups, gl) - zs[..., None]).float(), ss[..., None], out=ws.view(r, groups, gl))
+                by_group = (r1 - r0, groups, gl)
+                torch.mul((qs.view(by_group) - zs[..., None]).float(), ss[..., None], out=ws.view(by_group))
             else:
                 torch.mul((qs - zs[:, g_idx]).float(), ss[:, g_idx], out=ws)
     return {"codes": q, "zero": zt, "weight": w, "scale_dtype": scales.dtype}

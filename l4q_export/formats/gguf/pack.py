@@ -380,7 +380,7 @@ _PROBES: dict[str, tuple[list[tuple[int, int, bytes]], int, int]] = {
 
 
 _DECODE_CHUNK_BYTES = 1 << 16  # packed bytes per slice of rows: every temporary of a slice stays in cache
-NO_CODE = np.iinfo(np.int16).min  # an element whose code cannot be read back (zero or non-finite slope): no code is
+NO_CODE = np.iinfo(np.int16).min  # an element whose sub-block cannot say its code (zero or non-finite slope)
 
 
 def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -416,10 +416,8 @@ def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndar
     qtype = QTYPES[name]
     size, sub = GGML_QUANT_SIZES[qtype][1], INFO[name].sub
     rows = raw.shape[0]
-    blocks = raw.reshape(-1, size)
-
     fields, base_at, one_at = _PROBES[name]
-    b = blocks.copy()
+    b = raw.reshape(-1, size).copy()
     for start, stop, pattern in fields:
         b[:, start:stop] = np.resize(np.frombuffer(pattern, np.uint8), stop - start)
     p = dequantize(b.reshape(rows, -1), qtype).reshape(-1, sub)
