@@ -26,13 +26,12 @@ class TorchBackend(ModuleBackend):
         import torch
 
         from ..checkpoint import CONFIG_FILE, load_checkpoint
-        from ..training.methods import apply_checkpoint
+        from ..training.methods import checkpoint_model
         from ..training.surgery import load_base_model
 
         if (target / CONFIG_FILE).is_file():
             ck = load_checkpoint(target)
-            model = load_base_model(ck.base_dir, dtype=torch.float32)
-            apply_checkpoint(model, ck, forward)
+            model = checkpoint_model(ck, forward)
             name = f"torch[{ck.method}, {forward}]"
         elif (target / "config.json").is_file():
             model = load_base_model(target, dtype=torch.float32)

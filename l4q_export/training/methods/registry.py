@@ -263,12 +263,16 @@ def build_layer(ck: Checkpoint, W0: torch.Tensor, t: dict[str, torch.Tensor], mo
 
 
 def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") -> None:
-    """Put a checkpoint into a loaded fp32 base model, for evaluation or as a runtime reference.
+    """Put a checkpoint into a loaded base model, for evaluation or as a runtime reference.
 
-    forward="fold":  each target linear gets dequant(fold) -- exactly the weights every exporter writes
-                     (for exact methods this equals the training W_q bit for bit; for lora/qat-lora it is the merge).
+    forward="fold":  each target linear gets dequant(fold) as its fp32 weight -- exactly the weights every exporter
+                     writes (for exact methods this equals the training W_q bit for bit; for lora/qat-lora it is
+                     the merge).
     forward="train": each target linear is replaced by the method's training layer (qat-lora's 4+16 mixed
-                     precision, lora's float W0 + alpha*B@A, ...), i.e. what the training loss saw.
+                     precision, lora's float W0 + alpha*B@A, ...), i.e. what the training loss saw.  The layer holds
+                     W0 in the shard's stored dtype, as in training: every layer widens W0 to fp32 where it
+                     computes, so the numbers are those of an fp32 W0 at half its memory for a 16-bit base.
+    The model's other weights keep whatever dtype they were loaded in (`checkpoint_model` widens them).
     """
     if forward not in ("fold", "train"):
         raise L4QInputError(f"forward must be fold or train, not {forward!r}")
@@ -277,28 +281,64 @@ def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") ->
     for module in ck.modules:
         W0 = base.get(module + ".weight")
         if forward == "fold":
-            with torch.no_grad():
-                model.get_submodule(module).weight.copy_(fold_module(ck, module, W0).dequantize())
+            model.get_submodule(module).weight.data = fold_module(ck, module, W0).dequantize().float()
             continue
         orig = model.get_submodule(module)
-        layer = build_layer(ck, W0.float(), ck.adapter(module), module)
+        layer = build_layer(ck, W0, ck.adapter(module), module)
         layer.bias = orig.bias
         parent, child = module.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
 
 
+def checkpoint_model(ck: Checkpoint, forward: str) -> nn.Module:
+    """The base with the checkpoint applied (`apply_checkpoint`), computing in fp32 throughout.
+
+    Loaded in the stored dtype, not as an fp32 model: the training layers keep their frozen W0 as stored (they
+    widen it chunk by chunk), and only the rest -- embeddings, norms, the head, the folded weights -- is fp32.
+    Widening is exact, so the logits are those of the all-fp32 model, bit for bit; what changes is the memory: a
+    7B fp16 base is ~14 GB instead of ~27 (and loading skips the fp16 -> fp32 copy of every linear)."""
+    model = load_base_model(ck.base_dir)
+    apply_checkpoint(model, ck, forward)
+    for mod in model.modules():
+        if not isinstance(mod, MethodLinear):
+            _widen_module(model, mod)
+    return model.eval()
+
+
+def _widen_module(model: nn.Module, mod: nn.Module) -> None:
+    """`mod`'s own parameters and buffers in fp32, with the values an fp32 load gives.
+
+    Loaded tensors widen exactly.  A non-persistent buffer (Gemma's embedding scale sqrt(hidden), RoPE's
+    frequencies) is not in the shards: transformers computes it at load in the load dtype, so a bf16 load holds
+    bf16(sqrt(640)) = 25.25 where an fp32 load holds 25.298.  Such a buffer is recomputed in fp32 by the model's
+    own initializer, which skips every tensor the load marked as loaded."""
+    for p in mod.parameters(recurse=False):
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()  # in place on the Parameter: tied embeddings stay one tensor
+    recompute = False
+    for name, b in mod.named_buffers(recurse=False):
+        if not b.is_floating_point() or b.dtype == torch.float32:
+            continue
+        if name in mod._non_persistent_buffers_set:
+            setattr(mod, name, torch.empty_like(b, dtype=torch.float32))  # a buffer's name: stays a buffer
+            recompute = True
+        else:
+            setattr(mod, name, b.float())
+    if recompute:
+        model._init_weights(mod)
+
+
 def reference_model(ck: Checkpoint) -> nn.Module:
-    """The fp32 PyTorch model every runtime check (GGUF, ONNX, safetensors) compares an artifact against.
+    """The PyTorch model every runtime check (GGUF, ONNX, safetensors) compares an artifact against (fp32 compute).
 
     Exact methods get their own training layers -- the forward the loss saw, which the export must reproduce.
     Lossy methods (lora / qat-lora) export a re-quantized merge by design, so no file can match their training
     forward; they are compared with the fold (the weights written), and `verify` on the checkpoint reports the
     merge's distance.
     """
-    model = load_base_model(ck.base_dir, dtype=torch.float32)
-    apply_checkpoint(model, ck, forward=checkpoint_method(ck).reference_forward)
+    model = checkpoint_model(ck, checkpoint_method(ck).reference_forward)
     _recipe_embeddings(model, ck)
-    return model.eval()
+    return model
 
 
 @torch.no_grad()
