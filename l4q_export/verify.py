@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +193,23 @@ def reference_logits(model: torch.nn.Module, seqs: list[list[int]]) -> list[np.n
     return [logits[i, : len(s)].double().numpy() for i, s in enumerate(seqs)]
 
 
-def compare_runtime(backend: Backend, ck: Checkpoint, tol: Tolerance, prompts: tuple[str, ...] = PROMPTS,
-                    greedy_tokens: int = GREEDY_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Level (c): logits on `prompts` and on the runtime's greedy continuation vs the PyTorch reference."""
-    from .formats.runtime import tokenizer_truth
-    from .training.methods import reference_model
+@dataclass(frozen=True)
+class RuntimeOutputs:
+    """What level (c) takes from the runtime: its logits of each sequence in `seqs` (the prompts, then the greedy
+    prompt with its continuation minus the last token) and the greedy tokens it chose."""
 
-    model = reference_model(ck)
+    seqs: list[list[int]]
+    logits: list[np.ndarray]
+    greedy_prompt: list[int]
+    greedy_tokens: list[int]
+
+
+def runtime_outputs(backend: Backend, ck: Checkpoint, prompts: tuple[str, ...] = PROMPTS,
+                    greedy_tokens: int = GREEDY_TOKENS) -> RuntimeOutputs:
+    """The runtime's half of level (c): logits on `prompts` (tokenized by the checkpoint's own tokenizer) and a
+    greedy continuation through the runtime's decode path."""
+    from .formats.runtime import tokenizer_truth
+
     _, truth = tokenizer_truth(ck.dir)
     seqs, gots = [], []
     for text in prompts:
@@ -210,7 +220,24 @@ def compare_runtime(backend: Backend, ck: Checkpoint, tol: Tolerance, prompts: t
     tokens, rows = backend.greedy(gids, greedy_tokens)
     seqs.append(gids + tokens[:-1])
     gots.append(np.asarray(rows, dtype=np.float64))
-    refs = reference_logits(model, seqs)
+    return RuntimeOutputs(seqs, gots, gids, tokens)
+
+
+def compare_runtime(backend: Backend, ck: Checkpoint, tol: Tolerance, prompts: tuple[str, ...] = PROMPTS,
+                    greedy_tokens: int = GREEDY_TOKENS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Level (c): logits on `prompts` and on the runtime's greedy continuation vs the PyTorch reference."""
+    return compare_outputs(runtime_outputs(backend, ck, prompts, greedy_tokens), ck, tol)
+
+
+def compare_outputs(out: RuntimeOutputs, ck: Checkpoint, tol: Tolerance) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The reference's half of level (c): the same sequences through the PyTorch reference, and the verdicts.
+
+    Separate from `runtime_outputs` so that a caller can let the runtime go first: the reference is then built
+    while no runtime is alive, and level (c) peaks at the larger of the two models instead of their sum."""
+    from .training.methods import reference_model
+
+    refs = reference_logits(reference_model(ck), out.seqs)
+    gots, gids, tokens = out.logits, out.greedy_prompt, out.greedy_tokens
     refs[-1] = refs[-1][len(gids) - 1 :]  # the greedy rows: from the prompt's last position on
     g_ref = refs[-1]
     r, g = np.concatenate(refs), np.concatenate(gots)
@@ -259,7 +286,9 @@ def verify_artifact(target: Target, artifact: Path, model_dir: Path) -> dict[str
     tol = target.tolerance(artifact)
     backend = target.runtime(artifact)
     checks = target.checks(artifact, ck, backend)
-    logits, greedy = compare_runtime(backend, ck, tol)
+    runtime_name, outputs = backend.name, runtime_outputs(backend, ck)
+    del backend  # the runtime (llama.cpp, an ORT session, a transformers model) is freed before the reference loads
+    logits, greedy = compare_outputs(outputs, ck, tol)
     n_codes = sum(bool(r["codes_identical"]) for r in rows)
     n_bound = sum(bool(r["within_bound"]) for r in rows)
     n_exact = sum(bool(r["codes_identical"]) and r["max_abs_error"] == 0.0 for r in rows)
@@ -269,7 +298,7 @@ def verify_artifact(target: Target, artifact: Path, model_dir: Path) -> dict[str
     tie = "" if greedy["tie_position"] is None else f" (near-tie at {greedy['tie_position']})"
     lossy = max((r.get("declared_bound", 0.0) for r in rows), default=0.0)
     summary = (f"{n_codes}/{len(rows)} quantized linears stored identically, {n_bound}/{len(rows)} within the declared bound "
-               f"(max err {worst:.3g}, {n_exact} exact); {backend.name}: top1 {logits['top1_agreement']:.3f}, "
+               f"(max err {worst:.3g}, {n_exact} exact); {runtime_name}: top1 {logits['top1_agreement']:.3f}, "
                f"KL {logits['mean_kl']:.2e}, max|dlogit| {logits['max_abs_dlogit']:.3g}; greedy {greedy['matched']}/"
                f"{greedy['required']} required tokens{tie}")
     if lossy > 0:
@@ -278,7 +307,7 @@ def verify_artifact(target: Target, artifact: Path, model_dir: Path) -> dict[str
         summary += f"; {name} {'ok' if c.get('passed', True) else 'FAILED'}" + (f" ({c['summary']})" if "summary" in c else "")
     return VerifyReport(
         check=target.name, artifact=str(artifact), model_dir=str(model_dir), passed=passed, summary=summary,
-        runtime=backend.name, n_quantized=len(rows), n_exact=n_exact, n_codes_identical=n_codes, n_within_bound=n_bound,
+        runtime=runtime_name, n_quantized=len(rows), n_exact=n_exact, n_codes_identical=n_codes, n_within_bound=n_bound,
         n_dense=sum(r.get("stored") == "dense" for r in rows), max_abs_error=worst, logits=logits, greedy=greedy,
         tolerance=asdict(tol), checks=checks, layers=rows,
     ).to_dict()

@@ -200,6 +200,17 @@ def test_architecture_mismatch_is_an_input_error(tmp_path, llama_ck, tiny_qwen2,
     assert verify(art, llama_ck)["passed"]  # the same file against its own checkpoint passes
 
 
+def test_layer_count_mismatch_is_an_input_error(tmp_path, tiny_base, checkpoint_factory):
+    """A 3-layer llama GGUF verified against a 2-layer llama checkpoint: the two layers they share compare equal
+    in levels (a) and (b), so the pairing itself is refused (exit 2), not reported as a logit mismatch."""
+    from l4q_export.demo import build_tiny_model
+
+    ck3 = checkpoint_factory(build_tiny_model(tmp_path / "base3", layers=3), bits=4, group_size=32, fp16_grid=True)
+    art = Path(export(ck3, tmp_path / "m3.gguf")["artifact"])
+    with pytest.raises(L4QInputError, match=r"m3\.gguf has 3 decoder layers, but the checkpoint .* has 2"):
+        verify(art, checkpoint_factory(tiny_base, bits=4, group_size=32, fp16_grid=True))
+
+
 def test_tampered_file_fails_verification(llama_ck, tmp_path):
     art = Path(export(llama_ck, tmp_path / "m.gguf")["artifact"])
     r = gguf.GGUFReader(str(art), "r+")

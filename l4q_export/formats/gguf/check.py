@@ -71,11 +71,15 @@ def check_architecture(artifact: Path, ck: Checkpoint) -> None:
     is a wrong pairing of inputs (exit 2), not a fidelity failure hidden among 'missing' tensors."""
     from .vocab import gguf_arch
 
-    got = field(open_reader(artifact), "general.architecture")
-    want = gguf_arch(ck.model_config())
+    reader, cfg = open_reader(artifact), ck.model_config()
+    got, want = field(reader, "general.architecture"), gguf_arch(cfg)
     if got != want:
         raise L4QInputError(f"{artifact} is a GGUF of architecture {got!r}, but the checkpoint {ck.dir} is {want!r} "
-                            f"({(ck.model_config().get('architectures') or ['?'])[0]}); pass the checkpoint it was exported from")
+                            f"({(cfg.get('architectures') or ['?'])[0]}); pass the checkpoint it was exported from")
+    blocks, layers = field(reader, f"{got}.block_count"), cfg.get("num_hidden_layers")
+    if layers is not None and int(blocks) != int(layers):  # its extra layers would pass (a)+(b) unnoticed
+        raise L4QInputError(f"{artifact} has {int(blocks)} decoder layers, but the checkpoint {ck.dir} has {int(layers)}; "
+                            "pass the checkpoint it was exported from")
 
 
 class GGUFArtifact:
