@@ -232,6 +232,43 @@ def test_other_widths_and_flavors_verify(tiny_base, checkpoint_factory, tmp_path
         assert json.loads((tmp_path / "out" / "quantize_config.json").read_text()) == qcfg
 
 
+def test_scale_dtype_is_the_model_dtype_only_where_every_product_fits_it():
+    """compressed-tensors decodes (q - z) * s in the scale's dtype: a 16-bit scale only where that is exact.  The
+    oracle is that formula in fp16 arithmetic, written out here."""
+    qt = _qt(4, 64, 128, 32)  # fp16-representable scales with full 11-bit mantissas
+    fp16_decode = (qt.codes.half() - qt.zero.repeat_interleave(32, 1).half()) * qt.scale.repeat_interleave(32, 1).half()
+    assert not torch.equal(fp16_decode.float(), qt.dequantize())  # an fp16 scale would round W_q
+    assert not L.decodes_exactly(qt, qt.zero, torch.float16) and L.decodes_exactly(qt, qt.zero, torch.float32)
+    pow2 = torch.exp2(torch.floor(torch.log2(qt.scale)))  # one significant bit: every product fits fp16
+    exact = QuantizedTensor(qt.name, qt.spec, qt.codes, pow2, -(pow2 * qt.zero), qt.zero)
+    assert L.decodes_exactly(exact, exact.zero, torch.float16)
+    assert not L.decodes_exactly(exact, exact.zero, torch.bfloat16) or torch.equal(
+        ((exact.codes.bfloat16() - exact.zero.repeat_interleave(32, 1).bfloat16())
+         * pow2.repeat_interleave(32, 1).bfloat16()).float(), exact.dequantize())
+
+
+def test_fp16_base_decodes_to_the_training_weights(tiny_base, checkpoint_factory, tmp_path):
+    """An fp16 base with fp16-grid scales: the stored scale is fp32 wherever an fp16 one would make the library's
+    decode round W_q, and compressed-tensors' decompressor then gives the fold's W_q bit for bit."""
+    import shutil
+
+    from l4q_export.training.surgery import load_base_model
+
+    base = tmp_path / "base16"
+    shutil.copytree(tiny_base, base)
+    load_base_model(tiny_base).half().save_pretrained(str(base))
+    ck = checkpoint_factory(base, bits=4, group_size=32, zero_point="integer", fp16_grid=True)
+    rep = ST.export(ck, tmp_path / "ct")
+    assert rep["exact"] and {r["scale_dtype"] for r in rep["layers"] if r.get("encoding") == "packed"} == {"float32"}
+    art = TARGET.read_back(tmp_path / "ct")
+    folded = {n: t for n, t in fold(ck) if isinstance(t, QuantizedTensor)}
+    for name, qt in folded.items():
+        got = art.get(name).weight
+        assert got.dtype == torch.float32 and torch.equal(got, qt.dequantize()), name
+    v = ST.verify(tmp_path / "ct", ck)
+    assert v["passed"] and v["checks"]["loader"]["passed"] and v["logits"]["max_abs_dlogit"] < DLOGIT, v["summary"]
+
+
 # ---------------------------------------------------------------- shards, atomicity
 
 def test_small_shard_size_gives_a_consistent_index(int4_ck, tmp_path):

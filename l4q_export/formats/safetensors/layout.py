@@ -26,6 +26,7 @@ import torch
 from ...errors import FidelityError
 from ...quant import QuantizedTensor, QuantSpec
 from ...quant.convert import rounded_zero_point, same_weights
+from ...quant.inplace import block_rows, row_blocks
 
 FLAVORS = ("compressed-tensors", "gptq", "gptq-v1")
 GPTQ_BITS = (2, 3, 4, 8)
@@ -104,6 +105,24 @@ def resolve_zero(qt: QuantizedTensor) -> ZeroResolution:
 
 def exactly_representable(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.equal(t.to(dtype).float(), t.float()))
+
+
+def decodes_exactly(qt: QuantizedTensor, zero: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Does compressed-tensors' decode give W_q bit for bit when the scale is stored in `dtype`?
+
+    The library computes (q - z) * s in the scale's dtype, so a 16-bit scale is exact only where every product
+    fits that dtype: an fp16 scale carries up to 11 significant bits and a 4-bit (q - z) up to 4 more, so a trained
+    fp16-grid scale usually decodes to fp16(W_q), not W_q (at 7B shapes that moved the logits of transformers'
+    fp32 model ~40x past verify's bound).  fp32 holds every such product.  Walks row blocks and stops at the first
+    that does not fit, which for trained scales is the first."""
+    if dtype == torch.float32:
+        return True
+    if not exactly_representable(qt.scale, dtype):
+        return False
+    on_zero = QuantizedTensor(qt.name, qt.spec, qt.codes, qt.scale, -(qt.scale * zero), zero)
+    n, k = qt.shape
+    return all(exactly_representable(on_zero.rows(r0, r1).dequantize(), dtype)
+               for r0, r1 in row_blocks(n, block_rows(k)))
 
 
 def ct_tensors(qt: QuantizedTensor, zero: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:

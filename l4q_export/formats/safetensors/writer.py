@@ -38,6 +38,7 @@ from .layout import (
     GPTQ_BITS,
     ct_quantization_config,
     ct_tensors,
+    decodes_exactly,
     exactly_representable,
     gptq_quantization_config,
     gptq_tensors,
@@ -102,7 +103,7 @@ def _encode(
     row: dict[str, Any] = {"encoding": "packed", "zero_point": "rounded" if res.rounded else qt.spec.zero_point,
                            "exact": res.exact, "max_abs_error": res.max_abs_err}
     if flavor == "compressed-tensors":
-        scale_dtype = model_dtype if exactly_representable(qt.scale, model_dtype) else torch.float32
+        scale_dtype = model_dtype if decodes_exactly(qt, res.zero, model_dtype) else torch.float32
         row["scale_dtype"] = str(scale_dtype).removeprefix("torch.")
         return ct_tensors(qt, res.zero, scale_dtype), row
     if not exactly_representable(qt.scale, torch.float16):
