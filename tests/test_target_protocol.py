@@ -271,6 +271,22 @@ def test_reference_logits_in_one_batch_are_each_sequence_alone(tiny_base, checkp
         np.testing.assert_allclose(r, alone, rtol=0, atol=1e-5 * max(1.0, float(np.abs(alone).max())))
 
 
+def test_module_backend_greedy_through_the_cache_is_the_full_recompute(tiny_base):
+    """ModuleBackend decodes through transformers' KV cache; each row must be the last row of a full forward of the
+    sequence so far (an independent, cache-free computation), and each token its argmax."""
+    from l4q_export.training.surgery import load_base_model
+
+    backend = ModuleBackend(load_base_model(tiny_base, dtype=torch.float32), tiny_base, "torch")
+    prompt = [1, 17, 42, 99, 7]
+    tokens, rows = backend.greedy(prompt, 12)
+    assert len(tokens) == 12 and rows.shape[0] == 12
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            full = backend.model(input_ids=torch.tensor([prompt + tokens[:i]])).logits[0, -1].numpy()
+        np.testing.assert_allclose(row, full, rtol=0, atol=1e-5 * max(1.0, float(np.abs(full).max())))
+        assert tokens[i] == int(np.argmax(row))
+
+
 def test_one_ahead_keeps_order_a_window_of_two_and_errors_at_their_item():
     """The fold's and verify's read-back pipeline: results in input order, fn of item i + 2 never starts before
     item i is handed over (two results alive at most), and an error surfaces at its own item, after the earlier

@@ -12,6 +12,7 @@ and then measures, each as its own process (wall seconds, the process's own peak
   peer       llama.cpp's convert_hf_to_gguf.py --outtype q8_0 of the base (from the llama-cpp-python sdist)
   ours       l4q-export for every target (gguf, onnx matmulnbits, onnx qdq, compressed-tensors, gptq)
   verify     levels (a)+(b) of `verify` (stored fields and decoded weights vs the fold) on each artifact
+  whole verify (--full-verify) every level, the runtime's logits against the PyTorch reference included
 plus the sha256 of every output file, so a second run with --expect FIRST.json proves a change kept every byte.
 
     python tools/bench_export.py --work /tmp/bench_export --layers 2,4 --json before.json
@@ -223,6 +224,17 @@ def verify_ab(label: str, artifact: Path, ck: Path, work: Path) -> dict[str, Any
     return measured(__file__, ["verify-ab", VERIFY_TARGET[label], str(artifact), str(ck)], cwd=work)
 
 
+def verify_full(label: str, artifact: Path, ck: Path, work: Path) -> dict[str, Any]:
+    """The whole verify (every level and the target's checks) as its own process, with its verdict and the level
+    (c) numbers: what a user's `python -m l4q_export.verify ARTIFACT --model CK` costs."""
+    rep = work / f"{label}.verify.json"
+    m = measured(__file__, ["verify-all", VERIFY_TARGET[label], str(artifact), str(ck), str(rep)], cwd=work)
+    r = json.loads(rep.read_text())
+    rep.unlink()
+    return {**m, "passed": r["passed"], "runtime": r["runtime"], "max_abs_dlogit": r["logits"]["max_abs_dlogit"],
+            "dlogit_limit": r["logits"]["dlogit_limit"], "mean_kl": r["logits"]["mean_kl"], "summary": r["summary"]}
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 @click.group()
@@ -246,6 +258,20 @@ def verify_ab_cmd(target: str, artifact: Path, model_dir: Path) -> None:
     sys.exit(0 if ok else 1)
 
 
+@cli.command("verify-all")
+@click.argument("target")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("json_path", type=click.Path(path_type=Path))
+def verify_all_cmd(target: str, artifact: Path, model_dir: Path, json_path: Path) -> None:
+    """Child process: the whole verify of ARTIFACT (a TARGET export) against MODEL_DIR, its report to JSON_PATH
+    (exit 0 whatever the verdict: a failing run's numbers are measured too)."""
+    from l4q_export.formats import get_target
+    from l4q_export.verify import verify_artifact
+
+    json_path.write_text(json.dumps(verify_artifact(get_target(target), artifact, model_dir)))
+
+
 @cli.command("run")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bench_export"), show_default=True,
               help="Where the base models, checkpoints and (briefly) the artifacts live.")
@@ -255,12 +281,14 @@ def verify_ab_cmd(target: str, artifact: Path, model_dir: Path) -> None:
               show_default=True, help="Where the llama-cpp-python sdist (llama.cpp's converter) is or is fetched to.")
 @click.option("--peer/--no-peer", "peer_on", default=True, show_default=True, help="Also time llama.cpp's converter.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Also time verify levels (a)+(b).")
+@click.option("--full-verify", is_flag=True,
+              help="Also time the whole verify (levels (a)-(c) and the target's checks) of each artifact.")
 @click.option("--keep", is_flag=True, help="Keep the artifacts (default: delete each once hashed and verified).")
 @click.option("--expect", type=click.Path(path_type=Path, exists=True), default=None,
               help="A previous --json: fail unless every output's sha256 equals it (same fixtures, same paths).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write all results here.")
-def run(work: Path, layers: str, targets: str, sdist_dir: Path, peer_on: bool, verify: bool, keep: bool,
-        expect: Path | None, json_path: Path | None) -> None:
+def run(work: Path, layers: str, targets: str, sdist_dir: Path, peer_on: bool, verify: bool, full_verify: bool,
+        keep: bool, expect: Path | None, json_path: Path | None) -> None:
     """Build the fixtures (once) and measure floor, peer, every target and verify, per layer count."""
     if not TOKENIZER.is_file():
         raise click.ClickException(f"shared data not found ({TOKENIZER}); clone ../shared beside the repo")
@@ -292,6 +320,8 @@ def run(work: Path, layers: str, targets: str, sdist_dir: Path, peer_on: bool, v
             res["sha256"] = output_hashes(out)
             if verify:
                 res["verify"] = verify_ab(label, out, ck, work)
+            if full_verify:
+                res["verify_full"] = verify_full(label, out, ck, work)
             if not keep:
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             if before is not None:
@@ -332,6 +362,14 @@ def print_tables(results: dict[str, Any]) -> None:
                        f"{t['seconds'] / fl['seconds']:>10.2f} {t['peak_rss_mib'] / p['peak_rss_mib'] if p else nan:>8.2f} "
                        f"{v.get('seconds', nan):>8.2f} {v.get('cpu_s', nan):>7.2f} {gb / v['seconds'] if v else nan:>8.2f} "
                        f"{same:>5}")
+        full = {label: t["verify_full"] for label, t in r["targets"].items() if "verify_full" in t}
+        if full:
+            click.echo(f"\nwhole verify, {r['layers']} layers: {'wall s':>7} {'cpu s':>7} {'RSS MiB':>8} {'passed':>6} "
+                       f"{'max|dlogit|':>11} {'limit':>9} {'mean KL':>9}")
+            for label, v in full.items():
+                limit = "-" if v["dlogit_limit"] is None else f"{v['dlogit_limit']:.3g}"
+                click.echo(f"{label:<29} {v['seconds']:>7.2f} {v['cpu_s']:>7.2f} {v['peak_rss_mib']:>8.0f} "
+                           f"{'yes' if v['passed'] else 'NO':>6} {v['max_abs_dlogit']:>11.3g} {limit:>9} {v['mean_kl']:>9.2e}")
 
 
 @cli.command("report")

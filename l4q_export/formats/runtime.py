@@ -95,7 +95,20 @@ class ModuleBackend:
         return log_softmax(self.logits(ids))
 
     def greedy(self, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-        return greedy_by_recompute(self, ids, n)
+        """Through transformers' KV cache, as `generate` decodes: the prompt in one forward, then one token per
+        forward (recomputing the whole sequence per token was 12 s of a 2-layer 7B-shaped verify's 50)."""
+        torch = self.torch
+        tokens: list[int] = []
+        rows = []
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), use_cache=True)
+            while True:
+                rows.append(out.logits[0, -1].float().cpu().numpy())
+                tokens.append(int(np.argmax(rows[-1])))
+                if len(tokens) == n:
+                    return tokens, np.stack(rows)
+                x = torch.tensor([[tokens[-1]]], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=x, past_key_values=out.past_key_values, use_cache=True)
 
 
 def greedy_by_recompute(backend: Any, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:

@@ -106,6 +106,14 @@ class SafetensorsArtifact:
                        lambda qt: _expected(qt, self.rounded), weight=weight, bound=bound,
                        info={"encoding": "packed", "scale_dtype": str(dec["scale_dtype"]).removeprefix("torch.")})
 
+    def weight_dtype(self, name: str) -> torch.dtype:
+        """The dtype of `get(name)`'s weight, read from the header instead of decoding: compressed-tensors decodes
+        in its scale's dtype, our GPTQ decode and dense tensors are fp32."""
+        key = f"{name.removesuffix('.weight')}.weight_scale"
+        if self.scheme is None or name in self.reader or key not in self.reader:
+            return torch.float32
+        return self.reader.get(key).dtype
+
     def _scales(self, module: str) -> torch.Tensor:
         key = f"{module}.weight_scale" if self.scheme is not None else f"{module}.scales"
         return self.reader.get(key).float()
@@ -127,9 +135,8 @@ def loader_check(artifact: Path, ck: Checkpoint, model: Any) -> dict[str, Any]:
         n += 1
         if isinstance(t, QuantizedTensor):
             want = (rounded_zero_point(t) if art.rounded else t).dequantize()
-            got = art.get(name)
-            if isinstance(got, Decoded) and got.weight is not None and got.weight.dtype != torch.float32:
-                want = want.to(got.weight.dtype).float()  # the half-precision library product, widened by the loader
+            if (dtype := art.weight_dtype(name)) != torch.float32:
+                want = want.to(dtype).float()  # the half-precision library product, widened by the loader
         else:
             want = t
         if not same_bits(w.detach().float(), want.float()):
