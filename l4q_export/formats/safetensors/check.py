@@ -141,5 +141,8 @@ def loader_check(artifact: Path, ck: Checkpoint, model: Any) -> dict[str, Any]:
             want = t
         if not same_bits(w.detach().float(), want.float()):
             bad.append(name)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not embed.weight:
+        bad.append("lm_head.weight (the config ties it to the embedding; the loaded model does not)")
     return {"n_parameters": n, "n_bit_exact": n - len(bad), "differing": bad[:10], "passed": not bad,
             "summary": f"{n - len(bad)}/{n} loaded parameters bit-exact"}
