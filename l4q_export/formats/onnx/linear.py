@@ -108,6 +108,12 @@ def block_params(p: torch.Tensor, group_len: int, block: int, k: int) -> torch.T
     return p[:, idx]
 
 
+def transposed(a: np.ndarray) -> np.ndarray:
+    """`a.T` as a C-contiguous copy, by torch's cache-blocked transpose: numpy's strided copy took 0.29 s for an
+    11008 x 4096 uint8 code matrix, torch 0.05 s (the QDQ export's main thread spent 4.7 s of 14 there)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).T.contiguous().numpy()
+
+
 class LinearWriter:
     """Writes the initializers of each linear as the fold streams it, then emits its nodes on demand."""
 
@@ -160,11 +166,11 @@ class LinearWriter:
             put("zero_points", pack_bits(zp, cb))
         else:
             qtype = ml_dtypes.uint4 if cb == 4 else np.uint8
-            put("qweight", np.ascontiguousarray(codes.T).astype(qtype))
-            put("scales", np.ascontiguousarray(scales.T))
-            put("zero_points", np.ascontiguousarray(zp.T).astype(qtype))
+            put("qweight", transposed(codes).astype(qtype))
+            put("scales", transposed(scales))
+            put("zero_points", transposed(zp).astype(qtype))
         if qt.zero is None:  # float offsets: the exact group-sum term
-            put("offsets", np.ascontiguousarray(exact_cast(qt.name, "offset", qt.minimum, npd).T))
+            put("offsets", transposed(exact_cast(qt.name, "offset", qt.minimum, npd)))
         layout = LinearLayout(self.form, spec.bits, cb, block, g_len, k, n, inits)
         self.layouts[qt.name] = layout
         return layout
