@@ -36,8 +36,7 @@ def _fp32_oracle(ck_dir: Path, forward: str) -> torch.nn.Module:
             orig = model.get_submodule(module)
             layer = build_layer(ck, W0, ck.adapter(module), module)
             layer.bias = orig.bias
-            parent, child = module.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(module, layer)
     return model.eval()
 
 

@@ -51,8 +51,7 @@ def swap_linears(
     for name, lin in list(target_linears(model)):
         if not torch.isfinite(lin.weight).all():
             raise L4QInputError(f"weight {name}.weight contains NaN/Inf; refusing to quantize")
-        parent_name, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, make_layer(name, lin, gen))
+        model.set_submodule(name, make_layer(name, lin, gen))
         names.append(name)
     if not names:
         raise L4QInputError("no decoder linear layers found to quantize")

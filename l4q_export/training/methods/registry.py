@@ -286,8 +286,7 @@ def apply_checkpoint(model: nn.Module, ck: Checkpoint, forward: str = "fold") ->
         orig = model.get_submodule(module)
         layer = build_layer(ck, W0, ck.adapter(module), module)
         layer.bias = orig.bias
-        parent, child = module.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, layer)
+        model.set_submodule(module, layer)
 
 
 def checkpoint_model(ck: Checkpoint, forward: str) -> nn.Module:
