@@ -79,6 +79,26 @@ def test_chunked_backward_equals_unchunked(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_input_gradient_in_one_or_many_chunks(monkeypatch):
+    """bf16 activations: one chunk gives gy @ W_q straight from the bf16 GEMM (rounded once); several chunks add
+    their products in fp32.  Both are the input gradient in bf16, within bf16 rounding of the fp32 product of the
+    same bf16 operands."""
+    torch.manual_seed(1)
+    m = L4QLinear(torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16), QuantSpec(4, 16, "float"), rank=2,
+                  lora_alpha=4, init="minmax")
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.05)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    gy = torch.randn(6, 48).to(torch.bfloat16)
+    ref = gy.float() @ m.quantized().dequantize().to(torch.bfloat16).float()
+    for chunk in (1 << 22, 64 * 8):  # one chunk vs 6 chunks of 8 rows
+        monkeypatch.setattr(layer_mod, "CHUNK_ELEMENTS", chunk)
+        xx = x.clone().requires_grad_(True)
+        m(xx).backward(gy)
+        assert xx.grad.dtype == torch.bfloat16
+        assert float((xx.grad.float() - ref).abs().max()) <= 2.0 ** -6 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("zp,fin,group", [("float", 70, 32), ("integer", 52, 24), ("symmetric", 64, 16)])
 def test_cache_blocks_change_no_bit_of_the_output(monkeypatch, zp, fin, group):
     """The eager kernel's cache-sized row blocks (training/blocked.py): 3-row blocks vs one block per chunk give the
