@@ -218,6 +218,28 @@ def test_ct_round_trip_through_transformers_is_bit_exact(int4_ck, tmp_path):
     assert ST.detect(tmp_path / "ct") and not ST.detect(tmp_path)
 
 
+@pytest.mark.parametrize(("bits", "zp"), [(4, "integer"), (3, "symmetric")])
+def test_read_back_decodes_as_the_library_decompressor(tiny_base, checkpoint_factory, tmp_path, bits, zp):
+    """verify's compressed-tensors read-back calls the decompressor's steps one by one (each field unpacked once):
+    its weight must be `PackedQuantizationCompressor.decompress`'s, bit for bit, and its codes the library's unpack."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    from l4q_export.formats.safetensors.check import decode_ct
+
+    ck = checkpoint_factory(tiny_base, bits=bits, group_size=32, zero_point=zp, fp16_grid=True)
+    ST.export(ck, tmp_path / "ct")
+    art = TARGET.read_back(tmp_path / "ct")
+    modules = sorted(n.removesuffix(".weight_packed") for n in art.reader.names() if n.endswith(".weight_packed"))
+    assert len(modules) == 14
+    for m in modules:
+        sd = {k: art.reader.get(f"{m}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+              if f"{m}.{k}" in art.reader}
+        got = decode_ct(art.reader, m, art.scheme, bits)
+        assert torch.equal(got["weight"], PackedQuantizationCompressor.decompress(sd, art.scheme)["weight"]), m
+        shape = torch.Size(sd["weight_shape"].tolist())
+        assert torch.equal(got["codes"], unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int16) + (1 << (bits - 1)))
+
+
 @pytest.mark.parametrize(("bits", "zp", "flavor"), [(8, "integer", "gptq"), (3, "symmetric", "gptq-v1"),
                                                     (2, "integer", "compressed-tensors")])
 def test_other_widths_and_flavors_verify(tiny_base, checkpoint_factory, tmp_path, bits, zp, flavor):
