@@ -149,3 +149,22 @@ def test_bias_and_batch_shapes():
     assert y.shape == (2, 3, 4, 16)
     wq = m.quantized().dequantize()
     torch.testing.assert_close(y, x @ wq.T + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("zp,fin,group", [("float", 52, 24), ("integer", 70, 32), ("symmetric", 64, 16)])
+def test_rebuilt_layer_without_init_takes_the_trained_grid(zp, fin, group):
+    """A layer rebuilt from a checkpoint (init=None: placeholders, no init from W0) holds, once the adapter is loaded,
+    the trained layer's W_q bit for bit -- partial last groups included (the placeholders must have its shape)."""
+    torch.manual_seed(fin)
+    base = torch.nn.Linear(fin, 20, bias=False)
+    spec = QuantSpec(4, group, zp)
+    trained = L4QLinear(base, spec, rank=3, lora_alpha=6, init="minmax")
+    with torch.no_grad():
+        trained.lora_B.normal_(0, 0.05)
+        trained.scale.mul_(1.1)
+        if trained.offset is not None:
+            trained.offset.add_(0.3)
+    rebuilt = L4QLinear(base, spec, rank=3, lora_alpha=6, init=None)
+    rebuilt.load_tensors(trained.adapter_tensors())
+    want, got = trained.quantized(), rebuilt.quantized()
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.dequantize(), want.dequantize())

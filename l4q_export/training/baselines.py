@@ -32,7 +32,7 @@ class _FrozenBase(MethodLinear):
 class QATLoRALinear(_FrozenBase):
     """LSQ+ (learned scale and float offset, L4Q's Function with no LoRA inside) on W0 + a float LoRA branch."""
 
-    def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str = "l4q",
+    def __init__(self, base: nn.Linear, spec: QuantSpec, rank: int, lora_alpha: float, init: str | None = "l4q",
                  fp16_grid: bool = False, lsq_grad_scale: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         adopt_frozen_base(self, base)

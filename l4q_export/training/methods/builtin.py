@@ -116,7 +116,7 @@ def _rebuild_l4q(lin: nn.Linear, ck: Checkpoint, rank: int, lora_alpha: float, t
     rank = rank if "lora_A" in t else 0
     if ck.kspec is not None:  # init is overwritten by load_tensors; "rtn" is the cheap closed form
         return KQuantLinear(lin, ck.kspec, rank, lora_alpha, init="rtn")
-    return L4QLinear(lin, ck.spec, rank, lora_alpha, fp16_grid=ck.fp16_grid)
+    return L4QLinear(lin, ck.spec, rank, lora_alpha, init=None, fp16_grid=ck.fp16_grid)  # scale/offset: loaded next
 
 
 register(Method("l4q", L4QLinear, "LoRA merged inside a learned LSQ+ quantizer (or, with --grid, a GGUF K-quant grid)",
@@ -174,7 +174,7 @@ register(Method(
     "qat-lora", QATLoRALinear, "baseline: LSQ+ W0 + float LoRA",
     lambda lin, name, gen, args, ctx: QATLoRALinear(lin, args.spec(), args.rank, args.alpha, args.init, _fp16(args),
                                                     args.lsq_grad_scale, generator=gen),
-    lambda lin, ck, rank, a, t: QATLoRALinear(lin, ck.spec, rank, a, fp16_grid=ck.fp16_grid,
+    lambda lin, ck, rank, a, t: QATLoRALinear(lin, ck.spec, rank, a, init=None, fp16_grid=ck.fp16_grid,
                                               lsq_grad_scale=bool(ck.config.get("lsq_grad_scale", True))),
     _fold_qat_lora, lossy=True, validate=_check_qat_lora,
     checkpoint_extra=lambda args: {"qat_lora_export": args.extra.get("qat_lora_export", "refuse")},
