@@ -68,8 +68,9 @@ def test_chunked_backward_equals_unchunked(monkeypatch):
         m.lora_B.normal_(0, 0.05)
     x = torch.randn(3, 32)
     grads = []
-    for chunk in (1 << 22, 32 * 5):  # one chunk vs 5-row chunks
+    for chunk in (1 << 22, 32 * 5):  # one chunk vs 5-row chunks, two per input-gradient GEMM
         monkeypatch.setattr(layer_mod, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(layer_mod, "GRAD_X_ELEMENTS", 32 * 10)
         for p in m.parameters():
             p.grad = None
         xx = x.clone().requires_grad_(True)
@@ -79,24 +80,27 @@ def test_chunked_backward_equals_unchunked(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_input_gradient_in_one_or_many_chunks(monkeypatch):
-    """bf16 activations: one chunk gives gy @ W_q straight from the bf16 GEMM (rounded once); several chunks add
-    their products in fp32.  Both are the input gradient in bf16, within bf16 rounding of the fp32 product of the
-    same bf16 operands."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_input_gradient_in_one_or_many_chunks_and_gemms(monkeypatch, dtype):
+    """One chunk, six chunks gathered into one input-gradient GEMM, and six chunks in three GEMMs of two (the
+    products added in fp32; in place by addmm for fp32): the input gradient in the activation dtype, within its
+    rounding of the fp32 product of the same operands."""
     torch.manual_seed(1)
-    m = L4QLinear(torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16), QuantSpec(4, 16, "float"), rank=2,
+    m = L4QLinear(torch.nn.Linear(64, 48, bias=False).to(dtype), QuantSpec(4, 16, "float"), rank=2,
                   lora_alpha=4, init="minmax")
     with torch.no_grad():
         m.lora_B.normal_(0, 0.05)
-    x = torch.randn(6, 64).to(torch.bfloat16)
-    gy = torch.randn(6, 48).to(torch.bfloat16)
-    ref = gy.float() @ m.quantized().dequantize().to(torch.bfloat16).float()
-    for chunk in (1 << 22, 64 * 8):  # one chunk vs 6 chunks of 8 rows
+    x = torch.randn(6, 64).to(dtype)
+    gy = torch.randn(6, 48).to(dtype)
+    ref = gy.float() @ m.quantized().dequantize().to(dtype).float()
+    tol = 2.0 ** -6 if dtype == torch.bfloat16 else 1e-5
+    for chunk, gemm in ((1 << 22, 1 << 23), (64 * 8, 1 << 23), (64 * 8, 64 * 16)):  # 8-row chunks, 16-row GEMMs
         monkeypatch.setattr(layer_mod, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(layer_mod, "GRAD_X_ELEMENTS", gemm)
         xx = x.clone().requires_grad_(True)
         m(xx).backward(gy)
-        assert xx.grad.dtype == torch.bfloat16
-        assert float((xx.grad.float() - ref).abs().max()) <= 2.0 ** -6 * float(ref.abs().max())
+        assert xx.grad.dtype == dtype
+        assert float((xx.grad.float() - ref).abs().max()) <= tol * float(ref.abs().max())
 
 
 @pytest.mark.parametrize("zp,fin,group", [("float", 70, 32), ("integer", 52, 24), ("symmetric", 64, 16)])
