@@ -30,8 +30,12 @@ SCALE_FLOOR = 2.0**-14
 
 
 def expand_groups(p: torch.Tensor, group_len: int, in_features: int) -> torch.Tensor:
-    """[out, G] -> [out, in]: repeat each group's value over its columns (last group may be partial)."""
-    return p.repeat_interleave(group_len, dim=1)[:, :in_features]
+    """[out, G] -> [out, in]: repeat each group's value over its columns (last group may be partial).
+
+    Column j reads group j // group_len.  Inside a compiled graph that index is computed from the column, not
+    gathered, so the compiled kernel (training/fused.py) fuses the whole chain into one loop over the chunk; the
+    view formulation (expand -> reshape -> slice) made inductor skip a partial group's columns."""
+    return p[:, torch.arange(in_features, device=p.device) // group_len]
 
 
 def group_sum(x: torch.Tensor, group_len: int) -> torch.Tensor:

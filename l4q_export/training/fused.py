@@ -4,7 +4,8 @@ The eager kernel (blocked.py) runs each chunk's chain -- widen W0, r LoRA passes
 in backward the same plus the STE mask and the group sums -- as ~40 separate passes over cache-sized blocks.
 Here each chunk's chain is one traced graph that inductor fuses into one loop (forward) or a few (SmolLM2's
 1536x576 forward piece, one thread: 2.8 ms eager, 0.67 ms compiled on an EPYC; 0.48 ms on a Xeon with the group
-parameters read by column index, 0.85 ms with per-group views).  The graphs are the eager operations (core's
+parameters read by column index, `quant.expand_groups`, 0.85 ms with per-group views, which made inductor
+materialise every intermediate in fp32).  The graphs are the eager operations (core's
 expressions, `lora_delta_loop`: the same IEEE op per element, in the same order), so W_q is expected to be
 bit-identical; whether the compiler kept it so (no contraction into FMA, no reciprocal for the division) is
 *checked*, not assumed: training/kernel.py compares compiled and eager on the run's own layers at start-up and
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..quant import GroupParams, QuantSpec, lora_delta_loop
+from ..quant import GroupParams, QuantSpec, expand_groups, lora_delta_loop
 from ..quant.base_int8 import int8_dequant
 
 
@@ -33,19 +34,9 @@ def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | 
     return w if A is None or Br is None else w + lora_delta_loop(A, Br, alpha)
 
 
-def _per_column(p: torch.Tensor | None, g: int, n: int) -> torch.Tensor | None:
-    """[rows, G] group parameters as [rows, n]: column j reads group j // g.  Inside the graph this is an index
-    computed from the column, not a gather, so the whole chain -- a partial last group included -- is one loop over
-    the chunk that reads W0 once and writes W_q once.  (The view formulation, expand -> reshape -> slice, made
-    inductor skip the partial group's columns and leave them uninitialised; group views per part made it
-    materialise every intermediate in fp32: 0.85 vs 0.48 ms for SmolLM2's 1536x576 forward piece.)"""
-    if p is None:
-        return None
-    return p[:, torch.arange(n, device=p.device) // g]
-
-
 def _group_sums(t: torch.Tensor, g: int) -> torch.Tensor:
-    """[rows, n] -> [rows, G]: the sum over each group's columns (the partial last group over its own)."""
+    """[rows, n] -> [rows, G]: the sum over each group's columns (the partial last group over its own).  The eager
+    kernel's `quant.inplace.group_sum_into` in out-of-place form: dynamo does not trace its out= writes into views."""
     rows, n = t.shape
     full, cut = n // g, (n // g) * g
     parts = [t[:, :cut].reshape(rows, full, g).sum(-1)] if full else []
@@ -60,7 +51,7 @@ def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, a
     n = W0r.shape[1]
     g = spec.group_len(n)
     w = _merged(W0r, w0_scale, A, Br, alpha)
-    d, m, z = (_per_column(t, g, n) for t in (scale, minimum, zero))
+    d, m, z = (None if t is None else expand_groups(t, g, n) for t in (scale, minimum, zero))
     v = (w - m) / d if m is not None else w / d + z
     u = v.clamp(0, spec.umax).round()
     return (u * d + m if m is not None else (u - z) * d).to(dtype)
@@ -73,7 +64,7 @@ def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpe
     n = W0r.shape[1]
     g = spec.group_len(n)
     w = _merged(W0r, w0_scale, A, Br, alpha)
-    d, m, z = (_per_column(t, g, n) for t in (scale, minimum, zero))
+    d, m, z = (None if t is None else expand_groups(t, g, n) for t in (scale, minimum, zero))
     G = G.float()
     v = (w - m) / d if m is not None else w / d + z
     c = v.clamp(0, spec.umax)

@@ -313,8 +313,7 @@ def add_learned_grid(layer: nn.Module, spec: QuantSpec, init: str | None) -> Non
     W0: 1.25 s of a 2-layer LLaMA-2-7B-shaped reference model's 3.9 s build (~20 s for a whole 7B)."""
     dev = layer.weight.device
     if init is None:
-        n_groups = -(-layer.in_features // spec.group_len(layer.in_features))
-        s = torch.ones(layer.out_features, n_groups)
+        s = torch.ones(layer.out_features, spec.n_groups(layer.in_features))
         off = None if spec.zero_point == "symmetric" else torch.zeros_like(s)
     else:
         with torch.no_grad():
