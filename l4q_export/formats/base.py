@@ -189,9 +189,13 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor | Callable[[int, int], to
     if got.numel() == 0:
         return 0.0
     g = got.reshape(got.shape[0], -1) if got.dim() > 1 else got.reshape(1, -1)
+    step = block_rows(g.shape[1])
+    buf = torch.empty(min(step, g.shape[0]), g.shape[1])  # one difference buffer, reused: no fresh pages per block
+    worst = []
     with one_thread():
-        worst = [(g[r0:r1].float() - rows_of(r0, r1).reshape(g[r0:r1].shape).to(g.dtype).float()).abs_().amax()
-                 for r0, r1 in row_blocks(g.shape[0], block_rows(g.shape[1]))]
+        for r0, r1 in row_blocks(g.shape[0], step):
+            d = torch.sub(g[r0:r1].float(), rows_of(r0, r1).reshape(r1 - r0, -1).to(g.dtype).float(), out=buf[: r1 - r0])
+            worst.append(d.abs_().amax())
     return float(torch.stack(worst).amax())
 
 

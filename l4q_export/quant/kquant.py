@@ -24,13 +24,13 @@ llama.cpp falls back to legacy types for other widths (see quant/krecipe.py).
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+
+from . import ggml
 
 QK_K = 256
 
@@ -251,18 +251,6 @@ def rtn_kquant(spec: KQuantSpec, w: torch.Tensor, name: str = "") -> KQuantized:
     return encode(spec, w, d, sc, dmin, mn, name=name)
 
 
-@functools.cache
-def _libggml() -> ctypes.CDLL:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise RuntimeError("init 'ggml' needs llama-cpp-python (pip install 'l4q-export[runtime]')") from None
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
-    if not libs:
-        raise RuntimeError("init 'ggml': llama-cpp-python ships no libggml-base shared library here")
-    return ctypes.CDLL(str(libs[0]))
-
-
 def ggml_init_kquant(
     spec: KQuantSpec, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -275,7 +263,7 @@ def ggml_init_kquant(
     spec.check_shape(tuple(w.shape))
     x = np.ascontiguousarray(w.detach().float().cpu().numpy())
     raw = np.zeros(x.size // QK_K * spec.block_bytes, dtype=np.uint8)
-    fn = getattr(_libggml(), f"quantize_row_{spec.name[:2]}_K_ref")
+    fn = getattr(ggml.lib(), f"quantize_row_{spec.name[:2]}_K_ref")
     fn(x.ctypes.data_as(ctypes.c_void_p), raw.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
     t = unpack_blocks(spec, raw, tuple(w.shape))
     f = lambda v: None if v is None else v.float().to(w.device)  # noqa: E731

@@ -1,11 +1,12 @@
 """Reading a GGUF artifact back for `verify`, independent of our packers, and GGUF's own check (tokenizer parity).
 
-Every quantized tensor is read with gguf-py's `GGUFReader` and decoded with `gguf.quants.dequantize`; the stored
-integers are recovered from that decoder alone (`pack.decode_with_codes`) and must be what the fold's codes become in
+Every quantized tensor is read with gguf-py's `GGUFReader` and decoded by llama.cpp's own C decoder
+(`quant.ggml.dequantize`: ggml's ``dequantize_row_<type>``, ~4x gguf-py's numpy port); the stored integers are
+recovered from that decoder alone (`pack.decode_with_codes`) and must be what the fold's codes become in
 that block type (`pack.expected_stored_codes`: u, or u - z for types without a minimum).  The decoded weights are
 held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Trained K-grid tensors
 (declared ``kgrid``) are unpacked field by field from ggml's block layout (`kquant.unpack_blocks`): codes,
-sub-scales, sub-minima and the fp16 super-scales must all equal the fold's, and gguf-py's decode its W_q
+sub-scales, sub-minima and the fp16 super-scales must all equal the fold's, and ggml's decode its W_q
 exactly.  Names and the q/k row
 permutation come from the file's own header, so the reader needs nothing but the artifact.
 """
@@ -25,6 +26,7 @@ import torch
 
 from ...checkpoint import Checkpoint
 from ...errors import L4QInputError
+from ...quant import ggml
 from ...quant.kquant import KQuantized, kquant_spec, unpack_blocks
 from ..base import Decoded
 from ..runtime import HFTokenizer, tokenizer_truth
@@ -117,8 +119,10 @@ class GGUFArtifact:
         kgrid = bool(declared.get("kgrid"))
         if tname in P.QTYPES and not kgrid:  # one pass over the bytes gives the weight and the codes it implies
             decoded, codes = P.decode_with_codes(raw.reshape(shape[0], -1), tname)
+        elif tname in P.QTYPES:  # a trained K grid: ggml's own decoder (its fields are unpacked below)
+            decoded = ggml.dequantize(raw.reshape(shape[0], -1), qtype)
         else:
-            # F32 decodes to a view of the read-only mmap: copied (torch needs a writable array); others are fresh
+            # F32 decodes to a view of the read-only mmap: copied (torch needs a writable array); F16 is fresh
             decoded = np.require(gguf.quants.dequantize(raw, qtype).reshape(shape), np.float32, ["C", "W"])
         idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
         inv = None if idx is None else np.argsort(idx)
@@ -134,7 +138,7 @@ class GGUFArtifact:
                            info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
         codes = unperm(codes.reshape(shape))
         return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
-                       bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "gguf-py decoder"})
+                       bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "ggml decoder"})
 
 
 def kfields(kq: Any) -> dict[str, np.ndarray]:

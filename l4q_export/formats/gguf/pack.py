@@ -356,12 +356,12 @@ def pack(qt: QuantizedTensor, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Independent code recovery (verify level a): only gguf-py's decoder and the documented field positions
+# Independent code recovery (verify level a): only ggml's decoder and the documented field positions
 # --------------------------------------------------------------------------------------------------------
 
 # Per type: byte ranges (within a block) of the quant fields, each filled with a byte pattern (tiled), chosen so
 # that every sub-block (the elements sharing one scale) stores the "base" code at element `base_at` and base + 1
-# at element `one_at`.  One gguf-py decode of such a probe gives each sub-block's intercept and slope, so
+# at element `one_at`.  One decode of such a probe gives each sub-block's intercept and slope, so
 # codes = rint((y - y_base) / (y_one - y_base)) -- no header parsing here.  Where the patterns differ by element
 # they follow the bit positions of ggml's layouts: Q2_K/Q3_K element 128c + 32j + l in byte 32c + l (2 bits at 2j),
 # Q4_K sub-block 2c + h element l in byte 32c + l (nibble h), Q6_K element 128c + 64h + k in byte 64c + k of ql.
@@ -384,7 +384,7 @@ NO_CODE = np.iinfo(np.int16).min  # an element whose sub-block cannot say its co
 
 
 def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """gguf-py's decode of a packed tensor [rows, bytes] (float32 [rows, elements]) and the stored integer codes it
+    """ggml's decode (`quant.ggml.dequantize`) of a packed tensor [rows, bytes] (float32 [rows, elements]) and the stored integer codes it
     implies (int16: u for min types, +-(u - z) for the others; `NO_CODE` where a block cannot say).
 
     One pass over slices of rows: each slice is decoded once as stored and once as a probe while its bytes are in
@@ -411,7 +411,7 @@ def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndar
     (negative d) reads back as u - z.  float32 is enough: the decode itself rounds d*q + m to fp32 (relative
     2^-24 of |m| + |d*q|), which float64 arithmetic here could not undo either, and the two further fp32 roundings
     add as much again; the code is exact while |m| stays below ~2^20 |d| (tested at 2^12)."""
-    from gguf.quants import dequantize
+    from ...quant.ggml import dequantize
 
     qtype = QTYPES[name]
     size, sub = GGML_QUANT_SIZES[qtype][1], INFO[name].sub
@@ -421,7 +421,7 @@ def _decode_slice(raw: np.ndarray, name: str, weight: np.ndarray, codes: np.ndar
     for start, stop, pattern in fields:
         b[:, start:stop] = np.resize(np.frombuffer(pattern, np.uint8), stop - start)
     p = dequantize(b.reshape(rows, -1), qtype).reshape(-1, sub)
-    weight[...] = dequantize(raw, qtype)
+    dequantize(raw, qtype, out=weight)
     y0 = p[:, base_at : base_at + 1]
     slope = np.abs(p[:, one_at : one_at + 1] - y0)
     no_code = ~(np.isfinite(y0) & np.isfinite(slope) & (slope > 0))[:, 0]  # a sub-block that cannot say its codes
