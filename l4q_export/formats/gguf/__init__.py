@@ -1,5 +1,5 @@
-"""`--to gguf`: one .gguf file for llama.cpp (writer.py), read back by gguf-py and ggml's decoder (check.py), run in llama-cpp-python
-(runtime.py); block packing in pack.py, vocabulary and hyper-parameters in vocab.py.  See docs/gguf.md."""
+"""`--to gguf`: one .gguf file for llama.cpp (writer.py), read back by gguf-py and ggml's decoder (check.py), run in
+llama-cpp-python (runtime.py); block packing in pack.py, vocabulary and hyper-parameters in vocab.py.  See docs/gguf.md."""
 
 from __future__ import annotations
 

@@ -384,8 +384,8 @@ NO_CODE = np.iinfo(np.int16).min  # an element whose sub-block cannot say its co
 
 
 def decode_with_codes(raw: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's decode (`quant.ggml.dequantize`) of a packed tensor [rows, bytes] (float32 [rows, elements]) and the stored integer codes it
-    implies (int16: u for min types, +-(u - z) for the others; `NO_CODE` where a block cannot say).
+    """ggml's decode (`quant.ggml.dequantize`) of a packed tensor [rows, bytes] (float32 [rows, elements]) and the
+    stored integer codes it implies (int16: u for min types, +-(u - z) for the others; `NO_CODE` where a block cannot say).
 
     One pass over slices of rows: each slice is decoded once as stored and once as a probe while its bytes are in
     cache, so the working set is a slice, not three float64 copies of the tensor, and the results are the same
