@@ -222,6 +222,33 @@ def test_tampered_file_fails_verification(llama_ck, tmp_path):
     assert not v["passed"] and v["n_codes_identical"] == 13
 
 
+
+def test_row_slices_catch_what_one_slice_does(tiny_base, checkpoint_factory, tmp_path, monkeypatch):
+    """verify walks a GGUF tensor in slices of rows (`Decoded.rows`); at the tiny sizes of these tests one slice is
+    the whole tensor.  With one row per slice, a code changed in the last row of a permuted q_proj (its HF row is
+    not its GGUF row) and of a down_proj must be caught at those tensors alone, and every other tensor's measured
+    error must be the exporter's own per-tensor measurement (its fp32 scale grid makes it non-zero)."""
+    from l4q_export import verify as V
+
+    ck = checkpoint_factory(tiny_base, bits=3, group_size=64, fp16_grid=False)
+    art = Path(export(ck, tmp_path / "f.gguf")["artifact"])
+    declared = json.loads(_field(art, G.REPORT_KEY))
+    tampered = {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"}
+    r = gguf.GGUFReader(str(art), "r+")
+    for t in r.tensors:
+        if t.name in tampered:
+            t.data[-1, -1] ^= 0x11  # the last block's last byte: two codes of the tensor's last GGUF row
+    r.data.flush()
+    del r
+    whole = V.verify_tensors(TARGET, art, ck)["layers"]
+    monkeypatch.setattr(V, "ROW_SLICE_ELEMENTS", 1)
+    sliced = V.verify_tensors(TARGET, art, ck)["layers"]
+    assert {row["gguf"] for row in sliced if not row["codes_identical"]} == tampered
+    assert all(row["fields_differing"] == ["codes"] and not row["within_bound"] for row in sliced if row["gguf"] in tampered)
+    assert all(row["max_abs_error"] == declared[row["gguf"]]["max_abs_error"] > 0 for row in sliced
+               if row["gguf"] not in tampered)
+    assert sliced == whole
+
 @pytest.mark.slow
 def test_lossy_kquant_with_flag_keeps_codes(tmp_path_factory, checkpoint_factory):
     from l4q_export.demo import build_tiny_model

@@ -206,7 +206,12 @@ class Decoded:
     fields: the stored integers and parameters, in the order of the fold's tensor (HF row order);
     expect: what those fields must be for the fold's `QuantizedTensor` (the target's stored layout of it);
     weight: the decoded [N, K] float weight (None where the fields alone define it, bit for bit);
-    bound: the declared max |weight - W_q| (0 = exact).
+    bound: the declared max |weight - W_q| (0 = exact);
+    rows: instead of whole `fields` and `weight` (left empty), output rows r0:r1 of both, decoded on demand, with
+    `expect` then called on the fold's same rows (`QuantizedTensor.rows`); `shape` is then the decoded tensor's.
+    The verifier walks such a tensor in cache-sized slices, so it never exists decoded whole: for a 7B MLP weight
+    that is a fresh 180 MB fp32 and a 90 MB int16 array per tensor, whose page zeroing and trip through DRAM cost
+    more than the decode itself.
     """
 
     name: str
@@ -215,6 +220,8 @@ class Decoded:
     weight: torch.Tensor | None = None
     bound: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    rows: Callable[[int, int], tuple[dict[str, np.ndarray], torch.Tensor | None]] | None = None
+    shape: tuple[int, ...] = ()
 
 
 class ArtifactReader(Protocol):

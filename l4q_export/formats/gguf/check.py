@@ -1,7 +1,8 @@
 """Reading a GGUF artifact back for `verify`, independent of our packers, and GGUF's own check (tokenizer parity).
 
 Every quantized tensor is read with gguf-py's `GGUFReader` and decoded by llama.cpp's own C decoder
-(`quant.ggml.dequantize`: ggml's ``dequantize_row_<type>``, ~4x gguf-py's numpy port); the stored integers are
+(`quant.ggml.dequantize`: ggml's ``dequantize_row_<type>``, ~4x gguf-py's numpy port), a slice of rows at a time
+as `verify` compares them (`Decoded.rows`); the stored integers are
 recovered from that decoder alone (`pack.decode_with_codes`) and must be what the fold's codes become in
 that block type (`pack.expected_stored_codes`: u, or u - z for types without a minimum).  The decoded weights are
 held to the bound the exporter declared per tensor in the file (`l4q.tensor_report`).  Trained K-grid tensors
@@ -117,28 +118,32 @@ class GGUFArtifact:
         tname = qtype.name.lower()
         declared = self.declared.get(gname, {})
         kgrid = bool(declared.get("kgrid"))
-        if tname in P.QTYPES and not kgrid:  # one pass over the bytes gives the weight and the codes it implies
-            decoded, codes = P.decode_with_codes(raw.reshape(shape[0], -1), tname)
-        elif tname in P.QTYPES:  # a trained K grid: ggml's own decoder (its fields are unpacked below)
+        idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
+        inv = None if idx is None else np.argsort(idx)
+        unperm = (lambda a: a) if inv is None else (lambda a: a[inv])
+        bound = float(declared.get("max_abs_error", 0.0))
+        if tname in P.QTYPES and not kgrid:  # rows decoded on demand, one pass over their bytes: weight and codes
+            packed = unperm(raw.reshape(shape[0], -1))  # HF row order (a copy of the packed bytes only where permuted)
+
+            def rows(r0: int, r1: int) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+                decoded, codes = P.decode_with_codes(packed[r0:r1], tname)
+                return {"codes": codes}, torch.from_numpy(decoded)
+
+            return Decoded(hf_name, {}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, bound=bound,
+                           info={"type": qtype.name, "gguf": gname, "codes_from": "ggml decoder"}, rows=rows, shape=shape)
+        if tname in P.QTYPES:  # a trained K grid: ggml's own decoder (its fields are unpacked below)
             decoded = ggml.dequantize(raw.reshape(shape[0], -1), qtype)
         else:
             # F32 decodes to a view of the read-only mmap: copied (torch needs a writable array); F16 is fresh
             decoded = np.require(gguf.quants.dequantize(raw, qtype).reshape(shape), np.float32, ["C", "W"])
-        idx = qk_permutation(hf_name, self.arch, self.cfg, shape[0])
-        inv = None if idx is None else np.argsort(idx)
-        unperm = (lambda a: a) if inv is None else (lambda a: a[inv])
         weight = torch.from_numpy(np.ascontiguousarray(unperm(decoded)))
-        bound = float(declared.get("max_abs_error", 0.0))
         if kgrid:  # a trained K-grid module: every stored field, block by block
             kq = unpack_blocks(kquant_spec(tname), raw, shape, hf_name)
             return Decoded(hf_name, {k: unperm(v) for k, v in kfields(kq).items()}, kfields, weight=weight, bound=bound,
                            info={"type": qtype.name, "gguf": gname, "codes_from": "ggml block layout (kquant.unpack_blocks)"})
-        if tname not in P.QTYPES:  # F32/F16 of W_q: the weight is the whole content
-            return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
-                           info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
-        codes = unperm(codes.reshape(shape))
-        return Decoded(hf_name, {"codes": codes}, lambda qt: {"codes": P.expected_stored_codes(qt, tname)}, weight=weight,
-                       bound=bound, info={"type": qtype.name, "gguf": gname, "codes_from": "ggml decoder"})
+        # F32/F16 of W_q: the weight is the whole content
+        return Decoded(hf_name, {}, lambda qt: {}, weight=weight, bound=bound,
+                       info={"type": qtype.name, "gguf": gname, "codes_from": "weight"})
 
 
 def kfields(kq: Any) -> dict[str, np.ndarray]:
