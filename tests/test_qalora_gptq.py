@@ -239,7 +239,7 @@ def test_decode_gptq_tensors_is_the_plain_formula(bits, act_order, v1):
     act-order g_idx (the groups permuted over K) takes the gather path, contiguous groups the broadcast one."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from l4q_export.quant.gptq import decode_gptq_tensors
+    from l4q_export.quant.gptq import decode_gptq_tensors, gptq_rows
 
     g = torch.Generator().manual_seed(bits * 10 + act_order + 2 * v1)
     n, k, gl = 320, 1024, 128  # 2^18 elements per row slice: 256 rows, then a partial slice of 64
@@ -257,3 +257,7 @@ def test_decode_gptq_tensors_is_the_plain_formula(bits, act_order, v1):
     want = (q - z[:, g_idx]).float() * scales.float().T[:, g_idx]
     assert torch.equal(dec["codes"].long(), q) and torch.equal(dec["zero"].long(), z)
     assert torch.equal(dec["weight"].view(torch.int32), want.view(torch.int32))
+    rows = gptq_rows(qweight, qzeros, scales, g_idx, bits, v1)  # verify's slices: any cut gives the same bits
+    parts = [rows(r0, min(r0 + 77, n)) for r0 in range(0, n, 77)]
+    for key in ("codes", "zero", "weight"):
+        assert torch.equal(torch.cat([d[key] for d in parts]), dec[key]), key

@@ -224,7 +224,7 @@ def test_read_back_decodes_as_the_library_decompressor(tiny_base, checkpoint_fac
     its weight must be `PackedQuantizationCompressor.decompress`'s, bit for bit, and its codes the library's unpack."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
-    from l4q_export.formats.safetensors.check import decode_ct
+    from l4q_export.formats.safetensors.check import ct_rows, decode_ct
 
     ck = checkpoint_factory(tiny_base, bits=bits, group_size=32, zero_point=zp, fp16_grid=True)
     ST.export(ck, tmp_path / "ct")
@@ -238,7 +238,39 @@ def test_read_back_decodes_as_the_library_decompressor(tiny_base, checkpoint_fac
         assert torch.equal(got["weight"], PackedQuantizationCompressor.decompress(sd, art.scheme)["weight"]), m
         shape = torch.Size(sd["weight_shape"].tolist())
         assert torch.equal(got["codes"], unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int16) + (1 << (bits - 1)))
+        rows = ct_rows(art.reader, m, art.scheme, bits)  # verify's slices of rows: any cut gives the same bits
+        parts = [rows(r0, min(r0 + 5, shape[0])) for r0 in range(0, shape[0], 5)]
+        for key in ("codes", "zero", "weight"):
+            assert torch.equal(torch.cat([d[key] for d in parts]), got[key]), (m, key)
 
+
+@pytest.mark.parametrize("flavor", ["compressed-tensors", "gptq"])
+def test_row_slices_catch_a_changed_last_row(tiny_base, checkpoint_factory, tmp_path, monkeypatch, flavor):
+    """verify walks packed tensors in slices of rows (`Decoded.rows`), one slice at these tiny sizes.  With one row
+    per slice, codes changed in the last output row of one linear must fail that linear alone, with the report
+    one whole slice gives."""
+    from safetensors.torch import load_file, save_file
+
+    from l4q_export import verify as V
+
+    ck = checkpoint_factory(tiny_base, bits=4, group_size=32, zero_point="integer", fp16_grid=True)
+    out = Path(ST.export(ck, tmp_path / "out", flavor=flavor)["artifact"])
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    module = "model.layers.1.mlp.down_proj"
+    if flavor == "gptq":  # qweight [K/8, N]: output row n is column n
+        tensors[f"{module}.qweight"][-1, -1] ^= 0x11
+    else:  # weight_packed [N, K/8]
+        tensors[f"{module}.weight_packed"][-1, -1] ^= 0x11
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    whole = V.verify_tensors(TARGET, out, ck)["layers"]
+    monkeypatch.setattr(V, "ROW_SLICE_ELEMENTS", 1)
+    sliced = V.verify_tensors(TARGET, out, ck)["layers"]
+    assert [r["tensor"] for r in sliced if not r["codes_identical"]] == [module + ".weight"]
+    bad = next(r for r in sliced if r["tensor"] == module + ".weight")
+    assert bad["fields_differing"] == ["codes"] and not bad["within_bound"]
+    assert all(r["max_abs_error"] == 0.0 for r in sliced if r["tensor"] != module + ".weight")
+    assert sliced == whole
 
 @pytest.mark.parametrize(("bits", "zp", "flavor"), [(8, "integer", "gptq"), (3, "symmetric", "gptq-v1"),
                                                     (2, "integer", "compressed-tensors")])
@@ -285,7 +317,7 @@ def test_fp16_base_decodes_to_the_training_weights(tiny_base, checkpoint_factory
     art = TARGET.read_back(tmp_path / "ct")
     folded = {n: t for n, t in fold(ck) if isinstance(t, QuantizedTensor)}
     for name, qt in folded.items():
-        got = art.get(name).weight
+        got = art.get(name).whole_weight()
         assert got.dtype == torch.float32 and torch.equal(got, qt.dequantize()), name
     v = ST.verify(tmp_path / "ct", ck)
     assert v["passed"] and v["checks"]["loader"]["passed"] and v["logits"]["max_abs_dlogit"] < DLOGIT, v["summary"]

@@ -223,6 +223,10 @@ class Decoded:
     rows: Callable[[int, int], tuple[dict[str, np.ndarray], torch.Tensor | None]] | None = None
     shape: tuple[int, ...] = ()
 
+    def whole_weight(self) -> torch.Tensor | None:
+        """The decoded weight at once, row-wise or not: for a runtime that builds its model from the artifact."""
+        return self.weight if self.rows is None else self.rows(0, self.shape[0])[1]
+
 
 class ArtifactReader(Protocol):
     """Random access to an artifact's decoded tensors by HF name (one tensor in memory at a time)."""

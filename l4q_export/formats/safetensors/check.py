@@ -11,7 +11,7 @@ loader: the model the runtime loads (runtime.py) holds exactly those weights, pa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ...errors import L4QInputError
 from ...fold import fold_checkpoint
 from ...quant import QuantizedTensor
 from ...quant.convert import rounded_zero_point
-from ...quant.gptq import decode_gptq_tensors
+from ...quant.gptq import gptq_rows
 from ..base import Decoded, same_bits
 from .io import ShardReader
 
@@ -31,12 +31,18 @@ EXPORT_INFO = "l4q_export.json"
 
 
 def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[str, torch.Tensor]:
-    """Codes, zero points and weight of one pack-quantized Linear, decoded by compressed-tensors itself.
+    """Codes, zero points and weight of one pack-quantized Linear, decoded by compressed-tensors itself."""
+    rows = ct_rows(reader, module, scheme, bits)
+    return rows(0, int(reader.get(f"{module}.weight_shape")[0]))
+
+
+def ct_rows(reader: ShardReader, module: str, scheme: Any, bits: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
+    """`decode_ct` of output rows r0:r1 (the same bits as those rows of the whole: every step is per row).
 
     The steps of `PackedQuantizationCompressor.decompress` -- `unpack_from_int32` of the zero point (where its
-    strategy packs it) and of the codes, then the library's `dequantize` -- called one by one, so that the unpacked
-    integers (a) checks are the very ones the weight (b) checks was decoded from, and each is unpacked once (the
-    second unpack was 0.2 s of a 1.1 s decode per 11008x4096 tensor)."""
+    strategy packs it; once, here) and of the codes, then the library's `dequantize` -- called one by one, so that
+    the unpacked integers (a) checks are the very ones the weight (b) checks was decoded from, and each is unpacked
+    once (the second unpack was 0.2 s of a 1.1 s decode per 11008x4096 tensor)."""
     from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization.lifecycle.forward import dequantize
@@ -48,16 +54,17 @@ def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[
     zp = reader.get(zkey) if zkey in reader else None
     if zp is not None and not args.symmetric and args.strategy in PACK_ZP_STRATS:
         zp = unpack_from_int32(zp, bits, torch.Size([shape[0], scale.shape[1]]), packed_dim=0)
-    unpacked = unpack_from_int32(reader.get(f"{module}.weight_packed"), bits, shape)
-    weight = dequantize(x_q=unpacked, scale=scale, zero_point=zp, args=args)
+    packed = reader.get(f"{module}.weight_packed")
     half = 1 << (bits - 1)
-    zero = torch.full((shape[0], scale.shape[1]), half, dtype=torch.int16) if zp is None else zp.to(torch.int16) + half
-    return {"codes": unpacked.to(torch.int16) + half, "zero": zero, "weight": weight, "scale_dtype": scale.dtype}
 
+    def rows(r0: int, r1: int) -> dict[str, torch.Tensor]:
+        z = None if zp is None else zp[r0:r1]
+        unpacked = unpack_from_int32(packed[r0:r1], bits, torch.Size([r1 - r0, *shape[1:]]))
+        weight = dequantize(x_q=unpacked, scale=scale[r0:r1], zero_point=z, args=args)
+        zero = torch.full((r1 - r0, scale.shape[1]), half, dtype=torch.int16) if z is None else z.to(torch.int16) + half
+        return {"codes": unpacked.to(torch.int16) + half, "zero": zero, "weight": weight, "scale_dtype": scale.dtype}
 
-def decode_gptq(reader: ShardReader, module: str, bits: int, v1: bool) -> dict[str, torch.Tensor]:
-    """One GPTQ Linear's codes, zeros and weight: the math is `quant.gptq.decode_gptq_tensors`."""
-    return decode_gptq_tensors(*(reader.get(f"{module}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")), bits, v1)
+    return rows
 
 
 def _expected(qt: QuantizedTensor, rounded: bool) -> dict[str, np.ndarray]:
@@ -103,14 +110,24 @@ class SafetensorsArtifact:
         packed = f"{module}.weight_packed" if self.scheme is not None else f"{module}.qweight"
         if packed not in self.reader:
             return None
-        dec = decode_ct(self.reader, module, self.scheme, self.bits) if self.scheme is not None else \
-            decode_gptq(self.reader, module, self.bits, self.v1)
+        if self.scheme is not None:
+            decode = ct_rows(self.reader, module, self.scheme, self.bits)
+            shape = tuple(int(x) for x in self.reader.get(f"{module}.weight_shape").tolist())
+            scale_dtype = self.weight_dtype(name)  # the library decodes in its scale's dtype
+        else:  # the math is `quant.gptq.gptq_rows`
+            qweight, qzeros, scales, g_idx = (self.reader.get(f"{module}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx"))
+            decode = gptq_rows(qweight, qzeros, scales, g_idx, self.bits, self.v1)
+            shape, scale_dtype = (int(scales.shape[1]), int(qweight.shape[0]) * 32 // self.bits), scales.dtype
+
+        def rows(r0: int, r1: int) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+            dec = decode(r0, r1)
+            weight = dec["weight"] if dec["scale_dtype"] != torch.float32 else dec["weight"].float()
+            return {"codes": dec["codes"].numpy(), "zero": dec["zero"].numpy()}, weight
+
         # a rounded zero point moves each weight by at most d/2 (quant.convert.rounded_zero_point)
         bound = 0.0 if not self.rounded else float(self._scales(module).max()) * 0.5 * (1 + 2.0 ** -10)
-        weight = dec["weight"] if dec["scale_dtype"] != torch.float32 else dec["weight"].float()
-        return Decoded(name, {"codes": dec["codes"].numpy(), "zero": dec["zero"].numpy()},
-                       lambda qt: _expected(qt, self.rounded), weight=weight, bound=bound,
-                       info={"encoding": "packed", "scale_dtype": str(dec["scale_dtype"]).removeprefix("torch.")})
+        return Decoded(name, {}, lambda qt: _expected(qt, self.rounded), bound=bound, rows=rows, shape=shape,
+                       info={"encoding": "packed", "scale_dtype": str(scale_dtype).removeprefix("torch.")})
 
     def weight_dtype(self, name: str) -> torch.dtype:
         """The dtype of `get(name)`'s weight, read from the header instead of decoding: compressed-tensors decodes

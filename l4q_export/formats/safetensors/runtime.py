@@ -54,7 +54,7 @@ def load_decoded_model(artifact: Path) -> Any:
                 if name in tied:
                     continue
                 raise L4QInputError(f"{artifact}: tensor {name} of the model is not in the export")
-            state[name].copy_(got if isinstance(got, torch.Tensor) else got.weight.float())
+            state[name].copy_(got if isinstance(got, torch.Tensor) else got.whole_weight().float())
     return model.eval()
 
 
