@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,48 +128,43 @@ def compare_tensor(qt: QuantizedTensor | KQuantized, got: Decoded | torch.Tensor
         ok = same_bits(got.float(), wq)
         err = max_abs_diff(got.float(), wq)
         return {**row, "stored": "dense", "codes_identical": ok, "within_bound": ok, "max_abs_error": err, "declared_bound": 0.0}
-    if got.rows is not None:
-        return {**row, **compare_rows(qt, got)}
-    want = got.expect(qt)
-    keys = sorted(set(got.fields) | set(want))  # a field missing on either side is a difference
-    differ = [k for k in keys if k not in got.fields or k not in want or not same_bits(got.fields[k], want[k])]
-    row.update(stored="quantized", **got.info, fields=keys, fields_differing=differ, codes_identical=not differ)
-    if got.weight is None:  # the fields define the weight exactly
-        err = 0.0 if not differ else float("inf")
-    else:  # the library computes in the artifact's dtype: compare with W_q rounded to it
-        err = max_abs_diff(got.weight, wq_rows(qt), qt.shape)
-    row.update(max_abs_error=err, declared_bound=got.bound, within_bound=err <= got.bound)
-    return row
-
-
-def compare_rows(qt: QuantizedTensor | KQuantized, got: Decoded) -> dict[str, Any]:
-    """`compare_tensor` of a row-wise `Decoded`: each slice of rows decoded, its fields held to the fold's same rows
-    and its weight to their W_q, while all of it is in cache.  The row has the keys and values a whole comparison
-    gives (a NaN anywhere still reaches max_abs_error)."""
-    n_rows, n_cols = qt.shape
-    if not isinstance(qt, QuantizedTensor) or tuple(got.shape) != tuple(qt.shape):  # odd pairings: compared whole
-        fields, weight = got.rows(0, got.shape[0])
-        return compare_tensor(qt, replace(got, fields=fields, weight=weight, rows=None))
-    step = max(1, ROW_SLICE_ELEMENTS // max(n_cols, 1))
     keys: set[str] = set()
     differ: set[str] = set()
     errs: list[float] = []
-    for r0 in range(0, n_rows, step):
-        r1 = min(r0 + step, n_rows)
-        fields, weight = got.rows(r0, r1)
-        part = qt.rows(r0, r1)
+    for fields, weight, part, wq in pieces(qt, got):
         want = got.expect(part)
-        keys |= set(fields) | set(want)
-        differ |= {k for k in set(fields) | set(want)
-                   if k not in fields or k not in want or not same_bits(fields[k], want[k])}
-        if weight is not None:
-            errs.append(max_abs_diff(weight, part.dequantize()))
+        here = set(fields) | set(want)  # a field missing on either side is a difference
+        keys |= here
+        differ |= {k for k in here if k not in fields or k not in want or not same_bits(fields[k], want[k])}
+        if weight is not None:  # the library computes in the artifact's dtype: compare with W_q rounded to it
+            errs.append(max_abs_diff(weight, wq, part.shape))
     if errs:
         err = float(np.max(errs))  # np.max, not max(): a NaN slice stays NaN
     else:  # the fields define the weight exactly
         err = 0.0 if not differ else float("inf")
-    return {"stored": "quantized", **got.info, "fields": sorted(keys), "fields_differing": sorted(differ),
-            "codes_identical": not differ, "max_abs_error": err, "declared_bound": got.bound, "within_bound": err <= got.bound}
+    row.update(stored="quantized", **got.info, fields=sorted(keys), fields_differing=sorted(differ),
+               codes_identical=not differ, max_abs_error=err, declared_bound=got.bound, within_bound=err <= got.bound)
+    return row
+
+
+def pieces(qt: QuantizedTensor | KQuantized, got: Decoded) -> Iterator[tuple[
+        dict[str, np.ndarray], torch.Tensor | None, QuantizedTensor | KQuantized,
+        torch.Tensor | Callable[[int, int], torch.Tensor]]]:
+    """(stored fields, decoded weight, the fold's matching part, its W_q) for each piece `compare_tensor` holds to
+    the fold: the whole tensor, or a row-wise `Decoded`'s slices of rows, each decoded and compared while in cache
+    (an odd pairing -- a K-grid fold, a shape mismatch -- is compared whole)."""
+    if got.rows is None:
+        yield got.fields, got.weight, qt, wq_rows(qt)
+        return
+    if not isinstance(qt, QuantizedTensor) or tuple(got.shape) != tuple(qt.shape):
+        yield *got.rows(0, got.shape[0]), qt, wq_rows(qt)
+        return
+    n_rows, n_cols = qt.shape
+    step = max(1, ROW_SLICE_ELEMENTS // max(n_cols, 1))
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        part = qt.rows(r0, r1)
+        yield *got.rows(r0, r1), part, part.dequantize()
 
 
 def wq_rows(qt: QuantizedTensor | KQuantized) -> Callable[[int, int], torch.Tensor]:
@@ -300,7 +295,8 @@ def verify_tensors(target: Target, artifact: Path, model_dir: Path) -> dict[str,
     beside the fold and the verdict is awaited after the last tensor (`fold_checkpoint`), before any row is
     returned; the artifact is opened (library imports, header parsing) on one worker, and each tensor's copy
     decoded on another (`one_ahead`) while the previous one is compared and the next fold runs on the fold's own
-    worker (a row-wise `Decoded`, GGUF's, is decoded slice by slice inside the comparison instead).  At most two
+    worker (a row-wise `Decoded` -- GGUF's, the packed safetensors' -- is decoded slice by slice inside the
+    comparison instead).  At most two
     decoded tensors are alive; same rows, same order; an error surfaces at its own tensor."""
     ck = load_checkpoint(model_dir, overlap_hashes=True)
     with ThreadPoolExecutor(1, thread_name_prefix="l4q-open") as opener:
