@@ -238,7 +238,7 @@ def test_read_back_decodes_as_the_library_decompressor(tiny_base, checkpoint_fac
         assert torch.equal(got["weight"], PackedQuantizationCompressor.decompress(sd, art.scheme)["weight"]), m
         shape = torch.Size(sd["weight_shape"].tolist())
         assert torch.equal(got["codes"], unpack_from_int32(sd["weight_packed"], bits, shape).to(torch.int16) + (1 << (bits - 1)))
-        rows = ct_rows(art.reader, m, art.scheme, bits)  # verify's slices of rows: any cut gives the same bits
+        _shape, _dtype, rows = ct_rows(art.reader, m, art.scheme, bits)  # verify's slices: any cut, the same bits
         parts = [rows(r0, min(r0 + 5, shape[0])) for r0 in range(0, shape[0], 5)]
         for key in ("codes", "zero", "weight"):
             assert torch.equal(torch.cat([d[key] for d in parts]), got[key]), (m, key)

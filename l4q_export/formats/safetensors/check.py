@@ -32,12 +32,14 @@ EXPORT_INFO = "l4q_export.json"
 
 def decode_ct(reader: ShardReader, module: str, scheme: Any, bits: int) -> dict[str, torch.Tensor]:
     """Codes, zero points and weight of one pack-quantized Linear, decoded by compressed-tensors itself."""
-    rows = ct_rows(reader, module, scheme, bits)
-    return rows(0, int(reader.get(f"{module}.weight_shape")[0]))
+    shape, _dtype, rows = ct_rows(reader, module, scheme, bits)
+    return rows(0, shape[0])
 
 
-def ct_rows(reader: ShardReader, module: str, scheme: Any, bits: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
-    """`decode_ct` of output rows r0:r1 (the same bits as those rows of the whole: every step is per row).
+def ct_rows(reader: ShardReader, module: str, scheme: Any, bits: int
+            ) -> tuple[tuple[int, ...], torch.dtype, Callable[[int, int], dict[str, torch.Tensor]]]:
+    """The weight's shape, its scale's dtype (the library decodes in it), and `decode_ct` of output rows r0:r1 (the
+    same bits as those rows of the whole: every step is per row).
 
     The steps of `PackedQuantizationCompressor.decompress` -- `unpack_from_int32` of the zero point (where its
     strategy packs it; once, here) and of the codes, then the library's `dequantize` -- called one by one, so that
@@ -64,7 +66,7 @@ def ct_rows(reader: ShardReader, module: str, scheme: Any, bits: int) -> Callabl
         zero = torch.full((r1 - r0, scale.shape[1]), half, dtype=torch.int16) if z is None else z.to(torch.int16) + half
         return {"codes": unpacked.to(torch.int16) + half, "zero": zero, "weight": weight, "scale_dtype": scale.dtype}
 
-    return rows
+    return tuple(shape), scale.dtype, rows
 
 
 def _expected(qt: QuantizedTensor, rounded: bool) -> dict[str, np.ndarray]:
@@ -111,9 +113,7 @@ class SafetensorsArtifact:
         if packed not in self.reader:
             return None
         if self.scheme is not None:
-            decode = ct_rows(self.reader, module, self.scheme, self.bits)
-            shape = tuple(int(x) for x in self.reader.get(f"{module}.weight_shape").tolist())
-            scale_dtype = self.weight_dtype(name)  # the library decodes in its scale's dtype
+            shape, scale_dtype, decode = ct_rows(self.reader, module, self.scheme, self.bits)
         else:  # the math is `quant.gptq.gptq_rows`
             qweight, qzeros, scales, g_idx = (self.reader.get(f"{module}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx"))
             decode = gptq_rows(qweight, qzeros, scales, g_idx, self.bits, self.v1)
