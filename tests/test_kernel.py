@@ -23,8 +23,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-CASES = [  # bits, group, zero point, in, out, base dtype: the float/integer/symmetric paths, a partial group, int8
+CASES = [  # bits, group, zero point, in, out, base dtype: the float/integer/symmetric paths, partial groups, int8
     (4, 16, "float", 48, 24, "stored"),
+    (4, 16, "float", 56, 20, "stored"),  # full groups and a partial one: backward_graph's two parts of a row
     (4, 24, "integer", 52, 12, "int8"),
     (3, -1, "symmetric", 36, 28, "stored"),
 ]
