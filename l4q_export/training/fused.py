@@ -2,19 +2,20 @@
 
 The eager kernel (blocked.py) runs each chunk's chain -- widen W0, r LoRA passes, shift, clamp, round, dequantize;
 in backward the same plus the STE mask and the group sums -- as ~40 separate passes over cache-sized blocks.
-Here each chunk's chain is one traced graph that inductor fuses into one loop (forward) or a few (SmolLM2's 1536x576
-forward piece, one thread: 2.8 ms eager, 0.67 ms compiled on an EPYC; 0.48 ms on a Xeon with the group parameters
-read by column index, `quant.expand_groups`, 0.85 ms with per-group views, which made inductor materialise every
-intermediate in fp32). The backward graph, whose group sums are reductions, is the other way round: per-group views
-let inductor fuse the sums into the chain's loop (`backward_graph`). The graphs are the eager operations (core's
+Here each chunk's chain is one traced graph that inductor fuses into one loop (forward) or a few (SmolLM2's
+1536x576 forward piece, one thread: 2.8 ms eager, 0.67 ms compiled on an EPYC; 0.48 ms on a Xeon with the group
+parameters read by column index, `quant.expand_groups`, 0.85 ms with per-group views, which made inductor
+materialise every intermediate in fp32).  The backward graph, whose group sums are reductions, is the other way
+round: per-group views (`quant.inplace.group_views`) let inductor fuse the sums into the chain's loop.  The graphs
+are the eager operations (core's
 expressions, `lora_delta_loop`: the same IEEE op per element, in the same order), so W_q is expected to be
-bit-identical; whether the compiler kept it so (no contraction into FMA, no reciprocal for the division) is *checked*,
-not assumed: training/kernel.py compares compiled and eager on the run's own layers at start-up and refuses (or
-falls back to eager) when a single bit of W_q differs. The fp16-grid snap of the parameters (`effective_params`)
-stays outside, eager: inductor does not emulate precision casts by default and drops the fp32 -> fp16 -> fp32 round
-trip inside a graph. Shapes are static (one compilation per chunk shape, a few per model): with dynamic shapes
-inductor's loops were slower than eager. The GEMMs stay outside (eager); the cast of W_q to the activation dtype is
-inside, so the self-check compares the graphs in that dtype as well as in fp32 (kernel.py).
+bit-identical; whether the compiler kept it so (no contraction into FMA, no reciprocal for the division) is
+*checked*, not assumed: training/kernel.py compares compiled and eager on the run's own layers at start-up and
+refuses (or falls back to eager) when a single bit of W_q differs.  The fp16-grid snap of the parameters
+(`effective_params`) stays outside, eager: inductor does not emulate precision casts by default and drops the
+fp32 -> fp16 -> fp32 round trip inside a graph.  Shapes are static (one compilation per chunk shape, a few per model):
+with dynamic shapes inductor's loops were slower than eager.  The GEMMs stay outside (eager); the cast of W_q to
+the activation dtype is inside, so the self-check compares the graphs in that dtype as well as in fp32 (kernel.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from ..quant import GroupParams, QuantSpec, expand_groups, lora_delta_loop
 from ..quant.base_int8 import int8_dequant
+from ..quant.inplace import group_views
 
 
 def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | None, Br: torch.Tensor | None,
@@ -33,13 +35,6 @@ def _merged(W0r: torch.Tensor, w0_scale: torch.Tensor | None, A: torch.Tensor | 
     """Rows of W0 (or the int8 base's W0') + alpha*B@A in fp32, per element the very ops of the fold."""
     w = W0r.float() if w0_scale is None else int8_dequant(W0r, w0_scale)
     return w if A is None or Br is None else w + lora_delta_loop(A, Br, alpha)
-
-
-def _group_parts(n: int, g: int) -> list[tuple[int, int, int]]:
-    """(first column, end column, groups) of the full groups of a row, then of a partial last group if any."""
-    full = n // g
-    parts = [(0, full * g, full)] if full else []
-    return parts + [(full * g, n, 1)] if full * g < n else parts
 
 
 def forward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, spec: QuantSpec, alpha: float,
@@ -59,32 +54,31 @@ def backward_graph(W0r, w0_scale, A, Br, scale, minimum, zero, G, spec: QuantSpe
     """(W_q in wq_dtype or None, mask*G or None, dd [rows, G], dm/dz [rows, G]) of one row chunk given its G = dy^T x
     (in the activation dtype; widened here, exactly) -- layer.py's formulas, as blocked.backward_rows computes them.
 
-    Each part of a row (its full groups, then a partial last group) is a [rows, groups, group_len] view with the
-    group parameters broadcast along the last axis, so the group sums are reductions over that axis and inductor
-    computes the element-wise chain, the W_q and mask*G stores and the sums in one loop per part.  Written over the
-    flat row with the sums taken afterwards, inductor stored v in fp32 and read it back with G in a second loop:
-    25 % more time at 7B shapes with cold caches, as inside a training step (256x4096 chunk: 2.09 -> 1.53 ms)."""
+    Each part of a row (its full groups as a [rows, groups, group_len] view, then a partial last group) comes from
+    `group_views` with the group parameters broadcast along the last axis, so the group sums are reductions over
+    that axis and inductor computes the element-wise chain, the W_q and mask*G stores and the sums in one loop per
+    part.  Written over the
+    flat row with the sums taken afterwards, inductor stored v in fp32 and read it back with G in a second loop.
+    One thread, cold caches as inside a training step, Xeon: 256x4096 chunk 2.09 -> 1.53 ms and 2.43 -> 2.12 ms in
+    two runs, 95x11008 2.50 -> 2.13 ms; SmolLM2's 1536x576 (a partial group) unchanged within noise."""
     rows, n = W0r.shape
-    g = spec.group_len(n)
+    w = _merged(W0r, w0_scale, A, Br, alpha)
     wqs, gws, dds, dms = [], [], [], []
-    k0 = 0
-    for c0, c1, k in _group_parts(n, g):
-        w = _merged(W0r[:, c0:c1], w0_scale, None if A is None else A[:, c0:c1], Br, alpha).view(rows, k, -1)
-        d, m, z = (None if t is None else t[:, k0 : k0 + k, None] for t in (scale, minimum, zero))
-        Gp = G[:, c0:c1].float().view(rows, k, -1)
-        v = (w - m) / d if m is not None else w / d + z
+    for (wp, Gp), (d, m, z) in group_views(spec.group_len(n), (w, G), (scale, minimum, zero)):
+        keep = wp.dim() == 2  # the partial last group: [rows, rest], one sum per row
+        Gp = Gp.float()
+        v = (wp - m) / d if m is not None else wp / d + z
         c = v.clamp(0, spec.umax)
         mask = (c == v).float()  # 1.0 where 0 <= v <= umax
         u = c.round()
         if wq_dtype is not None:
-            wqs.append((u * d + m if m is not None else (u - z) * d).to(wq_dtype).view(rows, c1 - c0))
+            wqs.append((u * d + m if m is not None else (u - z) * d).to(wq_dtype).reshape(rows, -1))
         masked = Gp * mask
         dd = u - v * mask if m is not None else u - v * mask - (1.0 - mask) * z
         outside = Gp - masked
-        gws.append(masked.view(rows, c1 - c0))
-        dds.append((dd * Gp).sum(-1))
-        dms.append((outside if m is not None else outside * -d).sum(-1))
-        k0 += k
+        gws.append(masked.reshape(rows, -1))
+        dds.append((dd * Gp).sum(-1, keepdim=keep))
+        dms.append((outside if m is not None else outside * -d).sum(-1, keepdim=keep))
     wq = _cat(wqs) if wqs else None
     return wq, _cat(gws) if need_lora else None, _cat(dds), _cat(dms)
 
